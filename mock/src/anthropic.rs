@@ -1,0 +1,180 @@
+//! Anthropic Messages API (`POST {prefix}/messages`).
+
+use serde_json::{json, Value};
+
+use crate::knobs::Fault;
+use crate::record::Usage;
+use crate::server::{sse_event, Ctx, Flavor, Outcome, Reply, StreamPlan};
+use crate::tokens::{content_tokens, messages_tokens, mock_chunks, PER_MESSAGE};
+
+pub(crate) fn error(status: u16, typ: &str, message: impl Into<String>) -> Outcome {
+    Outcome::json(
+        Flavor::Anthropic,
+        status,
+        json!({"type": "error", "error": {"type": typ, "message": message.into()}}),
+    )
+}
+
+fn invalid(message: impl Into<String>) -> Outcome {
+    error(400, "invalid_request_error", message)
+}
+
+pub(crate) fn not_found(ctx: &Ctx<'_>) -> Outcome {
+    let _ = ctx;
+    error(404, "not_found_error", "Not found")
+}
+
+pub(crate) fn method_not_allowed(ctx: &Ctx<'_>) -> Outcome {
+    error(
+        405,
+        "invalid_request_error",
+        format!("Method {} not allowed", ctx.method),
+    )
+}
+
+fn fault(ctx: &Ctx<'_>) -> Option<Outcome> {
+    match ctx.knobs.fault? {
+        Fault::RateLimit => Some(
+            error(
+                429,
+                "rate_limit_error",
+                "Number of request tokens has exceeded your per-minute rate limit (sluice-mock)",
+            )
+            .with_header("retry-after", "1")
+            .with_header("anthropic-ratelimit-requests-remaining", "0"),
+        ),
+        Fault::ServerError => Some(error(500, "api_error", "Internal server error")),
+        Fault::Overloaded => Some(error(529, "overloaded_error", "Overloaded")),
+        Fault::Reset => None,
+    }
+}
+
+/// Prompt tokens: chat rule over `messages`, plus `system` (string or
+/// blocks) counted as one more message when present.
+fn prompt_tokens(v: &Value, messages: &[Value]) -> u64 {
+    let system = match v.get("system") {
+        None | Some(Value::Null) => 0,
+        Some(s) => content_tokens(s) + PER_MESSAGE,
+    };
+    messages_tokens(messages) + system
+}
+
+/// `POST {prefix}/messages`
+pub(crate) fn messages(ctx: &Ctx<'_>) -> Outcome {
+    match ctx.header("x-api-key") {
+        Some(k) if k == ctx.state.api_key => {}
+        _ => return error(401, "authentication_error", "invalid x-api-key"),
+    }
+    if ctx.header("anthropic-version").is_none() {
+        return invalid("anthropic-version: header is required");
+    }
+    let v = match ctx.json() {
+        Some(v @ Value::Object(_)) => v,
+        _ => return invalid("There was an issue with the JSON in your request body"),
+    };
+    let model = match v.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+        Some(_) => return invalid("model: Input should be a valid string"),
+        None => return invalid("model: Field required"),
+    };
+    let messages = match v.get("messages") {
+        Some(Value::Array(a)) if !a.is_empty() => a,
+        Some(Value::Array(_)) => return invalid("messages: at least one message is required"),
+        Some(_) => return invalid("messages: Input should be a valid list"),
+        None => return invalid("messages: Field required"),
+    };
+    let max_tokens = match v.get("max_tokens") {
+        None => return invalid("max_tokens: Field required"),
+        Some(x) => match x.as_u64() {
+            Some(n) => n,
+            None => return invalid("max_tokens: Input should be a valid integer"),
+        },
+    };
+    if let Some(o) = fault(ctx) {
+        return o;
+    }
+
+    let prompt = prompt_tokens(&v, messages);
+    let (visible, capped) = ctx.knobs.output(Some(max_tokens));
+    let reasoning = ctx.knobs.reasoning_tokens;
+    let cache_read = ctx.knobs.cached_tokens.min(prompt);
+    let cache_creation = ctx.knobs.cache_creation_tokens.min(prompt - cache_read);
+    let usage = Usage {
+        input_tokens: prompt - cache_read - cache_creation,
+        output_tokens: visible + reasoning,
+        cached_tokens: cache_read,
+        reasoning_tokens: reasoning,
+        cache_creation_tokens: cache_creation,
+    };
+    let stop_reason = if capped { "max_tokens" } else { "end_turn" };
+    let id = format!("msg_mock_{}", ctx.seq);
+    let usage_json = |output_tokens: u64| {
+        json!({
+            "input_tokens": usage.input_tokens,
+            "cache_creation_input_tokens": usage.cache_creation_tokens,
+            "cache_read_input_tokens": usage.cached_tokens,
+            "output_tokens": output_tokens
+        })
+    };
+    let message = |content: Value, stop: Option<&str>, output_tokens: u64| {
+        json!({
+            "id": id,
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": content,
+            "stop_reason": stop,
+            "stop_sequence": null,
+            "usage": usage_json(output_tokens)
+        })
+    };
+
+    let stream = v.get("stream").and_then(Value::as_bool) == Some(true);
+    if !stream {
+        let body = message(
+            json!([{"type": "text", "text": mock_chunks(visible, 1).concat()}]),
+            Some(stop_reason),
+            usage.output_tokens,
+        );
+        return Outcome::success(Flavor::Anthropic, ctx.knobs, usage, Reply::Json(body));
+    }
+
+    let mut plan = StreamPlan::default();
+    plan.preamble.push(sse_event(
+        "message_start",
+        &json!({"type": "message_start", "message": message(json!([]), None, 1)}),
+    ));
+    plan.preamble.push(sse_event(
+        "content_block_start",
+        &json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+    ));
+    plan.preamble
+        .push(sse_event("ping", &json!({"type": "ping"})));
+    for text in mock_chunks(visible, ctx.knobs.chunks) {
+        plan.content.push(sse_event(
+            "content_block_delta",
+            &json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}),
+        ));
+    }
+    plan.epilogue.push(sse_event(
+        "content_block_stop",
+        &json!({"type": "content_block_stop", "index": 0}),
+    ));
+    // One message_delta; its usage is cumulative (the final output total).
+    plan.epilogue.push(sse_event(
+        "message_delta",
+        &json!({
+            "type": "message_delta",
+            "delta": {"stop_reason": stop_reason, "stop_sequence": null},
+            "usage": {"output_tokens": usage.output_tokens}
+        }),
+    ));
+    plan.epilogue
+        .push(sse_event("message_stop", &json!({"type": "message_stop"})));
+    Outcome::success(
+        Flavor::Anthropic,
+        ctx.knobs,
+        usage,
+        Reply::Stream { plan, reset: false },
+    )
+}

@@ -1,0 +1,80 @@
+//! `x-mock-*` request headers that steer the mock's behaviour.
+
+use hyper::HeaderMap;
+
+/// Fault to inject (`x-mock-fault`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fault {
+    /// `429`
+    RateLimit,
+    /// `500`
+    ServerError,
+    /// `529` or `503`: Anthropic 529 overloaded_error; OpenAI 503.
+    Overloaded,
+    /// `reset`: abort the connection (mid-stream for streams).
+    Reset,
+}
+
+const MAX_DELAY_MS: u64 = 600_000;
+const MAX_OUTPUT_TOKENS: u64 = 1_000_000;
+const MAX_CHUNKS: usize = 10_000;
+pub(crate) const DEFAULT_CHUNKS: usize = 4;
+pub(crate) const DEFAULT_OUTPUT_TOKENS: u64 = 16;
+
+#[derive(Clone, Debug)]
+pub(crate) struct Knobs {
+    pub latency_ms: u64,
+    pub ttft_ms: u64,
+    pub chunk_delay_ms: u64,
+    pub chunks: usize,
+    pub fault: Option<Fault>,
+    pub output_tokens: Option<u64>,
+    pub cached_tokens: u64,
+    pub reasoning_tokens: u64,
+    pub cache_creation_tokens: u64,
+}
+
+fn num(h: &HeaderMap, name: &str) -> Option<u64> {
+    h.get(name)?.to_str().ok()?.trim().parse().ok()
+}
+
+impl Knobs {
+    /// Reads the knobs; unparsable values are ignored (treated as absent).
+    pub(crate) fn from_headers(h: &HeaderMap) -> Self {
+        let fault = h
+            .get("x-mock-fault")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| match v.trim().to_ascii_lowercase().as_str() {
+                "429" => Some(Fault::RateLimit),
+                "500" => Some(Fault::ServerError),
+                "529" | "503" => Some(Fault::Overloaded),
+                "reset" => Some(Fault::Reset),
+                _ => None,
+            });
+        Knobs {
+            latency_ms: num(h, "x-mock-latency-ms").unwrap_or(0).min(MAX_DELAY_MS),
+            ttft_ms: num(h, "x-mock-ttft-ms").unwrap_or(0).min(MAX_DELAY_MS),
+            chunk_delay_ms: num(h, "x-mock-chunk-delay-ms")
+                .unwrap_or(0)
+                .min(MAX_DELAY_MS),
+            chunks: num(h, "x-mock-chunks")
+                .map(|n| (n as usize).clamp(1, MAX_CHUNKS))
+                .unwrap_or(DEFAULT_CHUNKS),
+            fault,
+            output_tokens: num(h, "x-mock-output-tokens").map(|n| n.min(MAX_OUTPUT_TOKENS)),
+            cached_tokens: num(h, "x-mock-cached-tokens").unwrap_or(0),
+            reasoning_tokens: num(h, "x-mock-reasoning-tokens").unwrap_or(0),
+            cache_creation_tokens: num(h, "x-mock-cache-creation-tokens").unwrap_or(0),
+        }
+    }
+
+    /// Visible output tokens and whether they were capped by `max`:
+    /// desired = `x-mock-output-tokens` or 16; capped at `max` when given.
+    pub(crate) fn output(&self, max: Option<u64>) -> (u64, bool) {
+        let desired = self.output_tokens.unwrap_or(DEFAULT_OUTPUT_TOKENS);
+        match max {
+            Some(m) if desired > m => (m, true),
+            _ => (desired, false),
+        }
+    }
+}

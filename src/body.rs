@@ -1,0 +1,337 @@
+//! The few request-body fields the gateway needs, and a byte-exact model rewrite.
+
+use crate::errors::{ApiError, ErrorKind};
+use serde::Deserialize;
+use std::borrow::Cow;
+
+/// Longest model name accepted from a client.
+pub const MAX_MODEL_LEN: usize = 256;
+/// Deepest JSON nesting accepted (serde_json's own recursion limit); deeper bodies are
+/// refused here rather than passed to a provider's parser.
+pub const MAX_DEPTH: usize = 128;
+
+/// What the gateway reads from a request body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestFields {
+    pub model: String,
+    pub stream: bool,
+}
+
+#[derive(Deserialize)]
+struct Probe<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    stream: Option<bool>,
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorKind::InvalidRequest, message)
+}
+
+/// Validates the whole body as JSON and extracts the routing fields.
+pub fn parse_request(raw: &[u8]) -> Result<RequestFields, ApiError> {
+    match raw.iter().find(|b| !b.is_ascii_whitespace()) {
+        None => return Err(invalid("The request body is empty; send a JSON object.")),
+        Some(b'{') => {}
+        Some(_) => return Err(invalid("The request body must be a JSON object.")),
+    }
+    if exceeds_depth(raw, MAX_DEPTH) {
+        return Err(invalid(format!(
+            "The JSON body is nested deeper than {MAX_DEPTH} levels."
+        )));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(raw);
+    let probe: Probe = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_data() && path == "model" {
+            invalid(format!("Invalid type for 'model': {inner}")).with_param("model")
+        } else if inner.is_data() && path == "stream" {
+            invalid(format!("Invalid type for 'stream': {inner}")).with_param("stream")
+        } else {
+            invalid(format!(
+                "We could not parse the JSON body of your request: {inner}"
+            ))
+        }
+    })?;
+    let model = probe
+        .model
+        .ok_or_else(|| invalid("You must provide a model parameter.").with_param("model"))?;
+    if model.is_empty() || model.len() > MAX_MODEL_LEN || model.chars().any(char::is_control) {
+        return Err(invalid(format!(
+            "The model parameter must be 1-{MAX_MODEL_LEN} characters without control characters."
+        ))
+        .with_param("model"));
+    }
+    Ok(RequestFields {
+        model: model.into_owned(),
+        stream: probe.stream.unwrap_or(false),
+    })
+}
+
+/// True if brackets outside strings nest deeper than `limit`. One pass, no allocation.
+fn exceeds_depth(raw: &[u8], limit: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in raw {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Returns `raw` with the top-level `"model"` value replaced, every other byte unchanged.
+/// `None` when the key cannot be located by the byte scanner (e.g. an escaped key name);
+/// callers then fall back to re-serializing.
+pub fn replace_model(raw: &[u8], model: &str) -> Option<Vec<u8>> {
+    let span = top_level_value_span(raw, b"model")?;
+    let quoted = serde_json::to_string(model).ok()?;
+    let mut out = Vec::with_capacity(raw.len() + quoted.len());
+    out.extend_from_slice(raw.get(..span.0)?);
+    out.extend_from_slice(quoted.as_bytes());
+    out.extend_from_slice(raw.get(span.1..)?);
+    Some(out)
+}
+
+/// Re-serializing fallback for [`replace_model`]; keeps every field, may reorder keys.
+pub fn replace_model_reserialized(raw: &[u8], model: &str) -> Option<Vec<u8>> {
+    let mut value: serde_json::Value = serde_json::from_slice(raw).ok()?;
+    value.as_object_mut()?.insert("model".into(), model.into());
+    serde_json::to_vec(&value).ok()
+}
+
+/// Byte range of the value of top-level `key` in a JSON object already known to be valid.
+fn top_level_value_span(raw: &[u8], key: &[u8]) -> Option<(usize, usize)> {
+    let mut i = skip_ws(raw, 0);
+    if raw.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    loop {
+        i = skip_ws(raw, i);
+        match raw.get(i)? {
+            b'}' => return None,
+            b',' => {
+                i += 1;
+                continue;
+            }
+            b'"' => {}
+            _ => return None,
+        }
+        let key_end = skip_string(raw, i)?;
+        let this_key = raw.get(i + 1..key_end - 1)?;
+        i = skip_ws(raw, key_end);
+        if raw.get(i) != Some(&b':') {
+            return None;
+        }
+        i = skip_ws(raw, i + 1);
+        let value_end = skip_value(raw, i)?;
+        if this_key == key {
+            return Some((i, value_end));
+        }
+        i = value_end;
+    }
+}
+
+fn skip_ws(raw: &[u8], mut i: usize) -> usize {
+    while matches!(raw.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        i += 1;
+    }
+    i
+}
+
+/// `i` at an opening quote; returns the index after the closing quote.
+fn skip_string(raw: &[u8], i: usize) -> Option<usize> {
+    let mut j = i + 1;
+    loop {
+        match raw.get(j)? {
+            b'"' => return Some(j + 1),
+            b'\\' => j += 2,
+            _ => j += 1,
+        }
+    }
+}
+
+/// Skips one JSON value iteratively (no recursion, so nesting depth costs no stack).
+fn skip_value(raw: &[u8], i: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut j = i;
+    loop {
+        match raw.get(j)? {
+            b'"' => j = skip_string(raw, j)?,
+            b'{' | b'[' => {
+                depth += 1;
+                j += 1;
+            }
+            b'}' | b']' => {
+                if depth == 0 {
+                    return Some(j);
+                }
+                depth -= 1;
+                j += 1;
+            }
+            b',' if depth == 0 => return Some(j),
+            b' ' | b'\t' | b'\n' | b'\r' if depth == 0 => return Some(j),
+            _ => j += 1,
+        }
+        if depth == 0 && matches!(raw.get(j.wrapping_sub(1)), Some(b'"' | b'}' | b']')) && j > i {
+            return Some(j);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extracts_model_and_stream() {
+        let f = parse_request(
+            br#"{"messages":[{"role":"user","content":"hi"}],"model":"gpt-4.1","stream":true}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            f,
+            RequestFields {
+                model: "gpt-4.1".into(),
+                stream: true
+            }
+        );
+        let f = parse_request(br#" {"model":"gpt\u002d4"}"#).unwrap();
+        assert_eq!(f.model, "gpt-4");
+    }
+
+    #[test]
+    fn refuses_bad_bodies_with_clear_messages() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"", "empty"),
+            (b"   ", "empty"),
+            (b"[1,2]", "JSON object"),
+            (b"{\"model\":", "parse"),
+            (b"{\"model\": 5}", "Invalid type for 'model'"),
+            (b"{\"messages\": []}", "model parameter"),
+            (b"{\"model\": null}", "model parameter"),
+            (b"{\"model\": \"\"}", "1-256"),
+            (b"{\"model\": \"a\\nb\"}", "control"),
+            (b"{\"model\": \"a\", \"model\": \"b\"}", "duplicate"),
+            (b"{\"model\": \"a\", \"stream\": \"yes\"}", "'stream'"),
+            (b"{\"model\": \"\xff\"}", "parse"),
+        ];
+        for (body, needle) in cases {
+            let e = parse_request(body).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::InvalidRequest);
+            assert!(
+                e.message.contains(needle),
+                "{:?}: {}",
+                String::from_utf8_lossy(body),
+                e.message
+            );
+        }
+        assert_eq!(
+            parse_request(b"{\"model\": 5}").unwrap_err().param,
+            Some("model")
+        );
+        assert_eq!(parse_request(b"{}").unwrap_err().param, Some("model"));
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_crash() {
+        let mut body = b"{\"model\":\"m\",\"x\":".to_vec();
+        body.extend(std::iter::repeat_n(b'[', 10_000));
+        body.extend(std::iter::repeat_n(b']', 10_000));
+        body.push(b'}');
+        let e = parse_request(&body).unwrap_err();
+        assert!(e.message.contains("nested deeper"), "{}", e.message);
+        // Brackets inside strings do not count; 128 levels are fine.
+        let ok = format!(
+            "{{\"model\":\"m\",\"s\":\"{}\",\"x\":{}{}}}",
+            "[".repeat(500),
+            "[".repeat(127),
+            "]".repeat(127)
+        );
+        assert_eq!(parse_request(ok.as_bytes()).unwrap().model, "m");
+    }
+
+    #[test]
+    fn replace_model_changes_only_the_model_bytes() {
+        let raw = br#"{ "messages" : [{"content":"the \"model\": x", "n": {"model":"inner"}}], "model" : "claude-sonnet" , "stream":true}"#;
+        let out = replace_model(raw, "claude-sonnet-4-5-20250929").unwrap();
+        let expected = br#"{ "messages" : [{"content":"the \"model\": x", "n": {"model":"inner"}}], "model" : "claude-sonnet-4-5-20250929" , "stream":true}"#;
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            String::from_utf8(expected.to_vec()).unwrap()
+        );
+    }
+
+    #[test]
+    fn replace_model_at_end_and_start() {
+        assert_eq!(
+            replace_model(br#"{"model":"a"}"#, "b").unwrap(),
+            br#"{"model":"b"}"#
+        );
+        assert_eq!(
+            replace_model(br#"{"x":1.5e3,"y":[true,null],"model":"a"}"#, "b").unwrap(),
+            br#"{"x":1.5e3,"y":[true,null],"model":"b"}"#
+        );
+        assert_eq!(
+            replace_model(br#"{"x":-1,"model" :"a" }"#, "q\"").unwrap(),
+            br#"{"x":-1,"model" :"q\"" }"#
+        );
+    }
+
+    #[test]
+    fn escaped_key_falls_back_to_reserialization() {
+        let raw = br#"{"mod\u0065l":"a","n":1}"#;
+        assert_eq!(parse_request(raw).unwrap().model, "a");
+        assert!(replace_model(raw, "b").is_none());
+        let out = replace_model_reserialized(raw, "b").unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["model"], "b");
+        assert_eq!(v["n"], 1);
+    }
+
+    #[test]
+    fn replace_model_agrees_with_parser_on_random_layouts() {
+        // Every scalar/nesting layout the scanner can meet before the model key.
+        let prefixes = [
+            r#""a":1,"#,
+            r#""a":"x,}]\\","#,
+            r#""a":{"b":[1,{"c":"}"}]},"#,
+            r#""a":[],"#,
+            r#""a":{},"#,
+            r#""a":true,"#,
+            r#""a":null ,"#,
+            r#""a": -0.5e-3 ,"#,
+            "",
+        ];
+        for p in prefixes {
+            let raw = format!("{{{p}\"model\":\"m1\",\"z\":[\"model\"]}}");
+            let out = replace_model(raw.as_bytes(), "m2").unwrap();
+            let v: serde_json::Value =
+                serde_json::from_slice(&out).unwrap_or_else(|e| panic!("{raw}: {e}"));
+            assert_eq!(v["model"], "m2", "{raw}");
+            assert_eq!(v["z"][0], "model");
+        }
+    }
+}

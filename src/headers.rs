@@ -1,0 +1,50 @@
+//! Request headers as the host hands them over: lowercase names, raw byte values.
+//!
+//! Values stay bytes because a client may send non-UTF-8 header values, and the SDK's
+//! string accessors would trap on them.
+
+/// Headers the gateway sets for Envoy and must never accept from a client.
+pub const INTERNAL_PREFIX: &str = "x-sluice-";
+/// Route header: the Envoy route reads the upstream cluster from it (`cluster_header`).
+pub const CLUSTER_HEADER: &str = "x-sluice-cluster";
+
+#[derive(Debug, Default, Clone)]
+pub struct RequestHeaders {
+    pairs: Vec<(String, Vec<u8>)>,
+}
+
+impl RequestHeaders {
+    pub fn from_pairs(pairs: Vec<(String, Vec<u8>)>) -> Self {
+        RequestHeaders { pairs }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.pairs
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+    }
+
+    pub fn get_str(&self, name: &str) -> Option<&str> {
+        self.get(name).and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    pub fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.pairs
+            .iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// Distinct names of client-sent headers that only the gateway may set.
+    pub fn internal_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for (n, _) in &self.pairs {
+            let lower = n.to_ascii_lowercase();
+            if lower.starts_with(INTERNAL_PREFIX) && !names.contains(&lower) {
+                names.push(lower);
+            }
+        }
+        names
+    }
+}

@@ -1,0 +1,16 @@
+//! Sluice: a multi-tenant LLM gateway that runs inside Envoy as a Proxy-Wasm filter.
+//!
+//! Everything except [`host`] is plain Rust, compiled and tested natively. The host
+//! layer is the only code that talks to Envoy, and only exists in the wasm build.
+
+pub mod auth;
+pub mod body;
+pub mod config;
+pub mod errors;
+pub mod headers;
+pub mod lifecycle;
+pub mod policy;
+pub mod routing;
+
+#[cfg(target_arch = "wasm32")]
+mod host;

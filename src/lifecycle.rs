@@ -1,0 +1,734 @@
+//! One request's journey through the gateway, as a pure state machine.
+//!
+//! The host layer feeds it what Envoy reports (headers, body size) and applies the
+//! [`Step`] it returns: header edits, a body replacement, and whether to continue, keep
+//! buffering, or answer locally. Nothing here calls the host, so all of it runs natively.
+
+use crate::auth::{presented_key, KeyOwner};
+use crate::body::{parse_request, replace_model, replace_model_reserialized, RequestFields};
+use crate::errors::{ApiError, ApiFlavour, ErrorKind, LocalReply};
+use crate::headers::{RequestHeaders, CLUSTER_HEADER};
+use crate::policy::{ModelId, Policy, ProviderId};
+use crate::routing::{split_path, upstream_path, Endpoint};
+use serde_json::json;
+
+/// What the host must do after a callback.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Step {
+    /// Request headers to delete (all values), applied before `set`.
+    pub remove: Vec<String>,
+    /// Request headers to set (replacing any value).
+    pub set: Vec<(String, String)>,
+    /// Replaces the whole buffered request body.
+    pub body: Option<Vec<u8>>,
+    pub next: Next,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub enum Next {
+    /// Let the request go on (to the next filter and the router).
+    #[default]
+    Continue,
+    /// Hold the request; for the headers callback this buffers the body.
+    Pause,
+    /// Answer the client directly; the host sends it and then pauses for good.
+    Reply(LocalReply),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Headers,
+    AwaitingBody,
+    Forwarded,
+    Replied,
+}
+
+/// What the gateway decided about a forwarded request (used by accounting and limits).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteDecision {
+    pub model: ModelId,
+    pub provider: ProviderId,
+    pub stream: bool,
+}
+
+#[derive(Debug)]
+pub struct Exchange {
+    stage: Stage,
+    flavour: ApiFlavour,
+    endpoint: Option<Endpoint>,
+    query: String,
+    owner: Option<KeyOwner>,
+    route: Option<RouteDecision>,
+}
+
+impl Default for Exchange {
+    fn default() -> Self {
+        Exchange {
+            stage: Stage::Headers,
+            flavour: ApiFlavour::OpenAi,
+            endpoint: None,
+            query: String::new(),
+            owner: None,
+            route: None,
+        }
+    }
+}
+
+impl Exchange {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn owner(&self) -> Option<KeyOwner> {
+        self.owner
+    }
+
+    pub fn route(&self) -> Option<&RouteDecision> {
+        self.route.as_ref()
+    }
+
+    /// True once the gateway answered this request itself.
+    pub fn replied_locally(&self) -> bool {
+        self.stage == Stage::Replied
+    }
+
+    fn reply(&mut self, mut step: Step, reply: LocalReply) -> Step {
+        self.stage = Stage::Replied;
+        step.next = Next::Reply(reply);
+        step
+    }
+
+    fn refuse(&mut self, step: Step, err: ApiError) -> Step {
+        let reply = err.reply(self.flavour);
+        self.reply(step, reply)
+    }
+
+    pub fn on_request_headers(
+        &mut self,
+        policy: &Policy,
+        headers: &RequestHeaders,
+        end_of_stream: bool,
+    ) -> Step {
+        if self.stage != Stage::Headers {
+            return Step::default();
+        }
+        // Internal headers go first, whatever happens next: no client can pick a
+        // cluster or claim a tenant.
+        let step = Step {
+            remove: headers.internal_names(),
+            ..Step::default()
+        };
+
+        let full_path = headers.get_str(":path").unwrap_or("");
+        let (path, query) = split_path(full_path);
+        let endpoint = Endpoint::from_path(path);
+        self.flavour = match &endpoint {
+            Some(Endpoint::ListModels | Endpoint::GetModel(_))
+                if headers.get("anthropic-version").is_some() =>
+            {
+                ApiFlavour::Anthropic
+            }
+            Some(e) => e.flavour(),
+            None => ApiFlavour::OpenAi,
+        };
+        let placement = endpoint
+            .as_ref()
+            .map(Endpoint::key_placement)
+            .unwrap_or(crate::auth::KeyPlacement::BearerOrApiKey);
+
+        let owner = match presented_key(headers, placement) {
+            Ok(key) => match policy.keys.lookup(key) {
+                Some(owner) => owner,
+                None => {
+                    return self.refuse(
+                        step,
+                        ApiError::new(ErrorKind::InvalidApiKey, "Incorrect API key provided."),
+                    )
+                }
+            },
+            Err(e) => return self.refuse(step, e),
+        };
+        self.owner = Some(owner);
+
+        let method = headers.get_str(":method").unwrap_or("");
+        let Some(endpoint) = endpoint else {
+            let msg = format!("Invalid URL ({method} {path})");
+            return self.refuse(step, ApiError::new(ErrorKind::UnknownPath, msg));
+        };
+        if method != endpoint.method() {
+            let msg = format!(
+                "Method {method} is not allowed on {path}; use {}.",
+                endpoint.method()
+            );
+            let reply = ApiError::new(ErrorKind::MethodNotAllowed, msg)
+                .reply(self.flavour)
+                .with_header("allow", endpoint.method());
+            return self.reply(step, reply);
+        }
+
+        match &endpoint {
+            Endpoint::ListModels => {
+                let reply = model_list(policy, owner, self.flavour);
+                return self.reply(step, reply);
+            }
+            Endpoint::GetModel(id) => {
+                let reply = match model_object(policy, owner, id, self.flavour) {
+                    Some(r) => r,
+                    None => model_not_found(id).reply(self.flavour),
+                };
+                return self.reply(step, reply);
+            }
+            _ => {}
+        }
+
+        if end_of_stream {
+            return self.refuse(
+                step,
+                ApiError::new(
+                    ErrorKind::InvalidRequest,
+                    "The request body is empty; send a JSON object.",
+                ),
+            );
+        }
+        let declared = headers
+            .get_str("content-length")
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if let Some(len) = declared {
+            if len > policy.max_body_bytes {
+                return self.refuse(step, too_large(policy));
+            }
+        }
+        self.endpoint = Some(endpoint);
+        self.query = query.to_string();
+        self.stage = Stage::AwaitingBody;
+        Step {
+            next: Next::Pause,
+            ..step
+        }
+    }
+
+    /// `body_size` is Envoy's running total of buffered bytes; `read_body` fetches them.
+    pub fn on_request_body(
+        &mut self,
+        policy: &Policy,
+        body_size: usize,
+        end_of_stream: bool,
+        read_body: impl FnOnce() -> Option<Vec<u8>>,
+    ) -> Step {
+        if self.stage != Stage::AwaitingBody {
+            return Step::default();
+        }
+        if body_size as u64 > policy.max_body_bytes {
+            return self.refuse(Step::default(), too_large(policy));
+        }
+        if !end_of_stream {
+            return Step {
+                next: Next::Pause,
+                ..Step::default()
+            };
+        }
+        let Some(raw) = read_body() else {
+            return self.refuse(
+                Step::default(),
+                ApiError::new(
+                    ErrorKind::Internal,
+                    "The gateway could not read the request body.",
+                ),
+            );
+        };
+        match self.route_body(policy, &raw) {
+            Ok(step) => {
+                self.stage = Stage::Forwarded;
+                step
+            }
+            Err(e) => self.refuse(Step::default(), e),
+        }
+    }
+
+    fn route_body(&mut self, policy: &Policy, raw: &[u8]) -> Result<Step, ApiError> {
+        let owner = self.owner.ok_or_else(|| {
+            ApiError::new(
+                ErrorKind::Internal,
+                "request reached routing unauthenticated",
+            )
+        })?;
+        let endpoint = self.endpoint.clone().ok_or_else(|| {
+            ApiError::new(
+                ErrorKind::Internal,
+                "request reached routing without an endpoint",
+            )
+        })?;
+        let RequestFields {
+            model: requested,
+            stream,
+        } = parse_request(raw)?;
+
+        let model_id = policy
+            .catalog
+            .resolve(&requested)
+            .ok_or_else(|| model_not_found(&requested))?;
+        let model = policy
+            .model(model_id)
+            .ok_or_else(|| ApiError::new(ErrorKind::Internal, "model table out of range"))?;
+        if !policy.may_use(owner.tenant, model_id) {
+            let tenant = policy
+                .tenant(owner.tenant)
+                .map(|t| t.id.as_str())
+                .unwrap_or("?");
+            return Err(ApiError::new(
+                ErrorKind::ModelNotAllowed,
+                format!(
+                    "Tenant `{tenant}` is not allowed to use the model `{}`.",
+                    model.name
+                ),
+            )
+            .with_param("model"));
+        }
+        let provider = policy
+            .provider_for(model_id, endpoint.flavour())
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorKind::ModelNotFound,
+                    format!(
+                        "The model `{}` is not served through the {} API on this gateway.",
+                        model.name,
+                        match endpoint.flavour() {
+                            ApiFlavour::OpenAi => "OpenAI",
+                            ApiFlavour::Anthropic => "Anthropic Messages",
+                        }
+                    ),
+                )
+                .with_param("model")
+            })?;
+        let provider_id = policy
+            .providers
+            .iter()
+            .position(|p| std::ptr::eq(p, provider))
+            .unwrap_or(0);
+        let suffix = endpoint
+            .upstream_suffix()
+            .ok_or_else(|| ApiError::new(ErrorKind::Internal, "endpoint is not forwardable"))?;
+
+        let mut step = Step {
+            remove: vec!["authorization".into(), "x-api-key".into()],
+            ..Step::default()
+        };
+        if requested != model.upstream_name {
+            let rewritten = replace_model(raw, &model.upstream_name)
+                .or_else(|| replace_model_reserialized(raw, &model.upstream_name))
+                .ok_or_else(|| {
+                    ApiError::new(ErrorKind::Internal, "could not rewrite the model name")
+                })?;
+            step.set
+                .push(("content-length".into(), rewritten.len().to_string()));
+            step.body = Some(rewritten);
+        }
+        step.set
+            .push((":path".into(), upstream_path(provider, suffix, &self.query)));
+        if let Some(authority) = &provider.authority {
+            step.set.push((":authority".into(), authority.clone()));
+        }
+        step.set
+            .push((CLUSTER_HEADER.into(), provider.cluster.clone()));
+        step.set.push((
+            provider.credential.header().to_string(),
+            provider.credential.value().to_string(),
+        ));
+
+        self.route = Some(RouteDecision {
+            model: model_id,
+            provider: provider_id,
+            stream,
+        });
+        Ok(step)
+    }
+}
+
+fn too_large(policy: &Policy) -> ApiError {
+    ApiError::new(
+        ErrorKind::PayloadTooLarge,
+        format!(
+            "The request body exceeds the limit of {} bytes.",
+            policy.max_body_bytes
+        ),
+    )
+}
+
+fn model_not_found(name: &str) -> ApiError {
+    ApiError::new(
+        ErrorKind::ModelNotFound,
+        format!("The model `{name}` does not exist or you do not have access to it."),
+    )
+    .with_param("model")
+}
+
+fn model_list(policy: &Policy, owner: KeyOwner, flavour: ApiFlavour) -> LocalReply {
+    let models: Vec<_> = policy.models_for(owner.tenant).collect();
+    let body = match flavour {
+        ApiFlavour::OpenAi => json!({
+            "object": "list",
+            "data": models.iter().map(|m| openai_model(policy, m)).collect::<Vec<_>>(),
+        }),
+        ApiFlavour::Anthropic => json!({
+            "data": models.iter().map(|m| anthropic_model(m)).collect::<Vec<_>>(),
+            "has_more": false,
+            "first_id": models.first().map(|m| m.name.as_str()),
+            "last_id": models.last().map(|m| m.name.as_str()),
+        }),
+    };
+    LocalReply::json(200, body.to_string())
+}
+
+fn model_object(
+    policy: &Policy,
+    owner: KeyOwner,
+    requested: &str,
+    flavour: ApiFlavour,
+) -> Option<LocalReply> {
+    let id = policy.catalog.resolve(requested)?;
+    if !policy.may_use(owner.tenant, id) {
+        return None;
+    }
+    let m = policy.model(id)?;
+    let body = match flavour {
+        ApiFlavour::OpenAi => openai_model(policy, m),
+        ApiFlavour::Anthropic => anthropic_model(m),
+    };
+    Some(LocalReply::json(200, body.to_string()))
+}
+
+fn openai_model(policy: &Policy, m: &crate::policy::Model) -> serde_json::Value {
+    let owner = m
+        .providers
+        .first()
+        .and_then(|&p| policy.provider(p))
+        .map(|p| p.name.as_str())
+        .unwrap_or("sluice");
+    json!({"id": m.name, "object": "model", "created": 0, "owned_by": owner})
+}
+
+fn anthropic_model(m: &crate::policy::Model) -> serde_json::Value {
+    json!({"type": "model", "id": m.name, "display_name": m.name, "created_at": "1970-01-01T00:00:00Z"})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::sha256_hex;
+    use crate::config::compile;
+    use serde_json::Value;
+
+    fn env(name: &str) -> Option<String> {
+        Some(format!("provider-key-{}", name.to_lowercase()))
+    }
+
+    fn policy() -> Policy {
+        let cfg = json!({
+            "max_body_bytes": 1000,
+            "providers": [
+                {"name": "openai", "api": "openai", "cluster": "openai", "path_prefix": "/v1",
+                 "authority": "api.openai.com", "api_key_env": "OPENAI"},
+                {"name": "deepseek", "api": "openai", "cluster": "deepseek", "api_key_env": "DEEPSEEK"},
+                {"name": "anthropic", "api": "anthropic", "cluster": "anthropic", "path_prefix": "/v1",
+                 "authority": "api.anthropic.com", "api_key_env": "ANTHROPIC"},
+                {"name": "anthropic-openai", "api": "openai", "cluster": "anthropic", "path_prefix": "/v1",
+                 "authority": "api.anthropic.com", "api_key_env": "ANTHROPIC"}
+            ],
+            "models": [
+                {"name": "gpt-4.1", "providers": ["openai"], "price": {"input": 2, "output": 8}},
+                {"name": "deepseek-v3.2", "upstream_model": "deepseek-chat", "providers": ["deepseek"],
+                 "price": {"input": 0.28, "output": 0.42}},
+                {"name": "claude-sonnet-4.5", "aliases": ["claude-sonnet", "claude-sonnet-4-5*"],
+                 "upstream_model": "claude-sonnet-4-5-20250929", "providers": ["anthropic", "anthropic-openai"],
+                 "price": {"input": 3, "output": 15}}
+            ],
+            "tiers": {"gold": {"models": ["*"]}, "bronze": {"models": ["deepseek-*"]}},
+            "tenants": [
+                {"id": "acme", "tier": "gold", "keys": [{"id": "k1", "sha256": sha256_hex("sk-acme")}]},
+                {"id": "initech", "tier": "bronze", "keys": [{"id": "k1", "sha256": sha256_hex("sk-initech")}]}
+            ]
+        });
+        compile(cfg.to_string().as_bytes(), &env).unwrap()
+    }
+
+    fn headers(method: &str, path: &str, extra: &[(&str, &str)]) -> RequestHeaders {
+        let mut pairs = vec![
+            (":method".to_string(), method.as_bytes().to_vec()),
+            (":path".to_string(), path.as_bytes().to_vec()),
+            (":authority".to_string(), b"gateway.local".to_vec()),
+        ];
+        pairs.extend(
+            extra
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())),
+        );
+        RequestHeaders::from_pairs(pairs)
+    }
+
+    fn reply_of(step: &Step) -> (&LocalReply, Value) {
+        match &step.next {
+            Next::Reply(r) => (r, serde_json::from_str(&r.body).unwrap()),
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    fn set<'a>(step: &'a Step, name: &str) -> Option<&'a str> {
+        step.set
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Runs a POST through both callbacks.
+    fn post(path: &str, extra: &[(&str, &str)], body: &str) -> (Exchange, Step, Step) {
+        let p = policy();
+        let mut ex = Exchange::new();
+        let h = ex.on_request_headers(&p, &headers("POST", path, extra), false);
+        if matches!(h.next, Next::Reply(_)) {
+            return (ex, h, Step::default());
+        }
+        let b = ex.on_request_body(&p, body.len(), true, || Some(body.as_bytes().to_vec()));
+        (ex, h, b)
+    }
+
+    const ACME: (&str, &str) = ("authorization", "Bearer sk-acme");
+
+    #[test]
+    fn routes_openai_model_with_provider_key() {
+        let (ex, h, b) = post(
+            "/v1/chat/completions",
+            &[ACME],
+            r#"{"model":"gpt-4.1","messages":[]}"#,
+        );
+        assert_eq!(h.next, Next::Pause);
+        assert_eq!(b.next, Next::Continue);
+        assert_eq!(set(&b, ":path"), Some("/v1/chat/completions"));
+        assert_eq!(set(&b, ":authority"), Some("api.openai.com"));
+        assert_eq!(set(&b, CLUSTER_HEADER), Some("openai"));
+        assert_eq!(set(&b, "authorization"), Some("Bearer provider-key-openai"));
+        assert!(
+            b.remove.contains(&"authorization".to_string())
+                && b.remove.contains(&"x-api-key".to_string())
+        );
+        assert_eq!(b.body, None, "no rewrite when the name is unchanged");
+        assert_eq!(ex.owner().unwrap().tenant, 0);
+        assert!(!ex.route().unwrap().stream);
+    }
+
+    #[test]
+    fn deepseek_gets_its_own_path_and_upstream_name() {
+        let (_, _, b) = post(
+            "/v1/chat/completions?x=1",
+            &[ACME],
+            r#"{"model":"deepseek-v3.2","stream":true}"#,
+        );
+        assert_eq!(set(&b, ":path"), Some("/chat/completions?x=1"));
+        assert_eq!(
+            set(&b, ":authority"),
+            None,
+            "keeps the client's authority when none is configured"
+        );
+        let body = b.body.as_ref().unwrap();
+        assert_eq!(body, br#"{"model":"deepseek-chat","stream":true}"#);
+        assert_eq!(
+            set(&b, "content-length"),
+            Some(body.len().to_string().as_str())
+        );
+    }
+
+    #[test]
+    fn alias_and_wildcard_resolve_and_pick_provider_by_api() {
+        let (_, _, b) = post(
+            "/v1/messages",
+            &[("x-api-key", "sk-acme")],
+            r#"{"model":"claude-sonnet"}"#,
+        );
+        assert_eq!(set(&b, CLUSTER_HEADER), Some("anthropic"));
+        assert_eq!(set(&b, "x-api-key"), Some("provider-key-anthropic"));
+        assert_eq!(set(&b, ":path"), Some("/v1/messages"));
+        assert!(String::from_utf8_lossy(b.body.as_ref().unwrap())
+            .contains("claude-sonnet-4-5-20250929"));
+
+        let (_, _, b) = post(
+            "/v1/chat/completions",
+            &[ACME],
+            r#"{"model":"claude-sonnet-4-5-latest"}"#,
+        );
+        assert_eq!(set(&b, CLUSTER_HEADER), Some("anthropic"));
+        assert_eq!(
+            set(&b, "authorization"),
+            Some("Bearer provider-key-anthropic")
+        );
+    }
+
+    #[test]
+    fn refusals_use_the_endpoint_flavour() {
+        let (_, h, _) = post(
+            "/v1/chat/completions",
+            &[("authorization", "Bearer wrong")],
+            "{}",
+        );
+        let (r, v) = reply_of(&h);
+        assert_eq!(r.status, 401);
+        assert_eq!(v["error"]["code"], "invalid_api_key");
+
+        let (_, h, _) = post("/v1/messages", &[], "{}");
+        let (r, v) = reply_of(&h);
+        assert_eq!(r.status, 401);
+        assert_eq!(v["error"]["type"], "authentication_error");
+    }
+
+    #[test]
+    fn model_errors() {
+        let (_, _, b) = post("/v1/chat/completions", &[ACME], r#"{"model":"gpt-9"}"#);
+        let (r, v) = reply_of(&b);
+        assert_eq!(
+            (r.status, v["error"]["code"].as_str()),
+            (404, Some("model_not_found"))
+        );
+
+        let (_, _, b) = post(
+            "/v1/chat/completions",
+            &[("authorization", "Bearer sk-initech")],
+            r#"{"model":"gpt-4.1"}"#,
+        );
+        let (r, v) = reply_of(&b);
+        assert_eq!(r.status, 403);
+        assert!(v["error"]["message"].as_str().unwrap().contains("initech"));
+
+        let (_, _, b) = post(
+            "/v1/messages",
+            &[("x-api-key", "sk-acme")],
+            r#"{"model":"gpt-4.1"}"#,
+        );
+        let (r, v) = reply_of(&b);
+        assert_eq!(
+            (r.status, v["error"]["type"].as_str()),
+            (404, Some("not_found_error"))
+        );
+
+        let (_, _, b) = post("/v1/chat/completions", &[ACME], r#"{"model":"#);
+        assert_eq!(reply_of(&b).0.status, 400);
+    }
+
+    #[test]
+    fn internal_headers_are_stripped_even_on_refusal() {
+        let (_, h, _) = post(
+            "/v1/chat/completions",
+            &[
+                ("x-sluice-cluster", "anthropic"),
+                ("X-Sluice-Tenant", "acme"),
+            ],
+            "{}",
+        );
+        assert!(h.remove.contains(&"x-sluice-cluster".to_string()));
+        assert!(h.remove.contains(&"x-sluice-tenant".to_string()));
+        assert_eq!(reply_of(&h).0.status, 401);
+    }
+
+    #[test]
+    fn size_limits() {
+        let p = policy();
+        let mut ex = Exchange::new();
+        let h = ex.on_request_headers(
+            &p,
+            &headers(
+                "POST",
+                "/v1/chat/completions",
+                &[ACME, ("content-length", "1001")],
+            ),
+            false,
+        );
+        assert_eq!(reply_of(&h).0.status, 413);
+
+        let mut ex = Exchange::new();
+        let h = ex.on_request_headers(&p, &headers("POST", "/v1/chat/completions", &[ACME]), false);
+        assert_eq!(h.next, Next::Pause);
+        assert_eq!(
+            ex.on_request_body(&p, 600, false, || None).next,
+            Next::Pause
+        );
+        let b = ex.on_request_body(&p, 1001, false, || None);
+        assert_eq!(reply_of(&b).0.status, 413);
+        assert!(ex.replied_locally());
+        assert_eq!(ex.on_request_body(&p, 1200, true, || None), Step::default());
+    }
+
+    #[test]
+    fn missing_body_and_wrong_method_and_unknown_path() {
+        let p = policy();
+        let mut ex = Exchange::new();
+        let h = ex.on_request_headers(&p, &headers("POST", "/v1/chat/completions", &[ACME]), true);
+        assert_eq!(reply_of(&h).0.status, 400);
+
+        let mut ex = Exchange::new();
+        let h = ex.on_request_headers(&p, &headers("GET", "/v1/chat/completions", &[ACME]), true);
+        let (r, _) = reply_of(&h);
+        assert_eq!((r.status, r.header("allow")), (405, Some("POST")));
+
+        let mut ex = Exchange::new();
+        let h = ex.on_request_headers(&p, &headers("POST", "/v1/nope", &[ACME]), false);
+        let (r, v) = reply_of(&h);
+        assert_eq!(r.status, 404);
+        assert_eq!(v["error"]["message"], "Invalid URL (POST /v1/nope)");
+    }
+
+    #[test]
+    fn model_listing_in_both_flavours() {
+        let p = policy();
+        let mut ex = Exchange::new();
+        let h = ex.on_request_headers(
+            &p,
+            &headers(
+                "GET",
+                "/v1/models",
+                &[("authorization", "Bearer sk-initech")],
+            ),
+            true,
+        );
+        let (r, v) = reply_of(&h);
+        assert_eq!(r.status, 200);
+        assert_eq!(v["object"], "list");
+        let ids: Vec<_> = v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, vec!["deepseek-v3.2"]);
+
+        let mut ex = Exchange::new();
+        let hs = headers(
+            "GET",
+            "/v1/models",
+            &[
+                ("x-api-key", "sk-acme"),
+                ("anthropic-version", "2023-06-01"),
+            ],
+        );
+        let (_, v) = reply_of(&ex.on_request_headers(&p, &hs, true));
+        assert_eq!(v["data"].as_array().unwrap().len(), 3);
+        assert_eq!(v["has_more"], false);
+        assert_eq!(v["data"][0]["type"], "model");
+
+        let mut ex = Exchange::new();
+        let hs = headers("GET", "/v1/models/claude-sonnet", &[ACME]);
+        let step = ex.on_request_headers(&p, &hs, true);
+        let (r, v) = reply_of(&step);
+        assert_eq!(
+            (r.status, v["id"].as_str()),
+            (200, Some("claude-sonnet-4.5"))
+        );
+
+        let mut ex = Exchange::new();
+        let hs = headers(
+            "GET",
+            "/v1/models/gpt-4.1",
+            &[("authorization", "Bearer sk-initech")],
+        );
+        assert_eq!(
+            reply_of(&ex.on_request_headers(&p, &hs, true)).0.status,
+            404
+        );
+    }
+}

@@ -1,0 +1,143 @@
+//! The compiled, immutable policy every request is judged against.
+
+use crate::auth::KeyIndex;
+use crate::errors::ApiFlavour;
+use crate::routing::Pattern;
+use std::collections::HashMap;
+use std::fmt;
+
+pub type TenantId = usize;
+pub type ModelId = usize;
+pub type ProviderId = usize;
+
+#[derive(Debug)]
+pub struct Policy {
+    pub max_body_bytes: u64,
+    pub providers: Vec<Provider>,
+    pub catalog: ModelCatalog,
+    pub tenants: Vec<Tenant>,
+    pub keys: KeyIndex,
+    /// Allow-lists by model id, shared by the tenants of a tier.
+    pub allow_sets: Vec<Vec<bool>>,
+}
+
+impl Policy {
+    pub fn tenant(&self, id: TenantId) -> Option<&Tenant> {
+        self.tenants.get(id)
+    }
+
+    pub fn model(&self, id: ModelId) -> Option<&Model> {
+        self.catalog.models.get(id)
+    }
+
+    pub fn provider(&self, id: ProviderId) -> Option<&Provider> {
+        self.providers.get(id)
+    }
+
+    pub fn may_use(&self, tenant: TenantId, model: ModelId) -> bool {
+        self.tenants
+            .get(tenant)
+            .and_then(|t| self.allow_sets.get(t.allow_set))
+            .and_then(|set| set.get(model))
+            .copied()
+            .unwrap_or(false)
+    }
+
+    /// Models the tenant may use, in configuration order.
+    pub fn models_for(&self, tenant: TenantId) -> impl Iterator<Item = &Model> {
+        self.catalog
+            .models
+            .iter()
+            .enumerate()
+            .filter(move |(id, _)| self.may_use(tenant, *id))
+            .map(|(_, m)| m)
+    }
+
+    /// The first provider of `model` that speaks `api`.
+    pub fn provider_for(&self, model: ModelId, api: ApiFlavour) -> Option<&Provider> {
+        self.model(model)?
+            .providers
+            .iter()
+            .filter_map(|&p| self.provider(p))
+            .find(|p| p.api == api)
+    }
+}
+
+#[derive(Debug)]
+pub struct Tenant {
+    pub id: String,
+    pub tier: String,
+    pub key_ids: Vec<String>,
+    pub allow_set: usize,
+}
+
+#[derive(Debug)]
+pub struct Model {
+    pub name: String,
+    pub upstream_name: String,
+    pub providers: Vec<ProviderId>,
+    pub price: Price,
+}
+
+/// Prices in integer micro-USD per million tokens, so cost arithmetic is exact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Price {
+    pub input_micro_usd_per_mtok: u64,
+    pub cached_input_micro_usd_per_mtok: u64,
+    pub output_micro_usd_per_mtok: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct ModelCatalog {
+    pub models: Vec<Model>,
+    /// Names and literal aliases.
+    pub exact: HashMap<String, ModelId>,
+    /// `*` aliases, tried in configuration order after exact names.
+    pub patterns: Vec<(Pattern, ModelId)>,
+}
+
+impl ModelCatalog {
+    pub fn resolve(&self, requested: &str) -> Option<ModelId> {
+        if let Some(&id) = self.exact.get(requested) {
+            return Some(id);
+        }
+        self.patterns
+            .iter()
+            .find(|(p, _)| p.matches(requested))
+            .map(|(_, id)| *id)
+    }
+}
+
+#[derive(Debug)]
+pub struct Provider {
+    pub name: String,
+    pub api: ApiFlavour,
+    pub cluster: String,
+    pub path_prefix: String,
+    pub authority: Option<String>,
+    pub credential: Credential,
+}
+
+/// The provider key as the header to send; its value never prints.
+pub struct Credential {
+    header: String,
+    value: String,
+}
+
+impl Credential {
+    pub fn new(header: String, value: String) -> Self {
+        Credential { header, value }
+    }
+    pub fn header(&self) -> &str {
+        &self.header
+    }
+    pub fn value(&self) -> &str {
+        &self.value
+    }
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Credential({}: <redacted>)", self.header)
+    }
+}

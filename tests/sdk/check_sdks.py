@@ -1,0 +1,100 @@
+"""Drives the gateway with the official OpenAI and Anthropic Python SDKs.
+
+Run by the system test `sdk.rs` against a live gateway: SLUICE_BASE=http://127.0.0.1:PORT.
+Exits non-zero (with the failing check) if any SDK call misbehaves.
+"""
+import os
+import sys
+
+import anthropic
+import openai
+
+BASE = os.environ["SLUICE_BASE"]
+ACME = "sk-sluice-demo-acme"
+INITECH = "sk-sluice-demo-initech"
+
+checks = []
+
+
+def check(name, cond, detail=""):
+    checks.append(name)
+    if not cond:
+        print(f"FAIL {name}: {detail}", file=sys.stderr)
+        sys.exit(1)
+
+
+oa = openai.OpenAI(base_url=f"{BASE}/v1", api_key=ACME, max_retries=0)
+
+r = oa.chat.completions.create(model="gpt-4.1-mini", messages=[{"role": "user", "content": "Hello there"}])
+check("openai chat", r.choices[0].message.content and r.usage.total_tokens > 0, r)
+
+chunks = list(
+    oa.chat.completions.create(
+        model="deepseek-v3.2",
+        messages=[{"role": "user", "content": "Stream to me"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+)
+text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+check("openai stream text", len(text) > 0, chunks)
+check("openai stream usage", chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0, chunks[-1])
+
+r = oa.chat.completions.create(model="claude-sonnet", messages=[{"role": "user", "content": "Hi Claude"}])
+check("openai sdk to claude via openai-compatible endpoint", r.choices[0].message.content, r)
+
+r = oa.chat.completions.create(model="gemini-2.5-flash", messages=[{"role": "user", "content": "Hi Gemini"}])
+check("openai sdk to gemini", r.choices[0].message.content, r)
+
+e = oa.embeddings.create(model="text-embedding-3-small", input=["one", "two"])
+check("embeddings (SDK default base64 encoding)", len(e.data) == 2 and len(e.data[0].embedding) > 0, e)
+
+resp = oa.responses.create(model="gpt-4.1-mini", input="Hello Responses")
+check("responses api", resp.output_text and resp.usage.input_tokens > 0, resp)
+
+ids = [m.id for m in oa.models.list()]
+check("models list", "gpt-4.1" in ids and "claude-sonnet-4.5" in ids, ids)
+
+try:
+    openai.OpenAI(base_url=f"{BASE}/v1", api_key="sk-wrong", max_retries=0).chat.completions.create(
+        model="gpt-4.1", messages=[{"role": "user", "content": "x"}]
+    )
+    check("openai bad key raises", False, "no exception")
+except openai.AuthenticationError as err:
+    check("openai bad key raises AuthenticationError", err.status_code == 401 and err.code == "invalid_api_key", err)
+
+try:
+    oa.chat.completions.create(model="gpt-7", messages=[{"role": "user", "content": "x"}])
+    check("unknown model raises", False, "no exception")
+except openai.NotFoundError as err:
+    check("unknown model raises NotFoundError", err.code == "model_not_found", err)
+
+try:
+    openai.OpenAI(base_url=f"{BASE}/v1", api_key=INITECH, max_retries=0).chat.completions.create(
+        model="gpt-4.1", messages=[{"role": "user", "content": "x"}]
+    )
+    check("allow-list raises", False, "no exception")
+except openai.PermissionDeniedError as err:
+    check("allow-list raises PermissionDeniedError", err.status_code == 403, err)
+
+an = anthropic.Anthropic(base_url=BASE, api_key=ACME, max_retries=0)
+m = an.messages.create(model="claude-sonnet-4.5", max_tokens=32, messages=[{"role": "user", "content": "Hello"}])
+check("anthropic messages", m.content[0].text and m.usage.input_tokens > 0, m)
+
+with an.messages.stream(model="claude-sonnet", max_tokens=32, messages=[{"role": "user", "content": "Stream"}]) as s:
+    streamed = "".join(s.text_stream)
+    final = s.get_final_message()
+check("anthropic stream", streamed and final.usage.output_tokens > 0, final)
+
+models = [x.id for x in an.models.list()]
+check("anthropic models list", "claude-sonnet-4.5" in models, models)
+
+try:
+    anthropic.Anthropic(base_url=BASE, api_key="sk-ant-wrong", max_retries=0).messages.create(
+        model="claude-sonnet-4.5", max_tokens=8, messages=[{"role": "user", "content": "x"}]
+    )
+    check("anthropic bad key raises", False, "no exception")
+except anthropic.AuthenticationError as err:
+    check("anthropic bad key raises AuthenticationError", err.status_code == 401, err)
+
+print(f"{len(checks)} SDK checks passed")

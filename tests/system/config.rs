@@ -1,0 +1,124 @@
+//! Configuration in real Envoy: every YAML in `envoy/` validates, and an invalid Sluice
+//! configuration makes Envoy refuse to start, with a log line naming the field.
+
+use crate::harness::*;
+use std::process::Command;
+
+/// Every Envoy YAML in the repo, relative to the root.
+fn envoy_yamls() -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![repo_root().join("envoy")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml")
+                && std::fs::read_to_string(&path)
+                    .unwrap()
+                    .contains("static_resources")
+            {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn every_envoy_yaml_passes_envoy_validate() {
+    let yamls = envoy_yamls();
+    assert!(!yamls.is_empty(), "no Envoy configs found under envoy/");
+    let wasm = wasm_path();
+    for yaml in yamls {
+        // Validation loads the real wasm and runs its configure step.
+        let text = std::fs::read_to_string(&yaml).unwrap().replace(
+            "filename: target/wasm32-wasip1/release/sluice.wasm",
+            &format!("filename: {}", wasm.display()),
+        );
+        let dir = unique_dir();
+        let path = dir.join("validate.yaml");
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(envoy_bin())
+            .args(["--mode", "validate", "-c"])
+            .arg(&path)
+            .envs(provider_env())
+            .current_dir(repo_root())
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "{} failed validation:\n{log}",
+            yaml.display()
+        );
+        assert!(log.contains("OK"), "{}: {log}", yaml.display());
+        std::fs::remove_dir_all(dir).ok();
+    }
+}
+
+/// Starts Envoy with an edited demo config and returns its log, asserting it refused.
+async fn refused_with(edit: ConfigEdit) -> String {
+    let mocks = Mocks::start().await;
+    let yaml = render_demo_config(&mocks, Some(edit));
+    let dir = unique_dir();
+    let path = dir.join("envoy.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    match spawn_envoy(&path, &dir, 2) {
+        Ok((mut child, _)) => {
+            let _ = child.kill();
+            panic!("Envoy accepted an invalid Sluice configuration");
+        }
+        Err(log) => log,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_field_is_refused_and_named() {
+    let log = refused_with(Box::new(|v| v["providers"][0]["clustr"] = "openai".into())).await;
+    assert!(log.contains("invalid sluice configuration"), "{log}");
+    assert!(
+        log.contains("clustr"),
+        "the log should name the field:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_value_is_refused_and_named() {
+    let log = refused_with(Box::new(|v| v["tenants"][1]["tier"] = "platinum".into())).await;
+    assert!(log.contains("tenants[1].tier"), "{log}");
+    assert!(log.contains("platinum"), "{log}");
+}
+
+#[test]
+fn demo_config_holds_only_key_digests() {
+    let yaml = std::fs::read_to_string(repo_root().join("envoy/demo.yaml")).unwrap();
+    for key in [ACME, GLOBEX, INITECH] {
+        assert!(
+            !yaml.contains(key),
+            "a plain tenant key is in envoy/demo.yaml"
+        );
+        assert!(
+            yaml.contains(&sluice::auth::sha256_hex(key)),
+            "digest of {key} missing"
+        );
+    }
+    for secret in ["sk-mock-", OPENAI_KEY] {
+        assert!(
+            !yaml.contains(secret),
+            "a provider key is inline in envoy/demo.yaml"
+        );
+    }
+    for needle in [
+        "FAIL_CLOSED",
+        "allow_on_headers_stop_iteration: true",
+        "cluster_header: x-sluice-cluster",
+    ] {
+        assert!(
+            yaml.contains(needle),
+            "{needle} missing from the demo config"
+        );
+    }
+}

