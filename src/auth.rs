@@ -132,39 +132,15 @@ pub enum KeyPlacement {
 /// The key the client presented, or the 401 to answer.
 pub fn presented_key(headers: &RequestHeaders, placement: KeyPlacement) -> Result<&[u8], ApiError> {
     let invalid = |msg: &str| ApiError::new(ErrorKind::InvalidApiKey, msg);
-    let mut bearer = None;
-    let mut auth_count = 0;
-    for value in headers.all("authorization") {
-        auth_count += 1;
-        bearer = Some(value);
-    }
-    if auth_count > 1 {
-        return Err(invalid(
-            "Multiple Authorization headers were sent; send exactly one.",
-        ));
-    }
-    let bearer = match bearer {
+    let bearer = match single_header(headers, "authorization")? {
         Some(v) => Some(parse_bearer(v).ok_or_else(|| {
             invalid("The Authorization header must use the Bearer scheme: `Authorization: Bearer <key>`.")
         })?),
         None => None,
     };
-
-    let api_key = if placement == KeyPlacement::BearerOrApiKey {
-        let mut found = None;
-        let mut count = 0;
-        for value in headers.all("x-api-key") {
-            count += 1;
-            found = Some(value);
-        }
-        if count > 1 {
-            return Err(invalid(
-                "Multiple x-api-key headers were sent; send exactly one.",
-            ));
-        }
-        found
-    } else {
-        None
+    let api_key = match placement {
+        KeyPlacement::BearerOrApiKey => single_header(headers, "x-api-key")?,
+        KeyPlacement::Bearer => None,
     };
 
     let key = match (bearer, api_key) {
@@ -188,6 +164,22 @@ pub fn presented_key(headers: &RequestHeaders, placement: KeyPlacement) -> Resul
         return Err(invalid("Incorrect API key provided."));
     }
     Ok(key)
+}
+
+/// The header's value if sent once; two copies are ambiguous, so refused.
+fn single_header<'h>(
+    headers: &'h RequestHeaders,
+    name: &'static str,
+) -> Result<Option<&'h [u8]>, ApiError> {
+    let mut values = headers.all(name);
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(ApiError::new(
+            ErrorKind::InvalidApiKey,
+            format!("Multiple {name} headers were sent; send exactly one."),
+        ));
+    }
+    Ok(first)
 }
 
 fn parse_bearer(value: &[u8]) -> Option<&[u8]> {

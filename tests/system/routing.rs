@@ -133,7 +133,9 @@ async fn every_demo_model_reaches_its_provider() {
             "{model} on {path}"
         );
         assert!(
-            got.headers.iter().all(|(n, _)| !n.starts_with("x-sluice-")),
+            got.headers
+                .iter()
+                .all(|(n, _)| !n.starts_with("x-sluice-") && !n.starts_with("x-envoy-")),
             "internal header leaked upstream: {:?}",
             got.headers
         );
