@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${ENVOY:=.venv/bin/envoy}" "${MOCK:=target/release/sluice-mock}"
 
+mkdir -p .run   # the access log (usage records) goes to .run/access.log
 pids=()
 cleanup() {
   trap - INT TERM EXIT
@@ -33,6 +34,7 @@ Try:
   curl -s http://127.0.0.1:10000/v1/chat/completions \
     -H 'Authorization: Bearer sk-sluice-demo-acme' -H 'Content-Type: application/json' \
     -d '{"model":"gpt-4.1-mini","messages":[{"role":"user","content":"Hello"}]}'
+Usage records: .run/access.log   Metrics: curl -s http://127.0.0.1:9901/stats/prometheus | grep sluice_
 Press Ctrl-C to stop.
 MSG
     break

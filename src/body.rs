@@ -15,6 +15,8 @@ pub const MAX_DEPTH: usize = 128;
 pub struct RequestFields {
     pub model: String,
     pub stream: bool,
+    /// `stream_options.include_usage` is true: the client wants the usage chunk.
+    pub include_usage: bool,
 }
 
 #[derive(Deserialize)]
@@ -23,6 +25,14 @@ struct Probe<'a> {
     model: Option<Cow<'a, str>>,
     #[serde(default)]
     stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptionsProbe>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptionsProbe {
+    #[serde(default)]
+    include_usage: Option<bool>,
 }
 
 fn invalid(message: impl Into<String>) -> ApiError {
@@ -49,6 +59,8 @@ pub fn parse_request(raw: &[u8]) -> Result<RequestFields, ApiError> {
             invalid(format!("Invalid type for 'model': {inner}")).with_param("model")
         } else if inner.is_data() && path == "stream" {
             invalid(format!("Invalid type for 'stream': {inner}")).with_param("stream")
+        } else if inner.is_data() && path.starts_with("stream_options") {
+            invalid(format!("Invalid type for '{path}': {inner}")).with_param("stream_options")
         } else {
             invalid(format!(
                 "We could not parse the JSON body of your request: {inner}"
@@ -67,6 +79,10 @@ pub fn parse_request(raw: &[u8]) -> Result<RequestFields, ApiError> {
     Ok(RequestFields {
         model: model.into_owned(),
         stream: probe.stream.unwrap_or(false),
+        include_usage: probe
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
     })
 }
 
@@ -112,6 +128,45 @@ pub fn replace_model(raw: &[u8], model: &str) -> Option<Vec<u8>> {
     out.extend_from_slice(quoted.as_bytes());
     out.extend_from_slice(raw.get(span.1..)?);
     Some(out)
+}
+
+/// Returns `raw` with `stream_options.include_usage` set to true, so a stream reports usage.
+/// Without a `stream_options` key (the usual case) the field is inserted byte-exactly after
+/// the opening brace; an existing `stream_options` object is merged by re-serializing.
+pub fn inject_include_usage(raw: &[u8]) -> Option<Vec<u8>> {
+    const FIELD: &[u8] = br#""stream_options":{"include_usage":true}"#;
+    match top_level_value_span(raw, b"stream_options") {
+        None => {
+            let open = skip_ws(raw, 0);
+            if raw.get(open) != Some(&b'{') {
+                return None;
+            }
+            let after = skip_ws(raw, open + 1);
+            let empty = raw.get(after) == Some(&b'}');
+            let mut out = Vec::with_capacity(raw.len() + FIELD.len() + 1);
+            out.extend_from_slice(raw.get(..=open)?);
+            out.extend_from_slice(FIELD);
+            if !empty {
+                out.push(b',');
+            }
+            out.extend_from_slice(raw.get(open + 1..)?);
+            Some(out)
+        }
+        Some(_) => {
+            let mut value: serde_json::Value = serde_json::from_slice(raw).ok()?;
+            let obj = value.as_object_mut()?;
+            let options = obj
+                .entry("stream_options")
+                .or_insert_with(|| serde_json::Value::Object(Default::default()));
+            if !options.is_object() {
+                *options = serde_json::Value::Object(Default::default());
+            }
+            options
+                .as_object_mut()?
+                .insert("include_usage".into(), true.into());
+            serde_json::to_vec(&value).ok()
+        }
+    }
 }
 
 /// Re-serializing fallback for [`replace_model`]; keeps every field, may reorder keys.
@@ -215,9 +270,17 @@ mod tests {
             f,
             RequestFields {
                 model: "gpt-4.1".into(),
-                stream: true
+                stream: true,
+                include_usage: false
             }
         );
+        let f = parse_request(
+            br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#,
+        )
+        .unwrap();
+        assert!(f.include_usage);
+        let f = parse_request(br#"{"model":"m","stream":true,"stream_options":null}"#).unwrap();
+        assert!(!f.include_usage);
         let f = parse_request(br#" {"model":"gpt\u002d4"}"#).unwrap();
         assert_eq!(f.model, "gpt-4");
     }
@@ -298,6 +361,46 @@ mod tests {
             replace_model(br#"{"x":-1,"model" :"a" }"#, "q\"").unwrap(),
             br#"{"x":-1,"model" :"q\"" }"#
         );
+    }
+
+    #[test]
+    fn include_usage_is_injected_byte_exactly_when_absent() {
+        let raw = br#"{"model":"m","stream":true,"messages":[]}"#;
+        let out = inject_include_usage(raw).unwrap();
+        assert_eq!(
+            out,
+            br#"{"stream_options":{"include_usage":true},"model":"m","stream":true,"messages":[]}"#
+        );
+        assert!(parse_request(&out).unwrap().include_usage);
+        assert_eq!(
+            inject_include_usage(b" { } ").unwrap(),
+            br#" {"stream_options":{"include_usage":true} } "#
+        );
+    }
+
+    #[test]
+    fn include_usage_merges_into_existing_options() {
+        for raw in [
+            &br#"{"model":"m","stream_options":{"include_obfuscation":false}}"#[..],
+            br#"{"model":"m","stream_options":null}"#,
+            br#"{"model":"m","stream_options":{"include_usage":false}}"#,
+        ] {
+            let out = inject_include_usage(raw).unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(
+                v["stream_options"]["include_usage"],
+                true,
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+            assert_eq!(v["model"], "m");
+        }
+        let out = inject_include_usage(
+            br#"{"model":"m","stream_options":{"include_obfuscation":false}}"#,
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["stream_options"]["include_obfuscation"], false);
     }
 
     #[test]

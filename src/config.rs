@@ -78,6 +78,9 @@ pub struct RawPrice {
     pub input: f64,
     #[serde(default)]
     pub cached_input: Option<f64>,
+    /// Cache creation (Anthropic cache writes); defaults to `input`.
+    #[serde(default)]
+    pub cache_write: Option<f64>,
     #[serde(default)]
     pub output: f64,
 }
@@ -456,6 +459,10 @@ fn compile_price(at: &str, p: &RawPrice) -> Result<Price, ConfigError> {
             Some(c) => micro("cached_input", c)?,
             None => input,
         },
+        cache_write_micro_usd_per_mtok: match p.cache_write {
+            Some(c) => micro("cache_write", c)?,
+            None => input,
+        },
         output_micro_usd_per_mtok: micro("output", p.output)?,
     })
 }
@@ -509,13 +516,14 @@ fn check_model_name(at: &str, name: &str) -> Result<(), ConfigError> {
         && name.len() <= 256
         && name
             .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
+            // `;` and `=` would break the label encoding of stat names (see metrics.rs).
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b'"' | b'\\' | b';' | b'='));
     if ok {
         Ok(())
     } else {
         Err(ConfigError::at(
             at,
-            format!("`{name}` must be 1-256 printable ASCII characters without quotes or spaces"),
+            format!("`{name}` must be 1-256 printable ASCII characters without spaces, quotes, `\\`, `;` or `=`"),
         ))
     }
 }
@@ -653,6 +661,10 @@ mod tests {
                 "models[0].price.output",
             ),
             (|v| v["max_body_bytes"] = 0.into(), "max_body_bytes"),
+            (
+                |v| v["models"][0]["name"] = "gpt;x=1".into(),
+                "models[0].name",
+            ),
             (
                 |v| v["tenants"][0]["keys"] = serde_json::json!([]),
                 "tenants[0].keys",

@@ -3,8 +3,9 @@
 use serde_json::json;
 
 /// Which API dialect a client speaks; decides error shapes and header names.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum ApiFlavour {
+    #[default]
     OpenAi,
     Anthropic,
 }

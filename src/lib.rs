@@ -3,14 +3,17 @@
 //! Everything except [`host`] is plain Rust, compiled and tested natively. The host
 //! layer is the only code that talks to Envoy, and only exists in the wasm build.
 
+pub mod accounting;
 pub mod auth;
 pub mod body;
 pub mod config;
 pub mod errors;
 pub mod headers;
 pub mod lifecycle;
+pub mod metrics;
 pub mod policy;
 pub mod routing;
+pub mod usage;
 
 #[cfg(target_arch = "wasm32")]
 mod host;

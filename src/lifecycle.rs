@@ -4,12 +4,19 @@
 //! [`Step`] it returns: header edits, a body replacement, and whether to continue, keep
 //! buffering, or answer locally. Nothing here calls the host, so all of it runs natively.
 
+use crate::accounting::{cost_micro_usd, UsageRecord};
 use crate::auth::{presented_key, KeyOwner};
-use crate::body::{parse_request, replace_model, replace_model_reserialized, RequestFields};
+use crate::body::{
+    inject_include_usage, parse_request, replace_model, replace_model_reserialized, RequestFields,
+};
 use crate::errors::{ApiError, ApiFlavour, ErrorKind, LocalReply};
 use crate::headers::{RequestHeaders, CLUSTER_HEADER};
+use crate::metrics::{usage_labels, Counter, Histogram, Labels, MetricKey, Metrics, Outcome};
 use crate::policy::{ModelId, Policy, ProviderId};
 use crate::routing::{split_path, upstream_path, Endpoint};
+use crate::usage::{
+    estimate_prompt_tokens_for, MeterResult, Passthrough, ResponseShape, TokenUsage, UsageMeter,
+};
 use serde_json::json;
 
 /// What the host must do after a callback.
@@ -35,8 +42,9 @@ pub enum Next {
     Reply(LocalReply),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum Stage {
+    #[default]
     Headers,
     AwaitingBody,
     Forwarded,
@@ -49,29 +57,59 @@ pub struct RouteDecision {
     pub model: ModelId,
     pub provider: ProviderId,
     pub stream: bool,
+    /// The gateway added `stream_options.include_usage` and strips the usage chunk.
+    pub injected_usage: bool,
+    /// Prompt tokens estimated from the request body.
+    pub prompt_estimate: u64,
 }
 
-#[derive(Debug)]
+/// What came back from upstream (or from Envoy on its behalf: 503, 504).
+#[derive(Default)]
+struct UpstreamResponse {
+    status: u16,
+    meter: Option<UsageMeter>,
+    complete: bool,
+    headers_at_ms: u64,
+    first_byte_at_ms: Option<u64>,
+}
+
+#[derive(Default)]
 pub struct Exchange {
     stage: Stage,
     flavour: ApiFlavour,
     endpoint: Option<Endpoint>,
     query: String,
+    request_id: Option<String>,
     owner: Option<KeyOwner>,
+    /// Resolved model, known before routing finishes (so refusals can name it).
+    model: Option<ModelId>,
     route: Option<RouteDecision>,
+    /// Status and refusal reason of the gateway's own reply.
+    local: Option<(u16, Option<&'static str>)>,
+    forwarded_at_ms: u64,
+    response: Option<UpstreamResponse>,
+    finished: bool,
 }
 
-impl Default for Exchange {
-    fn default() -> Self {
-        Exchange {
-            stage: Stage::Headers,
-            flavour: ApiFlavour::OpenAi,
-            endpoint: None,
-            query: String::new(),
-            owner: None,
-            route: None,
-        }
+impl std::fmt::Debug for Exchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exchange")
+            .field("stage", &self.stage)
+            .field("endpoint", &self.endpoint)
+            .field("owner", &self.owner)
+            .field("route", &self.route)
+            .finish_non_exhaustive()
     }
+}
+
+/// Everything `on_log` must hand to the host, once per request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    /// The usage record as one JSON line, for the access log.
+    pub record: String,
+    pub outcome: Outcome,
+    pub usage: TokenUsage,
+    pub estimated: bool,
 }
 
 impl Exchange {
@@ -87,6 +125,11 @@ impl Exchange {
         self.route.as_ref()
     }
 
+    /// True while response chunks must be read (a usage meter is running).
+    pub fn meters_response(&self) -> bool {
+        self.response.as_ref().is_some_and(|r| r.meter.is_some())
+    }
+
     /// True once the gateway answered this request itself.
     pub fn replied_locally(&self) -> bool {
         self.stage == Stage::Replied
@@ -94,13 +137,16 @@ impl Exchange {
 
     fn reply(&mut self, mut step: Step, reply: LocalReply) -> Step {
         self.stage = Stage::Replied;
+        self.local = Some((reply.status, None));
         step.next = Next::Reply(reply);
         step
     }
 
     fn refuse(&mut self, step: Step, err: ApiError) -> Step {
         let reply = err.reply(self.flavour);
-        self.reply(step, reply)
+        let step = self.reply(step, reply);
+        self.local = Some((err.kind.status(), Some(err.kind.reason())));
+        step
     }
 
     pub fn on_request_headers(
@@ -119,6 +165,10 @@ impl Exchange {
             ..Step::default()
         };
 
+        self.request_id = headers
+            .get_str("x-request-id")
+            .filter(|id| id.len() <= 128)
+            .map(str::to_string);
         let full_path = headers.get_str(":path").unwrap_or("");
         let (path, query) = split_path(full_path);
         let endpoint = Endpoint::from_path(path);
@@ -160,10 +210,13 @@ impl Exchange {
                 "Method {method} is not allowed on {path}; use {}.",
                 endpoint.method()
             );
-            let reply = ApiError::new(ErrorKind::MethodNotAllowed, msg)
+            let err = ApiError::new(ErrorKind::MethodNotAllowed, msg);
+            let reply = err
                 .reply(self.flavour)
                 .with_header("allow", endpoint.method());
-            return self.reply(step, reply);
+            let step = self.reply(step, reply);
+            self.local = Some((err.kind.status(), Some(err.kind.reason())));
+            return step;
         }
 
         match &endpoint {
@@ -208,11 +261,13 @@ impl Exchange {
     }
 
     /// `body_size` is Envoy's running total of buffered bytes; `read_body` fetches them.
+    /// `now_ms` is the host clock, kept for latency metrics.
     pub fn on_request_body(
         &mut self,
         policy: &Policy,
         body_size: usize,
         end_of_stream: bool,
+        now_ms: u64,
         read_body: impl FnOnce() -> Option<Vec<u8>>,
     ) -> Step {
         if self.stage != Stage::AwaitingBody {
@@ -239,6 +294,7 @@ impl Exchange {
         match self.route_body(policy, &raw) {
             Ok(step) => {
                 self.stage = Stage::Forwarded;
+                self.forwarded_at_ms = now_ms;
                 step
             }
             Err(e) => self.refuse(Step::default(), e),
@@ -261,12 +317,14 @@ impl Exchange {
         let RequestFields {
             model: requested,
             stream,
+            include_usage,
         } = parse_request(raw)?;
 
         let model_id = policy
             .catalog
             .resolve(&requested)
             .ok_or_else(|| model_not_found(&requested))?;
+        self.model = Some(model_id);
         let model = policy
             .model(model_id)
             .ok_or_else(|| ApiError::new(ErrorKind::Internal, "model table out of range"))?;
@@ -284,7 +342,7 @@ impl Exchange {
             )
             .with_param("model"));
         }
-        let provider = policy
+        let (provider_id, provider) = policy
             .provider_for(model_id, endpoint.flavour())
             .ok_or_else(|| {
                 ApiError::new(
@@ -300,11 +358,6 @@ impl Exchange {
                 )
                 .with_param("model")
             })?;
-        let provider_id = policy
-            .providers
-            .iter()
-            .position(|p| std::ptr::eq(p, provider))
-            .unwrap_or(0);
         let suffix = endpoint
             .upstream_suffix()
             .ok_or_else(|| ApiError::new(ErrorKind::Internal, "endpoint is not forwardable"))?;
@@ -313,16 +366,28 @@ impl Exchange {
             remove: vec!["authorization".into(), "x-api-key".into()],
             ..Step::default()
         };
+        let mut body: Option<Vec<u8>> = None;
         if requested != model.upstream_name {
             let rewritten = replace_model(raw, &model.upstream_name)
                 .or_else(|| replace_model_reserialized(raw, &model.upstream_name))
                 .ok_or_else(|| {
                     ApiError::new(ErrorKind::Internal, "could not rewrite the model name")
                 })?;
-            step.set
-                .push(("content-length".into(), rewritten.len().to_string()));
-            step.body = Some(rewritten);
+            body = Some(rewritten);
         }
+        // Meter every chat stream: ask for the usage chunk, strip it on the way back.
+        let injected_usage = endpoint == Endpoint::ChatCompletions && stream && !include_usage;
+        if injected_usage {
+            let current = body.as_deref().unwrap_or(raw);
+            body = Some(inject_include_usage(current).ok_or_else(|| {
+                ApiError::new(ErrorKind::Internal, "could not request stream usage")
+            })?);
+        }
+        if let Some(b) = &body {
+            step.set
+                .push(("content-length".into(), b.len().to_string()));
+        }
+        step.body = body;
         step.set
             .push((":path".into(), upstream_path(provider, suffix, &self.query)));
         if let Some(authority) = &provider.authority {
@@ -339,8 +404,224 @@ impl Exchange {
             model: model_id,
             provider: provider_id,
             stream,
+            injected_usage,
+            prompt_estimate: estimate_prompt_tokens_for(response_shape(&endpoint), raw),
         });
         Ok(step)
+    }
+
+    /// Response headers of a forwarded request. Returns true if `content-length` must be
+    /// removed because the body will be rewritten.
+    pub fn on_response_headers(
+        &mut self,
+        status: u16,
+        content_type: Option<&str>,
+        end_of_stream: bool,
+        now_ms: u64,
+    ) -> bool {
+        if self.stage != Stage::Forwarded || self.response.is_some() {
+            return false;
+        }
+        let sse = content_type.is_some_and(|c| c.trim_start().starts_with("text/event-stream"));
+        let meter = match (&self.endpoint, &self.route) {
+            (Some(endpoint), Some(route)) if (200..300).contains(&status) => {
+                let strip = route.injected_usage && sse;
+                Some(UsageMeter::new(
+                    response_shape(endpoint),
+                    sse,
+                    strip,
+                    route.prompt_estimate,
+                ))
+            }
+            _ => None,
+        };
+        let rewrites = self.route.as_ref().is_some_and(|r| r.injected_usage) && sse;
+        self.response = Some(UpstreamResponse {
+            status,
+            meter,
+            complete: end_of_stream,
+            headers_at_ms: now_ms,
+            first_byte_at_ms: None,
+        });
+        rewrites
+    }
+
+    /// One chunk of a forwarded response body; returns what the client gets instead.
+    pub fn on_response_body(
+        &mut self,
+        chunk: &[u8],
+        end_of_stream: bool,
+        now_ms: u64,
+    ) -> Passthrough {
+        let Some(resp) = self.response.as_mut() else {
+            return Passthrough::Unchanged;
+        };
+        if resp.first_byte_at_ms.is_none() && !chunk.is_empty() {
+            resp.first_byte_at_ms = Some(now_ms);
+        }
+        if end_of_stream {
+            resp.complete = true;
+        }
+        match resp.meter.as_mut() {
+            Some(meter) => meter.feed(chunk, end_of_stream),
+            None => Passthrough::Unchanged,
+        }
+    }
+
+    /// The end of the stream, whatever ended it. Emits metrics and returns the usage
+    /// record exactly once; later calls return `None`. `details` is Envoy's
+    /// `response.code_details` (tells a client disconnect from an upstream failure).
+    pub fn finish(
+        &mut self,
+        policy: &Policy,
+        details: Option<&str>,
+        metrics: &mut impl Metrics,
+    ) -> Option<Completion> {
+        if self.finished {
+            return None;
+        }
+        self.finished = true;
+        let client_left = details.is_some_and(|d| d.contains("downstream"));
+        let (outcome, reason, status, metered) = match (&self.local, &self.response) {
+            (Some((status, reason)), _) => {
+                let outcome = if reason.is_some() {
+                    Outcome::Rejected
+                } else {
+                    Outcome::Success
+                };
+                (outcome, *reason, *status, None)
+            }
+            (None, None) if self.stage == Stage::Forwarded && client_left => {
+                // The provider was working on it: bill the prompt, as providers do.
+                let prompt = self.route.as_ref().map_or(0, |r| r.prompt_estimate);
+                let usage = TokenUsage {
+                    input_tokens: prompt,
+                    ..TokenUsage::default()
+                };
+                let result = MeterResult {
+                    usage,
+                    estimated: true,
+                    suspicious: false,
+                };
+                (Outcome::Aborted, None, 0, Some(result))
+            }
+            (None, None) if client_left || self.stage != Stage::Forwarded => {
+                (Outcome::Aborted, None, 0, None)
+            }
+            (None, None) => (Outcome::UpstreamError, None, 0, None),
+            (None, Some(resp)) => {
+                let outcome = match resp.status {
+                    200..=399 if resp.complete => Outcome::Success,
+                    200..=399 if client_left => Outcome::Aborted,
+                    200..=399 => Outcome::UpstreamError,
+                    429 | 500..=599 => Outcome::UpstreamError,
+                    _ => Outcome::ClientError,
+                };
+                (
+                    outcome,
+                    None,
+                    resp.status,
+                    resp.meter.as_ref().map(UsageMeter::result),
+                )
+            }
+        };
+        let result = metered.unwrap_or(MeterResult {
+            usage: TokenUsage::default(),
+            estimated: false,
+            suspicious: false,
+        });
+        let usage = result.usage;
+        let tenant = self.owner.map(|o| o.tenant);
+        let model = self.model;
+        let provider = self.route.as_ref().map(|r| r.provider);
+        let price = model.and_then(|m| policy.model(m)).map(|m| m.price);
+        let cost = price.map_or(0, |p| cost_micro_usd(&usage, &p));
+
+        metrics.add(
+            MetricKey::Counter(
+                Counter::Requests,
+                Labels {
+                    tenant,
+                    model,
+                    provider,
+                    outcome,
+                    reason: reason.unwrap_or("none"),
+                },
+            ),
+            1,
+        );
+        let labels = usage_labels(tenant, model, provider);
+        for (counter, value) in [
+            (Counter::InputTokens, usage.input_tokens),
+            (Counter::CachedInputTokens, usage.cached_input_tokens),
+            (Counter::CacheCreationTokens, usage.cache_creation_tokens),
+            (Counter::OutputTokens, usage.output_tokens),
+            (Counter::ReasoningTokens, usage.reasoning_tokens),
+            (Counter::CostMicroUsd, cost),
+            (Counter::EstimatedUsage, u64::from(result.estimated)),
+        ] {
+            if value > 0 {
+                metrics.add(MetricKey::Counter(counter, labels), value);
+            }
+        }
+        if let Some(resp) = &self.response {
+            let latency = resp.headers_at_ms.saturating_sub(self.forwarded_at_ms);
+            metrics.add(
+                MetricKey::Histogram(Histogram::UpstreamLatencyMs, provider, model),
+                latency,
+            );
+            if let Some(first) = resp.first_byte_at_ms {
+                let ttft = first.saturating_sub(self.forwarded_at_ms);
+                metrics.add(
+                    MetricKey::Histogram(Histogram::TimeToFirstTokenMs, provider, model),
+                    ttft,
+                );
+            }
+        }
+
+        let tenant_ref = tenant.and_then(|t| policy.tenant(t));
+        let record = UsageRecord {
+            request_id: self.request_id.as_deref(),
+            tenant: tenant_ref.map(|t| t.id.as_str()),
+            key_id: self
+                .owner
+                .and_then(|o| tenant_ref.and_then(|t| t.key_ids.get(o.key)))
+                .map(String::as_str),
+            model: model.and_then(|m| policy.model(m)).map(|m| m.name.as_str()),
+            provider: provider
+                .and_then(|p| policy.provider(p))
+                .map(|p| p.name.as_str()),
+            endpoint: self.endpoint.as_ref().map(Endpoint::name),
+            stream: self.route.as_ref().is_some_and(|r| r.stream),
+            outcome,
+            reason,
+            status,
+            input_tokens: usage.input_tokens,
+            cached_input_tokens: usage.cached_input_tokens,
+            cache_creation_tokens: usage.cache_creation_tokens,
+            output_tokens: usage.output_tokens,
+            reasoning_tokens: usage.reasoning_tokens,
+            cost_micro_usd: cost,
+            estimated: result.estimated,
+            usage_suspicious: result.suspicious,
+        };
+        let record = serde_json::to_string(&record).unwrap_or_else(|_| "{}".into());
+        Some(Completion {
+            record,
+            outcome,
+            usage,
+            estimated: result.estimated,
+        })
+    }
+}
+
+/// How usage is reported for an endpoint's responses.
+fn response_shape(endpoint: &Endpoint) -> ResponseShape {
+    match endpoint {
+        Endpoint::Embeddings => ResponseShape::Embeddings,
+        Endpoint::Responses => ResponseShape::Responses,
+        Endpoint::Messages => ResponseShape::AnthropicMessages,
+        _ => ResponseShape::ChatCompletions,
     }
 }
 
@@ -487,7 +768,7 @@ mod tests {
         if matches!(h.next, Next::Reply(_)) {
             return (ex, h, Step::default());
         }
-        let b = ex.on_request_body(&p, body.len(), true, || Some(body.as_bytes().to_vec()));
+        let b = ex.on_request_body(&p, body.len(), true, 0, || Some(body.as_bytes().to_vec()));
         (ex, h, b)
     }
 
@@ -529,7 +810,10 @@ mod tests {
             "keeps the client's authority when none is configured"
         );
         let body = b.body.as_ref().unwrap();
-        assert_eq!(body, br#"{"model":"deepseek-chat","stream":true}"#);
+        assert_eq!(
+            body,
+            br#"{"stream_options":{"include_usage":true},"model":"deepseek-chat","stream":true}"#
+        );
         assert_eq!(
             set(&b, "content-length"),
             Some(body.len().to_string().as_str())
@@ -645,13 +929,16 @@ mod tests {
         let h = ex.on_request_headers(&p, &headers("POST", "/v1/chat/completions", &[ACME]), false);
         assert_eq!(h.next, Next::Pause);
         assert_eq!(
-            ex.on_request_body(&p, 600, false, || None).next,
+            ex.on_request_body(&p, 600, false, 0, || None).next,
             Next::Pause
         );
-        let b = ex.on_request_body(&p, 1001, false, || None);
+        let b = ex.on_request_body(&p, 1001, false, 0, || None);
         assert_eq!(reply_of(&b).0.status, 413);
         assert!(ex.replied_locally());
-        assert_eq!(ex.on_request_body(&p, 1200, true, || None), Step::default());
+        assert_eq!(
+            ex.on_request_body(&p, 1200, true, 0, || None),
+            Step::default()
+        );
     }
 
     #[test]
@@ -730,5 +1017,183 @@ mod tests {
             reply_of(&ex.on_request_headers(&p, &hs, true)).0.status,
             404
         );
+    }
+
+    /// Records what the host would send to Envoy stats.
+    #[derive(Default)]
+    struct FakeMetrics(Vec<(MetricKey, u64)>);
+
+    impl Metrics for FakeMetrics {
+        fn add(&mut self, key: MetricKey, value: u64) {
+            self.0.push((key, value));
+        }
+    }
+
+    impl FakeMetrics {
+        fn counter(&self, c: Counter) -> u64 {
+            self.0
+                .iter()
+                .filter(|(k, _)| matches!(k, MetricKey::Counter(kc, _) if *kc == c))
+                .map(|(_, v)| v)
+                .sum()
+        }
+        fn outcome(&self) -> Outcome {
+            self.0
+                .iter()
+                .find_map(|(k, _)| match k {
+                    MetricKey::Counter(Counter::Requests, l) => Some(l.outcome),
+                    _ => None,
+                })
+                .unwrap()
+        }
+    }
+
+    const CHAT_JSON: &str = r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hello there"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17,"prompt_tokens_details":{"cached_tokens":2},"completion_tokens_details":{"reasoning_tokens":1}}}"#;
+
+    #[test]
+    fn successful_json_response_is_metered_priced_and_recorded_once() {
+        let p = policy();
+        let (mut ex, _, b) = post(
+            "/v1/chat/completions",
+            &[ACME],
+            r#"{"model":"gpt-4.1","messages":[]}"#,
+        );
+        assert_eq!(b.next, Next::Continue);
+        assert!(!ex.on_response_headers(200, Some("application/json"), false, 10));
+        let (first, second) = CHAT_JSON.split_at(40);
+        assert!(matches!(
+            ex.on_response_body(first.as_bytes(), false, 12),
+            Passthrough::Unchanged
+        ));
+        assert!(matches!(
+            ex.on_response_body(second.as_bytes(), true, 13),
+            Passthrough::Unchanged
+        ));
+        let mut m = FakeMetrics::default();
+        let done = ex.finish(&p, Some("via_upstream"), &mut m).unwrap();
+        assert_eq!(done.outcome, Outcome::Success);
+        assert!(!done.estimated);
+        assert_eq!(
+            done.usage,
+            TokenUsage {
+                input_tokens: 10,
+                cached_input_tokens: 2,
+                cache_creation_tokens: 0,
+                output_tokens: 5,
+                reasoning_tokens: 1
+            }
+        );
+        // 10 * 2.00 + 2 * 2.00 (no cached price in this policy) + 5 * 8.00 = 64 micro-USD
+        assert_eq!(m.counter(Counter::CostMicroUsd), 64);
+        assert_eq!(m.counter(Counter::Requests), 1);
+        assert_eq!(m.counter(Counter::InputTokens), 10);
+        let record: Value = serde_json::from_str(&done.record).unwrap();
+        assert_eq!(record["tenant"], "acme");
+        assert_eq!(record["key_id"], "k1");
+        assert_eq!(record["model"], "gpt-4.1");
+        assert_eq!(record["provider"], "openai");
+        assert_eq!(record["status"], 200);
+        assert_eq!(record["cost_micro_usd"], 64);
+        assert!(!done.record.contains("sk-acme"));
+        assert!(ex.finish(&p, None, &mut m).is_none(), "finish runs once");
+        assert_eq!(m.counter(Counter::Requests), 1);
+    }
+
+    #[test]
+    fn injected_usage_is_requested_and_flagged_for_stripping() {
+        let (ex, _, b) = post(
+            "/v1/chat/completions",
+            &[ACME],
+            r#"{"model":"gpt-4.1","stream":true,"messages":[]}"#,
+        );
+        let body: Value = serde_json::from_slice(b.body.as_ref().unwrap()).unwrap();
+        assert_eq!(body["stream_options"]["include_usage"], true);
+        assert!(ex.route().unwrap().injected_usage);
+        let (ex, _, b) = post(
+            "/v1/chat/completions",
+            &[ACME],
+            r#"{"model":"gpt-4.1","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#,
+        );
+        assert_eq!(b.body, None);
+        assert!(!ex.route().unwrap().injected_usage);
+        let (ex, _, _) = post(
+            "/v1/messages",
+            &[("x-api-key", "sk-acme")],
+            r#"{"model":"claude-sonnet","stream":true}"#,
+        );
+        assert!(
+            !ex.route().unwrap().injected_usage,
+            "only OpenAI chat streams need it"
+        );
+    }
+
+    #[test]
+    fn outcomes_by_how_the_stream_ended() {
+        let p = policy();
+        let run = |status: Option<u16>, complete: bool, details: &str| {
+            let (mut ex, _, _) = post(
+                "/v1/chat/completions",
+                &[ACME],
+                r#"{"model":"gpt-4.1","messages":[{"role":"user","content":"hello"}]}"#,
+            );
+            if let Some(s) = status {
+                ex.on_response_headers(s, Some("application/json"), false, 1);
+                ex.on_response_body(br#"{"error":{}"#, complete, 2);
+            }
+            let mut m = FakeMetrics::default();
+            let done = ex.finish(&p, Some(details), &mut m).unwrap();
+            assert_eq!(m.outcome(), done.outcome);
+            (done.outcome, done.estimated, done.usage)
+        };
+        assert_eq!(run(Some(400), true, "via_upstream").0, Outcome::ClientError);
+        let (o, est, u) = run(Some(429), true, "via_upstream");
+        assert_eq!((o, est, u.total()), (Outcome::UpstreamError, false, 0));
+        assert_eq!(
+            run(Some(503), true, "no_healthy_upstream").0,
+            Outcome::UpstreamError
+        );
+        let (o, est, _) = run(
+            Some(200),
+            false,
+            "upstream_reset_after_response_started{remote_reset}",
+        );
+        assert_eq!((o, est), (Outcome::UpstreamError, true));
+        let (o, est, _) = run(Some(200), false, "downstream_remote_disconnect");
+        assert_eq!((o, est), (Outcome::Aborted, true));
+        let (o, est, u) = run(None, false, "downstream_remote_disconnect");
+        assert_eq!((o, est), (Outcome::Aborted, true));
+        assert!(
+            u.input_tokens > 0 && u.output_tokens == 0,
+            "the prompt is billed: {u:?}"
+        );
+        let (o, est, u) = run(
+            None,
+            false,
+            "upstream_reset_before_response_started{connection_failure}",
+        );
+        assert_eq!((o, est, u.total()), (Outcome::UpstreamError, false, 0));
+    }
+
+    #[test]
+    fn rejections_are_recorded_with_their_reason() {
+        let p = policy();
+        let (mut ex, _, b) = post(
+            "/v1/chat/completions",
+            &[("authorization", "Bearer sk-initech")],
+            r#"{"model":"gpt-4.1"}"#,
+        );
+        assert!(matches!(b.next, Next::Reply(_)));
+        // The local reply also runs the response callbacks: not upstream usage.
+        ex.on_response_headers(403, Some("application/json"), false, 1);
+        assert!(!ex.meters_response());
+        let mut m = FakeMetrics::default();
+        let done = ex.finish(&p, None, &mut m).unwrap();
+        assert_eq!(done.outcome, Outcome::Rejected);
+        let record: Value = serde_json::from_str(&done.record).unwrap();
+        assert_eq!(record["reason"], "model_not_allowed");
+        assert_eq!(record["tenant"], "initech");
+        assert_eq!(record["model"], "gpt-4.1");
+        assert_eq!(record["status"], 403);
+        assert_eq!(m.counter(Counter::InputTokens), 0);
     }
 }

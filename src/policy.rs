@@ -54,12 +54,12 @@ impl Policy {
     }
 
     /// The first provider of `model` that speaks `api`.
-    pub fn provider_for(&self, model: ModelId, api: ApiFlavour) -> Option<&Provider> {
+    pub fn provider_for(&self, model: ModelId, api: ApiFlavour) -> Option<(ProviderId, &Provider)> {
         self.model(model)?
             .providers
             .iter()
-            .filter_map(|&p| self.provider(p))
-            .find(|p| p.api == api)
+            .filter_map(|&id| self.provider(id).map(|p| (id, p)))
+            .find(|(_, p)| p.api == api)
     }
 }
 
@@ -84,6 +84,7 @@ pub struct Model {
 pub struct Price {
     pub input_micro_usd_per_mtok: u64,
     pub cached_input_micro_usd_per_mtok: u64,
+    pub cache_write_micro_usd_per_mtok: u64,
     pub output_micro_usd_per_mtok: u64,
 }
 

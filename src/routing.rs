@@ -31,6 +31,18 @@ impl Endpoint {
         }
     }
 
+    /// Short name for records and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat_completions",
+            Endpoint::Embeddings => "embeddings",
+            Endpoint::Responses => "responses",
+            Endpoint::Messages => "messages",
+            Endpoint::ListModels => "list_models",
+            Endpoint::GetModel(_) => "get_model",
+        }
+    }
+
     /// The API whose conventions (errors, headers, credentials) the client expects.
     pub fn flavour(&self) -> ApiFlavour {
         match self {

@@ -33,11 +33,14 @@ fn every_envoy_yaml_passes_envoy_validate() {
     let wasm = wasm_path();
     for yaml in yamls {
         // Validation loads the real wasm and runs its configure step.
-        let text = std::fs::read_to_string(&yaml).unwrap().replace(
-            "filename: target/wasm32-wasip1/release/sluice.wasm",
-            &format!("filename: {}", wasm.display()),
-        );
         let dir = unique_dir();
+        let text = std::fs::read_to_string(&yaml)
+            .unwrap()
+            .replace(
+                "filename: target/wasm32-wasip1/release/sluice.wasm",
+                &format!("filename: {}", wasm.display()),
+            )
+            .replace("path: .run/", &format!("path: {}/", dir.display()));
         let path = dir.join("validate.yaml");
         std::fs::write(&path, text).unwrap();
         let out = Command::new(envoy_bin())
@@ -62,8 +65,8 @@ fn every_envoy_yaml_passes_envoy_validate() {
 /// Starts Envoy with an edited demo config and returns its log, asserting it refused.
 async fn refused_with(edit: ConfigEdit) -> String {
     let mocks = Mocks::start().await;
-    let yaml = render_demo_config(&mocks, Some(edit));
     let dir = unique_dir();
+    let yaml = render_demo_config(&mocks, &dir, Some(edit));
     let path = dir.join("envoy.yaml");
     std::fs::write(&path, yaml).unwrap();
     match spawn_envoy(&path, &dir, 2) {

@@ -151,7 +151,7 @@ impl Gateway {
     pub async fn start_with(opts: GatewayOptions) -> Gateway {
         let mocks = Mocks::start().await;
         let dir = unique_dir();
-        let yaml = render_demo_config(&mocks, opts.plugin_config);
+        let yaml = render_demo_config(&mocks, &dir, opts.plugin_config);
         let config_path = dir.join("envoy.yaml");
         std::fs::write(&config_path, yaml).unwrap();
         let (child, admin) = spawn_envoy(&config_path, &dir, opts.concurrency)
@@ -173,6 +173,35 @@ impl Gateway {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default()
+    }
+
+    pub fn access_log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default()
+    }
+
+    /// Waits until the access log holds `n` lines (Envoy flushes it every 50 ms here),
+    /// then returns them parsed.
+    pub async fn access_log(&self, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = self.access_log_text();
+            let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+            if lines.len() >= n || Instant::now() > deadline {
+                return lines
+                    .iter()
+                    .map(|l| {
+                        serde_json::from_str(l)
+                            .unwrap_or_else(|e| panic!("access log line is not JSON ({e}): {l}"))
+                    })
+                    .collect();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Prometheus text from the admin endpoint.
+    pub async fn prometheus(&self) -> String {
+        self.admin_get("/stats/prometheus").await
     }
 
     /// POST a JSON body with a tenant key as Bearer.
@@ -250,7 +279,7 @@ pub fn unique_dir() -> PathBuf {
 
 /// The demo configuration with its ports pointed at this test's mocks and free ports.
 /// Every substitution must hit exactly once, so a change to the demo file fails loudly here.
-pub fn render_demo_config(mocks: &Mocks, edit: Option<ConfigEdit>) -> String {
+pub fn render_demo_config(mocks: &Mocks, dir: &Path, edit: Option<ConfigEdit>) -> String {
     let mut yaml = std::fs::read_to_string(repo_root().join("envoy/demo.yaml")).unwrap();
     let wasm = wasm_path();
     let subs = [
@@ -275,6 +304,10 @@ pub fn render_demo_config(mocks: &Mocks, edit: Option<ConfigEdit>) -> String {
         (
             "filename: target/wasm32-wasip1/release/sluice.wasm".to_string(),
             format!("filename: {}", wasm.display()),
+        ),
+        (
+            "path: .run/access.log".to_string(),
+            format!("path: {}", dir.join("access.log").display()),
         ),
     ];
     for (from, to) in subs {
@@ -346,6 +379,9 @@ pub fn spawn_envoy(
         .args(["--concurrency", &concurrency.to_string()])
         .arg("--disable-hot-restart")
         .args(["--log-level", "info"])
+        .args(["--component-log-level", "wasm:debug"])
+        // Access-log lines reach the file within 50 ms instead of Envoy's default 10 s.
+        .args(["--file-flush-interval-msec", "50"])
         .arg("--admin-address-path")
         .arg(&admin_path)
         .envs(provider_env())

@@ -9,3 +9,4 @@ mod config;
 mod routing;
 mod sdk;
 mod streaming;
+mod usage;

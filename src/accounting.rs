@@ -1,0 +1,112 @@
+//! What a finished request cost, and the record it leaves for the access log.
+
+use crate::metrics::Outcome;
+use crate::policy::Price;
+use crate::usage::TokenUsage;
+use serde::Serialize;
+
+/// Cost in integer micro-USD, rounded to nearest (half up) once per request:
+/// uncached input at the input price, cache reads at the cached price, cache writes at
+/// the cache-write price, output (reasoning included) at the output price.
+pub fn cost_micro_usd(usage: &TokenUsage, price: &Price) -> u64 {
+    let micro_per_mtok = u128::from(usage.input_tokens)
+        * u128::from(price.input_micro_usd_per_mtok)
+        + u128::from(usage.cached_input_tokens) * u128::from(price.cached_input_micro_usd_per_mtok)
+        + u128::from(usage.cache_creation_tokens)
+            * u128::from(price.cache_write_micro_usd_per_mtok)
+        + u128::from(usage.output_tokens) * u128::from(price.output_micro_usd_per_mtok);
+    u64::try_from((micro_per_mtok + 500_000) / 1_000_000).unwrap_or(u64::MAX)
+}
+
+/// One request's usage record: the billing trail, written to Envoy's access log.
+/// Never holds a key or credential: tenants and keys appear by their configured ids.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UsageRecord<'a> {
+    pub request_id: Option<&'a str>,
+    pub tenant: Option<&'a str>,
+    pub key_id: Option<&'a str>,
+    pub model: Option<&'a str>,
+    pub provider: Option<&'a str>,
+    pub endpoint: Option<&'static str>,
+    pub stream: bool,
+    pub outcome: Outcome,
+    /// Why the gateway refused the request, when it did.
+    pub reason: Option<&'static str>,
+    /// Status the client got (the provider's, or the gateway's own for rejections).
+    pub status: u16,
+    pub input_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub cache_creation_tokens: u64,
+    pub output_tokens: u64,
+    pub reasoning_tokens: u64,
+    pub cost_micro_usd: u64,
+    /// True when the provider reported no (complete) usage and the gateway estimated it.
+    pub estimated: bool,
+    /// True when the provider reported usage the gateway had to clamp or ignore.
+    pub usage_suspicious: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn price(input: u64, cached: u64, write: u64, output: u64) -> Price {
+        Price {
+            input_micro_usd_per_mtok: input,
+            cached_input_micro_usd_per_mtok: cached,
+            cache_write_micro_usd_per_mtok: write,
+            output_micro_usd_per_mtok: output,
+        }
+    }
+
+    #[test]
+    fn readme_worked_example() {
+        // gpt-4.1: $2.00 in, $0.50 cached, $8.00 out per 1M tokens.
+        // 1,000 prompt tokens of which 200 cached, 500 output (120 of them reasoning).
+        let usage = TokenUsage {
+            input_tokens: 800,
+            cached_input_tokens: 200,
+            cache_creation_tokens: 0,
+            output_tokens: 500,
+            reasoning_tokens: 120,
+        };
+        // 800*2 + 200*0.5 + 500*8 = 1600 + 100 + 4000 = 5700 micro-USD = $0.0057
+        assert_eq!(
+            cost_micro_usd(&usage, &price(2_000_000, 500_000, 2_000_000, 8_000_000)),
+            5_700
+        );
+    }
+
+    #[test]
+    fn cache_writes_use_their_own_price_and_rounding_is_half_up() {
+        let usage = TokenUsage {
+            input_tokens: 1,
+            cached_input_tokens: 0,
+            cache_creation_tokens: 1,
+            output_tokens: 0,
+            reasoning_tokens: 0,
+        };
+        // 1 * 0.3 + 1 * 0.2 = 0.5 micro-USD: rounds up to 1.
+        assert_eq!(cost_micro_usd(&usage, &price(300_000, 0, 200_000, 0)), 1);
+        // 0.4 rounds down to 0.
+        assert_eq!(cost_micro_usd(&usage, &price(200_000, 0, 200_000, 0)), 0);
+    }
+
+    #[test]
+    fn huge_values_saturate_instead_of_overflowing() {
+        let usage = TokenUsage {
+            input_tokens: u64::MAX,
+            cached_input_tokens: u64::MAX,
+            cache_creation_tokens: u64::MAX,
+            output_tokens: u64::MAX,
+            reasoning_tokens: 0,
+        };
+        let p = price(
+            1_000_000_000_000,
+            1_000_000_000_000,
+            1_000_000_000_000,
+            1_000_000_000_000,
+        );
+        assert_eq!(cost_micro_usd(&usage, &p), u64::MAX);
+    }
+}

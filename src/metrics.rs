@@ -1,0 +1,197 @@
+//! Counters and histograms, named so that Envoy's `stats_tags` turn labels into real
+//! Prometheus labels: `sluice_requests_total;tenant=acme;model=gpt-4.1;...`. Custom
+//! stats land in Envoy's `wasmcustom` namespace, which the Prometheus output strips.
+//!
+//! The host caches one metric id per [`MetricKey`] (small integers, no strings), so a
+//! name is built only the first time a label combination is seen in a VM.
+
+use crate::policy::{ModelId, Policy, ProviderId, TenantId};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Counter {
+    Requests,
+    InputTokens,
+    CachedInputTokens,
+    CacheCreationTokens,
+    OutputTokens,
+    ReasoningTokens,
+    CostMicroUsd,
+    EstimatedUsage,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 8] = [
+        Counter::Requests,
+        Counter::InputTokens,
+        Counter::CachedInputTokens,
+        Counter::CacheCreationTokens,
+        Counter::OutputTokens,
+        Counter::ReasoningTokens,
+        Counter::CostMicroUsd,
+        Counter::EstimatedUsage,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Counter::Requests => "sluice_requests_total",
+            Counter::InputTokens => "sluice_input_tokens_total",
+            Counter::CachedInputTokens => "sluice_cached_input_tokens_total",
+            Counter::CacheCreationTokens => "sluice_cache_creation_tokens_total",
+            Counter::OutputTokens => "sluice_output_tokens_total",
+            Counter::ReasoningTokens => "sluice_reasoning_tokens_total",
+            Counter::CostMicroUsd => "sluice_cost_micro_usd_total",
+            Counter::EstimatedUsage => "sluice_estimated_usage_total",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Histogram {
+    /// Request sent upstream to response headers received.
+    UpstreamLatencyMs,
+    /// Request sent upstream to first response body byte (streams and JSON alike).
+    TimeToFirstTokenMs,
+}
+
+impl Histogram {
+    pub fn name(self) -> &'static str {
+        match self {
+            Histogram::UpstreamLatencyMs => "sluice_upstream_latency_ms",
+            Histogram::TimeToFirstTokenMs => "sluice_time_to_first_token_ms",
+        }
+    }
+}
+
+/// How a request ended, as the `outcome` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The provider answered 2xx and the response completed.
+    Success,
+    /// The provider refused the request as the client's fault (4xx other than 429).
+    ClientError,
+    /// The provider failed: 429, 5xx, reset, unreachable, cut mid-response.
+    UpstreamError,
+    /// The gateway refused the request itself; see `reason`.
+    Rejected,
+    /// The client went away before the response completed.
+    Aborted,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::ClientError => "client_error",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::Rejected => "rejected",
+            Outcome::Aborted => "aborted",
+        }
+    }
+}
+
+/// The label values of one series, as ids into the policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Labels {
+    pub tenant: Option<TenantId>,
+    pub model: Option<ModelId>,
+    pub provider: Option<ProviderId>,
+    pub outcome: Outcome,
+    /// Why a request was rejected (`x-sluice-reason` value), `none` otherwise.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MetricKey {
+    Counter(Counter, Labels),
+    Histogram(Histogram, Option<ProviderId>, Option<ModelId>),
+}
+
+/// Where metrics go: Envoy stats in the wasm build, a map in tests.
+pub trait Metrics {
+    fn add(&mut self, key: MetricKey, value: u64);
+}
+
+const NONE: &str = "none";
+
+/// The full stat name for a key; tag values are the policy's names.
+pub fn stat_name(policy: &Policy, key: &MetricKey) -> String {
+    let tenant = |t: Option<TenantId>| {
+        t.and_then(|t| policy.tenant(t))
+            .map_or(NONE, |t| t.id.as_str())
+    };
+    let model = |m: Option<ModelId>| {
+        m.and_then(|m| policy.model(m))
+            .map_or(NONE, |m| m.name.as_str())
+    };
+    let provider = |p: Option<ProviderId>| {
+        p.and_then(|p| policy.provider(p))
+            .map_or(NONE, |p| p.name.as_str())
+    };
+    match key {
+        MetricKey::Counter(c, l) if *c == Counter::Requests => format!(
+            "{};tenant={};model={};provider={};outcome={};reason={}",
+            c.name(),
+            tenant(l.tenant),
+            model(l.model),
+            provider(l.provider),
+            l.outcome.as_str(),
+            l.reason
+        ),
+        MetricKey::Counter(c, l) => format!(
+            "{};tenant={};model={};provider={}",
+            c.name(),
+            tenant(l.tenant),
+            model(l.model),
+            provider(l.provider)
+        ),
+        MetricKey::Histogram(h, p, m) => {
+            format!("{};provider={};model={}", h.name(), provider(*p), model(*m))
+        }
+    }
+}
+
+/// Labels the series for token and cost counters: only tenant/model/provider vary, so
+/// outcome and reason are fixed to keep one series per tenant/model/provider.
+pub fn usage_labels(
+    tenant: Option<TenantId>,
+    model: Option<ModelId>,
+    provider: Option<ProviderId>,
+) -> Labels {
+    Labels {
+        tenant,
+        model,
+        provider,
+        outcome: Outcome::Success,
+        reason: NONE,
+    }
+}
+
+/// Envoy `stats_tags` entries for these names (also in the Envoy configs and README).
+pub const STATS_TAGS: [(&str, &str); 5] = [
+    ("tenant", "(;tenant=([^;]*))"),
+    ("model", "(;model=([^;]*))"),
+    ("provider", "(;provider=([^;]*))"),
+    ("outcome", "(;outcome=([^;]*))"),
+    ("reason", "(;reason=([^;]*))"),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tag_regexes_take_every_label_out_of_the_name() {
+        let name = "sluice_requests_total;tenant=acme;model=gpt-4.1;provider=openai;outcome=success;reason=none";
+        let mut rest = name.to_string();
+        for (tag, _) in STATS_TAGS {
+            let marker = format!(";{tag}=");
+            let start = rest.find(&marker).unwrap();
+            let end = rest[start + 1..]
+                .find(';')
+                .map_or(rest.len(), |i| start + 1 + i);
+            rest.replace_range(start..end, "");
+        }
+        assert_eq!(rest, "sluice_requests_total");
+    }
+}
