@@ -305,6 +305,11 @@ pub fn render_demo_config(mocks: &Mocks, dir: &Path, edit: Option<ConfigEdit>) -
             "filename: target/wasm32-wasip1/release/sluice.wasm".to_string(),
             format!("filename: {}", wasm.display()),
         ),
+        // Histograms reach /stats/prometheus at each flush: flush often in tests.
+        (
+            "stats_flush_interval: 5s".to_string(),
+            "stats_flush_interval: 0.2s".to_string(),
+        ),
         (
             "path: .run/access.log".to_string(),
             format!("path: {}", dir.join("access.log").display()),

@@ -353,6 +353,22 @@ async fn mixed_traffic_is_counted_exactly() {
     );
     assert_eq!(total(&metrics, "sluice_requests_total", &[]), sent as u64);
 
+    // Latency histograms: one sample per response that had headers from upstream.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let metrics = scrape(&gw.prometheus().await);
+    let with_headers = upstream.iter().filter(|u| u.status != 0).count() as u64;
+    assert_eq!(
+        total(&metrics, "sluice_upstream_latency_ms_count", &[]),
+        with_headers
+    );
+    assert!(
+        total(
+            &metrics,
+            "sluice_time_to_first_token_ms_count",
+            &[("model", "claude-sonnet-4.5")]
+        ) >= 3
+    );
+
     // Cost is priced from the table: recompute one record by hand.
     let gpt = by_id
         .values()
