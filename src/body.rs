@@ -17,6 +17,9 @@ pub struct RequestFields {
     pub stream: bool,
     /// `stream_options.include_usage` is true: the client wants the usage chunk.
     pub include_usage: bool,
+    /// The output cap the client set (`max_tokens`, `max_completion_tokens` or
+    /// `max_output_tokens`; the largest if several), used to reserve tokens.
+    pub max_output_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -27,6 +30,12 @@ struct Probe<'a> {
     stream: Option<bool>,
     #[serde(default)]
     stream_options: Option<StreamOptionsProbe>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    max_output_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -38,6 +47,8 @@ struct StreamOptionsProbe {
 fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorKind::InvalidRequest, message)
 }
+
+const MAX_TOKEN_FIELDS: [&str; 3] = ["max_tokens", "max_completion_tokens", "max_output_tokens"];
 
 /// Validates the whole body as JSON and extracts the routing fields.
 pub fn parse_request(raw: &[u8]) -> Result<RequestFields, ApiError> {
@@ -59,6 +70,14 @@ pub fn parse_request(raw: &[u8]) -> Result<RequestFields, ApiError> {
             invalid(format!("Invalid type for 'model': {inner}")).with_param("model")
         } else if inner.is_data() && path == "stream" {
             invalid(format!("Invalid type for 'stream': {inner}")).with_param("stream")
+        } else if let (true, Some(field)) = (
+            inner.is_data(),
+            MAX_TOKEN_FIELDS.iter().find(|f| **f == path),
+        ) {
+            invalid(format!(
+                "Invalid '{field}': {inner}; it must be a non-negative integer."
+            ))
+            .with_param(field)
         } else if inner.is_data() && path.starts_with("stream_options") {
             invalid(format!("Invalid type for '{path}': {inner}")).with_param("stream_options")
         } else {
@@ -83,6 +102,14 @@ pub fn parse_request(raw: &[u8]) -> Result<RequestFields, ApiError> {
             .stream_options
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
+        max_output_tokens: [
+            probe.max_tokens,
+            probe.max_completion_tokens,
+            probe.max_output_tokens,
+        ]
+        .into_iter()
+        .flatten()
+        .max(),
     })
 }
 
@@ -271,7 +298,8 @@ mod tests {
             RequestFields {
                 model: "gpt-4.1".into(),
                 stream: true,
-                include_usage: false
+                include_usage: false,
+                max_output_tokens: None
             }
         );
         let f = parse_request(
@@ -281,6 +309,20 @@ mod tests {
         assert!(f.include_usage);
         let f = parse_request(br#"{"model":"m","stream":true,"stream_options":null}"#).unwrap();
         assert!(!f.include_usage);
+        let f =
+            parse_request(br#"{"model":"m","max_tokens":10,"max_completion_tokens":30}"#).unwrap();
+        assert_eq!(f.max_output_tokens, Some(30));
+        for bad in [
+            r#"{"model":"m","max_tokens":-1}"#,
+            r#"{"model":"m","max_output_tokens":"9"}"#,
+            r#"{"model":"m","max_completion_tokens":1.5}"#,
+        ] {
+            let e = parse_request(bad.as_bytes()).unwrap_err();
+            assert!(
+                e.param.is_some_and(|p| p.starts_with("max_")),
+                "{bad}: {e:?}"
+            );
+        }
         let f = parse_request(br#" {"model":"gpt\u002d4"}"#).unwrap();
         assert_eq!(f.model, "gpt-4");
     }

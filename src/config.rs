@@ -5,7 +5,9 @@
 
 use crate::auth::{KeyDigest, KeyIndex};
 use crate::errors::ApiFlavour;
-use crate::policy::{Credential, Model, ModelCatalog, Policy, Price, Provider, Tenant};
+use crate::policy::{
+    Credential, Limits, Model, ModelCatalog, Policy, Price, Provider, ProviderLimits, Tenant,
+};
 use crate::routing::Pattern;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -13,12 +15,18 @@ use std::fmt;
 
 /// Default request body limit: 1 MiB, Envoy's default connection buffer limit.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 1024 * 1024;
+/// Output tokens reserved for a request that sets no maximum.
+pub const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 4096;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: u64,
+    /// Output tokens reserved at admission when a request sets no `max_tokens`
+    /// (`max_completion_tokens`, `max_output_tokens`).
+    #[serde(default = "default_max_output_tokens")]
+    pub default_max_output_tokens: u64,
     pub providers: Vec<RawProvider>,
     pub models: Vec<RawModel>,
     pub tiers: BTreeMap<String, RawTier>,
@@ -27,6 +35,58 @@ pub struct RawConfig {
 
 fn default_max_body_bytes() -> u64 {
     DEFAULT_MAX_BODY_BYTES
+}
+
+fn default_max_output_tokens() -> u64 {
+    DEFAULT_MAX_OUTPUT_TOKENS
+}
+
+/// Limits of a tier, a tenant (overriding its tier field by field) or a tenant+model.
+/// An absent field means no limit (or, in an override, the tier's value).
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    #[serde(default)]
+    pub requests_per_minute: Option<u64>,
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
+    /// Bucket capacity = rate x burst (default 1.0: at most one minute's worth at once).
+    #[serde(default)]
+    pub burst: Option<f64>,
+    #[serde(default)]
+    pub concurrent_requests: Option<u64>,
+    /// Per calendar month (UTC), input + output tokens.
+    #[serde(default)]
+    pub monthly_tokens: Option<u64>,
+    /// Per calendar month (UTC), priced from the model table.
+    #[serde(default)]
+    pub monthly_budget_usd: Option<f64>,
+}
+
+impl RawLimits {
+    /// `self` with every field `over` sets replaced.
+    fn overridden_by(&self, over: &RawLimits) -> RawLimits {
+        RawLimits {
+            requests_per_minute: over.requests_per_minute.or(self.requests_per_minute),
+            tokens_per_minute: over.tokens_per_minute.or(self.tokens_per_minute),
+            burst: over.burst.or(self.burst),
+            concurrent_requests: over.concurrent_requests.or(self.concurrent_requests),
+            monthly_tokens: over.monthly_tokens.or(self.monthly_tokens),
+            monthly_budget_usd: over.monthly_budget_usd.or(self.monthly_budget_usd),
+        }
+    }
+}
+
+/// A provider account's own limits, so the gateway never trips the provider's 429.
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawProviderLimits {
+    #[serde(default)]
+    pub requests_per_minute: Option<u64>,
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
+    #[serde(default)]
+    pub burst: Option<f64>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +115,8 @@ pub struct RawProvider {
     /// `openai`, `x-api-key` for `anthropic`.
     #[serde(default)]
     pub api_key_header: Option<String>,
+    #[serde(default)]
+    pub limits: RawProviderLimits,
 }
 
 #[derive(Debug, Deserialize)]
@@ -90,6 +152,8 @@ pub struct RawPrice {
 pub struct RawTier {
     /// Model names or `*` patterns this tier may use.
     pub models: Vec<String>,
+    #[serde(default)]
+    pub limits: RawLimits,
 }
 
 #[derive(Debug, Deserialize)]
@@ -101,6 +165,12 @@ pub struct RawTenant {
     /// Replaces the tier's model allow-list for this tenant.
     #[serde(default)]
     pub models: Option<Vec<String>>,
+    /// Overrides the tier's limits, field by field.
+    #[serde(default)]
+    pub limits: RawLimits,
+    /// Extra limits for this tenant on one model (by model name), checked with the others.
+    #[serde(default)]
+    pub model_limits: BTreeMap<String, RawLimits>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -184,6 +254,7 @@ fn compile_raw(
     let mut tier_sets: HashMap<&str, usize> = HashMap::new();
     for (name, tier) in &raw.tiers {
         check_name(&format!("tiers.{name}"), name)?;
+        compile_limits(&format!("tiers.{name}.limits"), &tier.limits)?;
         let set = compile_allow_list(&format!("tiers.{name}.models"), &tier.models, &catalog)?;
         tier_sets.insert(name.as_str(), allow_sets.len());
         allow_sets.push(set);
@@ -237,16 +308,42 @@ fn compile_raw(
             }
             key_ids.push(key.id.clone());
         }
+        let tier_limits = raw
+            .tiers
+            .get(&rt.tier)
+            .map(|t| t.limits.clone())
+            .unwrap_or_default();
+        let limits = compile_limits(
+            &format!("{at}.limits"),
+            &tier_limits.overridden_by(&rt.limits),
+        )?;
+        let mut model_limits = HashMap::new();
+        for (name, l) in &rt.model_limits {
+            let here = format!("{at}.model_limits.{name}");
+            let Some(&model) = catalog.exact.get(name.as_str()) else {
+                return Err(ConfigError::at(here, format!("unknown model `{name}`")));
+            };
+            model_limits.insert(model, compile_limits(&here, l)?);
+        }
         tenants.push(Tenant {
             id: rt.id.clone(),
             tier: rt.tier.clone(),
             key_ids,
             allow_set,
+            limits,
+            model_limits,
         });
     }
 
+    if raw.default_max_output_tokens == 0 || raw.default_max_output_tokens > 10_000_000 {
+        return Err(ConfigError::at(
+            "default_max_output_tokens",
+            "must be between 1 and 10000000",
+        ));
+    }
     Ok(Policy {
         max_body_bytes: raw.max_body_bytes,
+        default_max_output_tokens: raw.default_max_output_tokens,
         providers,
         catalog,
         tenants,
@@ -351,7 +448,19 @@ fn compile_providers(
         } else {
             key
         };
+        let limits = ProviderLimits {
+            requests_per_minute: positive(
+                &format!("{at}.limits.requests_per_minute"),
+                p.limits.requests_per_minute,
+            )?,
+            tokens_per_minute: positive(
+                &format!("{at}.limits.tokens_per_minute"),
+                p.limits.tokens_per_minute,
+            )?,
+            burst_milli: burst_milli(&format!("{at}.limits.burst"), p.limits.burst)?,
+        };
         out.push(Provider {
+            limits,
             name: p.name.clone(),
             api,
             cluster: p.cluster.clone(),
@@ -439,6 +548,49 @@ fn compile_models(
         }
     }
     Ok(catalog)
+}
+
+fn compile_limits(at: &str, l: &RawLimits) -> Result<Limits, ConfigError> {
+    let budget = match l.monthly_budget_usd {
+        None => None,
+        Some(usd) if usd.is_finite() && usd > 0.0 && usd <= 1e9 => {
+            Some((usd * 1_000_000.0).round() as u64)
+        }
+        Some(_) => {
+            return Err(ConfigError::at(
+                format!("{at}.monthly_budget_usd"),
+                "must be a USD amount above 0 and at most 1e9",
+            ))
+        }
+    };
+    Ok(Limits {
+        requests_per_minute: positive(&format!("{at}.requests_per_minute"), l.requests_per_minute)?,
+        tokens_per_minute: positive(&format!("{at}.tokens_per_minute"), l.tokens_per_minute)?,
+        burst_milli: burst_milli(&format!("{at}.burst"), l.burst)?,
+        concurrent_requests: positive(&format!("{at}.concurrent_requests"), l.concurrent_requests)?,
+        monthly_tokens: positive(&format!("{at}.monthly_tokens"), l.monthly_tokens)?,
+        monthly_budget_micro_usd: budget,
+    })
+}
+
+/// A limit of 0 would refuse everything: almost always a mistake, so it is refused.
+fn positive(at: &str, v: Option<u64>) -> Result<Option<u64>, ConfigError> {
+    match v {
+        Some(0) => Err(ConfigError::at(
+            at,
+            "must be at least 1 (leave it out for no limit)",
+        )),
+        Some(n) if n > 1_000_000_000_000 => Err(ConfigError::at(at, "must be at most 1e12")),
+        other => Ok(other),
+    }
+}
+
+fn burst_milli(at: &str, burst: Option<f64>) -> Result<u64, ConfigError> {
+    match burst {
+        None => Ok(1000),
+        Some(b) if b.is_finite() && (1.0..=1000.0).contains(&b) => Ok((b * 1000.0).round() as u64),
+        Some(_) => Err(ConfigError::at(at, "must be between 1.0 and 1000.0")),
+    }
 }
 
 fn compile_price(at: &str, p: &RawPrice) -> Result<Price, ConfigError> {
@@ -666,6 +818,26 @@ mod tests {
                 "models[0].name",
             ),
             (
+                |v| v["tiers"]["gold"]["limits"] = serde_json::json!({"requests_per_minute": 0}),
+                "tiers.gold.limits.requests_per_minute",
+            ),
+            (
+                |v| v["tiers"]["gold"]["limits"] = serde_json::json!({"burst": 0.5}),
+                "tiers.gold.limits.burst",
+            ),
+            (
+                |v| v["tenants"][0]["limits"] = serde_json::json!({"monthly_budget_usd": -1}),
+                "tenants[0].limits.monthly_budget_usd",
+            ),
+            (
+                |v| v["tenants"][0]["model_limits"] = serde_json::json!({"gpt-5": {}}),
+                "tenants[0].model_limits.gpt-5",
+            ),
+            (
+                |v| v["tenants"][0]["limits"] = serde_json::json!({"rpm": 5}),
+                "tenants[0].limits.rpm",
+            ),
+            (
                 |v| v["tenants"][0]["keys"] = serde_json::json!([]),
                 "tenants[0].keys",
             ),
@@ -676,6 +848,27 @@ mod tests {
             let e = compile_value(&v).unwrap_err();
             assert_eq!(e.path, path, "{e}");
         }
+    }
+
+    #[test]
+    fn tenant_limits_override_the_tier_field_by_field() {
+        let mut v = base();
+        v["tiers"]["gold"]["limits"] = serde_json::json!({"requests_per_minute": 100, "tokens_per_minute": 1000, "burst": 2.0});
+        v["tenants"][0]["limits"] =
+            serde_json::json!({"tokens_per_minute": 50, "monthly_budget_usd": 5.25});
+        v["tenants"][0]["model_limits"] =
+            serde_json::json!({"gpt-4.1": {"requests_per_minute": 3}});
+        v["providers"][0]["limits"] = serde_json::json!({"requests_per_minute": 500});
+        let p = compile_value(&v).unwrap();
+        let l = &p.tenants[0].limits;
+        assert_eq!(l.requests_per_minute, Some(100));
+        assert_eq!(l.tokens_per_minute, Some(50));
+        assert_eq!(l.burst_milli, 2000);
+        assert_eq!(l.concurrent_requests, None);
+        assert_eq!(l.monthly_budget_micro_usd, Some(5_250_000));
+        assert_eq!(p.tenants[0].model_limits[&0].requests_per_minute, Some(3));
+        assert_eq!(p.providers[0].limits.requests_per_minute, Some(500));
+        assert_eq!(p.default_max_output_tokens, DEFAULT_MAX_OUTPUT_TOKENS);
     }
 
     #[test]

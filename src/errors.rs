@@ -29,11 +29,81 @@ pub enum ErrorKind {
     PayloadTooLarge,
     /// The gateway itself failed (should not happen; never fail open).
     Internal,
+    /// A rate, concurrency or monthly limit refused the request.
+    LimitExceeded(LimitId),
+    /// The shared limit state was too contended to decide; retry shortly.
+    LimiterBusy,
+}
+
+/// Whose limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LimitScope {
+    Tenant,
+    TenantModel,
+    Provider,
+}
+
+/// What a limit counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LimitMeasure {
+    RequestsPerMinute,
+    TokensPerMinute,
+    ConcurrentRequests,
+    MonthlyTokens,
+    MonthlyBudget,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LimitId {
+    pub scope: LimitScope,
+    pub measure: LimitMeasure,
+}
+
+impl LimitId {
+    /// Monthly limits are quotas: exhausted until the month ends, not worth retrying.
+    pub fn is_quota(self) -> bool {
+        matches!(
+            self.measure,
+            LimitMeasure::MonthlyTokens | LimitMeasure::MonthlyBudget
+        )
+    }
+
+    pub fn reason(self) -> &'static str {
+        use LimitMeasure::*;
+        use LimitScope::*;
+        match (self.scope, self.measure) {
+            (Tenant, RequestsPerMinute) => "requests_per_minute",
+            (Tenant, TokensPerMinute) => "tokens_per_minute",
+            (Tenant, ConcurrentRequests) => "concurrent_requests",
+            (Tenant, MonthlyTokens) => "monthly_tokens",
+            (Tenant, MonthlyBudget) => "monthly_budget",
+            (TenantModel, RequestsPerMinute) => "model_requests_per_minute",
+            (TenantModel, TokensPerMinute) => "model_tokens_per_minute",
+            (TenantModel, ConcurrentRequests) => "model_concurrent_requests",
+            (TenantModel, MonthlyTokens) => "model_monthly_tokens",
+            (TenantModel, MonthlyBudget) => "model_monthly_budget",
+            (Provider, RequestsPerMinute) => "provider_requests_per_minute",
+            (Provider, TokensPerMinute) => "provider_tokens_per_minute",
+            (Provider, ConcurrentRequests) => "provider_concurrent_requests",
+            (Provider, MonthlyTokens) => "provider_monthly_tokens",
+            (Provider, MonthlyBudget) => "provider_monthly_budget",
+        }
+    }
 }
 
 impl ErrorKind {
+    /// The HTTP status for a client of `flavour`.
+    pub fn status_for(self, flavour: ApiFlavour) -> u16 {
+        match (self, flavour) {
+            // Anthropic reports exhausted credit as a billing error.
+            (ErrorKind::LimitExceeded(l), ApiFlavour::Anthropic) if l.is_quota() => 402,
+            _ => self.status(),
+        }
+    }
+
     pub fn status(self) -> u16 {
         match self {
+            ErrorKind::LimitExceeded(_) | ErrorKind::LimiterBusy => 429,
             ErrorKind::InvalidApiKey => 401,
             ErrorKind::ModelNotAllowed => 403,
             ErrorKind::ModelNotFound | ErrorKind::UnknownPath => 404,
@@ -55,6 +125,8 @@ impl ErrorKind {
             ErrorKind::InvalidRequest => "invalid_request",
             ErrorKind::PayloadTooLarge => "request_too_large",
             ErrorKind::Internal => "internal_error",
+            ErrorKind::LimitExceeded(l) => l.reason(),
+            ErrorKind::LimiterBusy => "limiter_busy",
         }
     }
 
@@ -69,6 +141,14 @@ impl ErrorKind {
             ErrorKind::InvalidRequest => ("invalid_request_error", None),
             ErrorKind::PayloadTooLarge => ("invalid_request_error", Some("request_too_large")),
             ErrorKind::Internal => ("server_error", None),
+            ErrorKind::LimitExceeded(l) if l.is_quota() => {
+                ("insufficient_quota", Some("insufficient_quota"))
+            }
+            ErrorKind::LimitExceeded(l) => match l.measure {
+                LimitMeasure::TokensPerMinute => ("tokens", Some("rate_limit_exceeded")),
+                _ => ("requests", Some("rate_limit_exceeded")),
+            },
+            ErrorKind::LimiterBusy => ("requests", Some("rate_limit_exceeded")),
         }
     }
 
@@ -81,6 +161,8 @@ impl ErrorKind {
             ErrorKind::MethodNotAllowed | ErrorKind::InvalidRequest => "invalid_request_error",
             ErrorKind::PayloadTooLarge => "request_too_large",
             ErrorKind::Internal => "api_error",
+            ErrorKind::LimitExceeded(l) if l.is_quota() => "billing_error",
+            ErrorKind::LimitExceeded(_) | ErrorKind::LimiterBusy => "rate_limit_error",
         }
     }
 }
@@ -92,6 +174,8 @@ pub struct ApiError {
     pub message: String,
     /// The request field at fault (OpenAI `param`), when there is one.
     pub param: Option<&'static str>,
+    /// Extra response headers (retry hints, rate-limit state).
+    pub headers: Vec<(String, String)>,
 }
 
 impl ApiError {
@@ -100,7 +184,13 @@ impl ApiError {
             kind,
             message: message.into(),
             param: None,
+            headers: Vec::new(),
         }
+    }
+
+    pub fn with_header(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
     }
 
     pub fn with_param(mut self, param: &'static str) -> Self {
@@ -120,8 +210,10 @@ impl ApiError {
                 "error": {"type": self.kind.anthropic_type(), "message": self.message},
             }),
         };
-        LocalReply::json(self.kind.status(), body.to_string())
-            .with_header("x-sluice-reason", self.kind.reason())
+        let mut reply = LocalReply::json(self.kind.status_for(flavour), body.to_string())
+            .with_header("x-sluice-reason", self.kind.reason());
+        reply.headers.extend(self.headers.iter().cloned());
+        reply
     }
 }
 
@@ -195,6 +287,55 @@ mod tests {
         assert_eq!(b["type"], "error");
         assert_eq!(b["error"]["type"], "authentication_error");
         assert_eq!(r.header("x-sluice-reason"), Some("invalid_api_key"));
+    }
+
+    #[test]
+    fn quota_and_rate_limits_in_both_flavours() {
+        let rpm = ErrorKind::LimitExceeded(LimitId {
+            scope: LimitScope::Tenant,
+            measure: LimitMeasure::RequestsPerMinute,
+        });
+        let tpm = ErrorKind::LimitExceeded(LimitId {
+            scope: LimitScope::Tenant,
+            measure: LimitMeasure::TokensPerMinute,
+        });
+        let quota = ErrorKind::LimitExceeded(LimitId {
+            scope: LimitScope::Tenant,
+            measure: LimitMeasure::MonthlyBudget,
+        });
+        let r = ApiError::new(rpm, "slow down")
+            .with_header("retry-after", "2")
+            .reply(ApiFlavour::OpenAi);
+        let b = body(&r);
+        assert_eq!(
+            (
+                r.status,
+                b["error"]["type"].as_str(),
+                b["error"]["code"].as_str()
+            ),
+            (429, Some("requests"), Some("rate_limit_exceeded"))
+        );
+        assert_eq!(r.header("retry-after"), Some("2"));
+        assert_eq!(r.header("x-sluice-reason"), Some("requests_per_minute"));
+        assert_eq!(
+            body(&ApiError::new(tpm, "x").reply(ApiFlavour::OpenAi))["error"]["type"],
+            "tokens"
+        );
+        let r = ApiError::new(rpm, "x").reply(ApiFlavour::Anthropic);
+        assert_eq!(
+            (r.status, body(&r)["error"]["type"].as_str()),
+            (429, Some("rate_limit_error"))
+        );
+        let r = ApiError::new(quota, "x").reply(ApiFlavour::OpenAi);
+        assert_eq!(
+            (r.status, body(&r)["error"]["code"].as_str()),
+            (429, Some("insufficient_quota"))
+        );
+        let r = ApiError::new(quota, "x").reply(ApiFlavour::Anthropic);
+        assert_eq!(
+            (r.status, body(&r)["error"]["type"].as_str()),
+            (402, Some("billing_error"))
+        );
     }
 
     #[test]

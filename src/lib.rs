@@ -4,12 +4,14 @@
 //! layer is the only code that talks to Envoy, and only exists in the wasm build.
 
 pub mod accounting;
+pub mod admission;
 pub mod auth;
 pub mod body;
 pub mod config;
 pub mod errors;
 pub mod headers;
 pub mod lifecycle;
+pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod routing;

@@ -5,12 +5,14 @@
 //! buffering, or answer locally. Nothing here calls the host, so all of it runs natively.
 
 use crate::accounting::{cost_micro_usd, UsageRecord};
+use crate::admission::{self, Held, Reservation};
 use crate::auth::{presented_key, KeyOwner};
 use crate::body::{
     inject_include_usage, parse_request, replace_model, replace_model_reserialized, RequestFields,
 };
 use crate::errors::{ApiError, ApiFlavour, ErrorKind, LocalReply};
 use crate::headers::{RequestHeaders, CLUSTER_HEADER};
+use crate::limits::Store;
 use crate::metrics::{usage_labels, Counter, Histogram, Labels, MetricKey, Metrics, Outcome};
 use crate::policy::{ModelId, Policy, ProviderId};
 use crate::routing::{split_path, upstream_path, Endpoint};
@@ -86,6 +88,10 @@ pub struct Exchange {
     route: Option<RouteDecision>,
     /// Status and refusal reason of the gateway's own reply.
     local: Option<(u16, Option<&'static str>)>,
+    /// Limits taken at admission, settled exactly once in `finish`.
+    held: Option<Held>,
+    /// Rate-limit headers for the response of an admitted request.
+    ratelimit_headers: Vec<(String, String)>,
     forwarded_at_ms: u64,
     response: Option<UpstreamResponse>,
     finished: bool,
@@ -110,6 +116,17 @@ pub struct Completion {
     pub outcome: Outcome,
     pub usage: TokenUsage,
     pub estimated: bool,
+    /// Limit keys that could not be settled (logged by the host).
+    pub settle_failures: Vec<String>,
+}
+
+/// Changes to the response headers of a forwarded request.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ResponseEdits {
+    /// The body will be rewritten (usage chunk stripped): its length is no longer known.
+    pub remove_content_length: bool,
+    /// Rate-limit headers for the client.
+    pub set: Vec<(String, String)>,
 }
 
 impl Exchange {
@@ -144,8 +161,9 @@ impl Exchange {
 
     fn refuse(&mut self, step: Step, err: ApiError) -> Step {
         let reply = err.reply(self.flavour);
+        let status = reply.status;
         let step = self.reply(step, reply);
-        self.local = Some((err.kind.status(), Some(err.kind.reason())));
+        self.local = Some((status, Some(err.kind.reason())));
         step
     }
 
@@ -261,10 +279,12 @@ impl Exchange {
     }
 
     /// `body_size` is Envoy's running total of buffered bytes; `read_body` fetches them.
-    /// `now_ms` is the host clock, kept for latency metrics.
+    /// `now_ms` is the host clock; `store` holds the limits shared by all workers.
+    #[allow(clippy::too_many_arguments)]
     pub fn on_request_body(
         &mut self,
         policy: &Policy,
+        store: &dyn Store,
         body_size: usize,
         end_of_stream: bool,
         now_ms: u64,
@@ -291,7 +311,7 @@ impl Exchange {
                 ),
             );
         };
-        match self.route_body(policy, &raw) {
+        match self.route_body(policy, store, &raw, now_ms) {
             Ok(step) => {
                 self.stage = Stage::Forwarded;
                 self.forwarded_at_ms = now_ms;
@@ -301,7 +321,13 @@ impl Exchange {
         }
     }
 
-    fn route_body(&mut self, policy: &Policy, raw: &[u8]) -> Result<Step, ApiError> {
+    fn route_body(
+        &mut self,
+        policy: &Policy,
+        store: &dyn Store,
+        raw: &[u8],
+        now_ms: u64,
+    ) -> Result<Step, ApiError> {
         let owner = self.owner.ok_or_else(|| {
             ApiError::new(
                 ErrorKind::Internal,
@@ -318,6 +344,7 @@ impl Exchange {
             model: requested,
             stream,
             include_usage,
+            max_output_tokens,
         } = parse_request(raw)?;
 
         let model_id = policy
@@ -362,6 +389,34 @@ impl Exchange {
             .upstream_suffix()
             .ok_or_else(|| ApiError::new(ErrorKind::Internal, "endpoint is not forwardable"))?;
 
+        // Reserve what the request may use, in one decision over every limit.
+        let prompt_estimate = estimate_prompt_tokens_for(response_shape(&endpoint), raw);
+        let output_cap = match endpoint {
+            Endpoint::Embeddings => 0,
+            _ => max_output_tokens.unwrap_or(policy.default_max_output_tokens),
+        };
+        let expected = TokenUsage {
+            input_tokens: prompt_estimate,
+            output_tokens: output_cap,
+            ..TokenUsage::default()
+        };
+        let reservation = Reservation {
+            tokens: expected.total(),
+            cost_micro_usd: cost_micro_usd(&expected, &model.price),
+        };
+        let admitted = admission::admit(
+            policy,
+            store,
+            owner.tenant,
+            model_id,
+            provider_id,
+            reservation,
+            self.flavour,
+            now_ms,
+        )?;
+        self.held = Some(admitted.held);
+        self.ratelimit_headers = admitted.headers;
+
         let mut step = Step {
             remove: vec!["authorization".into(), "x-api-key".into()],
             ..Step::default()
@@ -405,22 +460,21 @@ impl Exchange {
             provider: provider_id,
             stream,
             injected_usage,
-            prompt_estimate: estimate_prompt_tokens_for(response_shape(&endpoint), raw),
+            prompt_estimate,
         });
         Ok(step)
     }
 
-    /// Response headers of a forwarded request. Returns true if `content-length` must be
-    /// removed because the body will be rewritten.
+    /// Response headers of a forwarded request: what to change in them.
     pub fn on_response_headers(
         &mut self,
         status: u16,
         content_type: Option<&str>,
         end_of_stream: bool,
         now_ms: u64,
-    ) -> bool {
+    ) -> ResponseEdits {
         if self.stage != Stage::Forwarded || self.response.is_some() {
-            return false;
+            return ResponseEdits::default();
         }
         let sse = content_type.is_some_and(|c| c.trim_start().starts_with("text/event-stream"));
         let meter = match (&self.endpoint, &self.route) {
@@ -443,7 +497,10 @@ impl Exchange {
             headers_at_ms: now_ms,
             first_byte_at_ms: None,
         });
-        rewrites
+        ResponseEdits {
+            remove_content_length: rewrites,
+            set: std::mem::take(&mut self.ratelimit_headers),
+        }
     }
 
     /// One chunk of a forwarded response body; returns what the client gets instead.
@@ -474,7 +531,9 @@ impl Exchange {
     pub fn finish(
         &mut self,
         policy: &Policy,
+        store: &dyn Store,
         details: Option<&str>,
+        now_ms: u64,
         metrics: &mut impl Metrics,
     ) -> Option<Completion> {
         if self.finished {
@@ -536,6 +595,11 @@ impl Exchange {
         let provider = self.route.as_ref().map(|r| r.provider);
         let price = model.and_then(|m| policy.model(m)).map(|m| m.price);
         let cost = price.map_or(0, |p| cost_micro_usd(&usage, &p));
+        // Refund or charge the reservation, release slots: exactly once, here.
+        let settle_failures = match self.held.take() {
+            Some(held) => admission::settle(store, &held, usage.total(), cost, now_ms),
+            None => Vec::new(),
+        };
 
         metrics.add(
             MetricKey::Counter(
@@ -611,6 +675,7 @@ impl Exchange {
             outcome,
             usage,
             estimated: result.estimated,
+            settle_failures,
         })
     }
 }
@@ -697,6 +762,7 @@ mod tests {
     use super::*;
     use crate::auth::sha256_hex;
     use crate::config::compile;
+    use crate::limits::MemoryStore;
     use serde_json::Value;
 
     fn env(name: &str) -> Option<String> {
@@ -768,7 +834,9 @@ mod tests {
         if matches!(h.next, Next::Reply(_)) {
             return (ex, h, Step::default());
         }
-        let b = ex.on_request_body(&p, body.len(), true, 0, || Some(body.as_bytes().to_vec()));
+        let b = ex.on_request_body(&p, &MemoryStore::new(), body.len(), true, 0, || {
+            Some(body.as_bytes().to_vec())
+        });
         (ex, h, b)
     }
 
@@ -929,14 +997,15 @@ mod tests {
         let h = ex.on_request_headers(&p, &headers("POST", "/v1/chat/completions", &[ACME]), false);
         assert_eq!(h.next, Next::Pause);
         assert_eq!(
-            ex.on_request_body(&p, 600, false, 0, || None).next,
+            ex.on_request_body(&p, &MemoryStore::new(), 600, false, 0, || None)
+                .next,
             Next::Pause
         );
-        let b = ex.on_request_body(&p, 1001, false, 0, || None);
+        let b = ex.on_request_body(&p, &MemoryStore::new(), 1001, false, 0, || None);
         assert_eq!(reply_of(&b).0.status, 413);
         assert!(ex.replied_locally());
         assert_eq!(
-            ex.on_request_body(&p, 1200, true, 0, || None),
+            ex.on_request_body(&p, &MemoryStore::new(), 1200, true, 0, || None),
             Step::default()
         );
     }
@@ -1059,7 +1128,10 @@ mod tests {
             r#"{"model":"gpt-4.1","messages":[]}"#,
         );
         assert_eq!(b.next, Next::Continue);
-        assert!(!ex.on_response_headers(200, Some("application/json"), false, 10));
+        assert_eq!(
+            ex.on_response_headers(200, Some("application/json"), false, 10),
+            ResponseEdits::default()
+        );
         let (first, second) = CHAT_JSON.split_at(40);
         assert!(matches!(
             ex.on_response_body(first.as_bytes(), false, 12),
@@ -1070,7 +1142,9 @@ mod tests {
             Passthrough::Unchanged
         ));
         let mut m = FakeMetrics::default();
-        let done = ex.finish(&p, Some("via_upstream"), &mut m).unwrap();
+        let done = ex
+            .finish(&p, &MemoryStore::new(), Some("via_upstream"), 20, &mut m)
+            .unwrap();
         assert_eq!(done.outcome, Outcome::Success);
         assert!(!done.estimated);
         assert_eq!(
@@ -1095,7 +1169,11 @@ mod tests {
         assert_eq!(record["status"], 200);
         assert_eq!(record["cost_micro_usd"], 64);
         assert!(!done.record.contains("sk-acme"));
-        assert!(ex.finish(&p, None, &mut m).is_none(), "finish runs once");
+        assert!(
+            ex.finish(&p, &MemoryStore::new(), None, 20, &mut m)
+                .is_none(),
+            "finish runs once"
+        );
         assert_eq!(m.counter(Counter::Requests), 1);
     }
 
@@ -1141,7 +1219,9 @@ mod tests {
                 ex.on_response_body(br#"{"error":{}"#, complete, 2);
             }
             let mut m = FakeMetrics::default();
-            let done = ex.finish(&p, Some(details), &mut m).unwrap();
+            let done = ex
+                .finish(&p, &MemoryStore::new(), Some(details), 3, &mut m)
+                .unwrap();
             assert_eq!(m.outcome(), done.outcome);
             (done.outcome, done.estimated, done.usage)
         };
@@ -1187,7 +1267,7 @@ mod tests {
         ex.on_response_headers(403, Some("application/json"), false, 1);
         assert!(!ex.meters_response());
         let mut m = FakeMetrics::default();
-        let done = ex.finish(&p, None, &mut m).unwrap();
+        let done = ex.finish(&p, &MemoryStore::new(), None, 2, &mut m).unwrap();
         assert_eq!(done.outcome, Outcome::Rejected);
         let record: Value = serde_json::from_str(&done.record).unwrap();
         assert_eq!(record["reason"], "model_not_allowed");

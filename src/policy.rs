@@ -13,6 +13,7 @@ pub type ProviderId = usize;
 #[derive(Debug)]
 pub struct Policy {
     pub max_body_bytes: u64,
+    pub default_max_output_tokens: u64,
     pub providers: Vec<Provider>,
     pub catalog: ModelCatalog,
     pub tenants: Vec<Tenant>,
@@ -69,6 +70,27 @@ pub struct Tenant {
     pub tier: String,
     pub key_ids: Vec<String>,
     pub allow_set: usize,
+    pub limits: Limits,
+    pub model_limits: HashMap<ModelId, Limits>,
+}
+
+/// Compiled limits; `None` means unlimited.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+    /// Bucket capacity = rate x burst_milli / 1000.
+    pub burst_milli: u64,
+    pub concurrent_requests: Option<u64>,
+    pub monthly_tokens: Option<u64>,
+    pub monthly_budget_micro_usd: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProviderLimits {
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+    pub burst_milli: u64,
 }
 
 #[derive(Debug)]
@@ -111,6 +133,7 @@ impl ModelCatalog {
 
 #[derive(Debug)]
 pub struct Provider {
+    pub limits: ProviderLimits,
     pub name: String,
     pub api: ApiFlavour,
     pub cluster: String,

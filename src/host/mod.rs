@@ -5,6 +5,7 @@
 //! header values), so every host call here goes through `hostcalls` and handles errors.
 
 mod metrics;
+mod store;
 
 use crate::config;
 use crate::headers::RequestHeaders;
@@ -18,6 +19,7 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
+use store::SharedData;
 
 /// Filter-state key of the usage record; the access log reads
 /// `%FILTER_STATE(wasm.sluice_usage:PLAIN)%`.
@@ -207,9 +209,14 @@ impl HttpContext for SluiceHttp {
             Ok(None) => Some(Vec::new()),
             Err(_) => None,
         };
-        let step = self
-            .exchange
-            .on_request_body(&policy, body_size, end_of_stream, now_ms(), read);
+        let step = self.exchange.on_request_body(
+            &policy,
+            &SharedData,
+            body_size,
+            end_of_stream,
+            now_ms(),
+            read,
+        );
         let routed = step.next == Next::Continue && step.set.iter().any(|(n, _)| n == ":path");
         let action = self.apply(step, body_size);
         if self.debug && routed {
@@ -245,15 +252,18 @@ impl HttpContext for SluiceHttp {
             .and_then(|s| s.parse::<u16>().ok())
             .unwrap_or(0);
         let content_type = header("content-type");
-        let rewrites = self.exchange.on_response_headers(
+        let edits = self.exchange.on_response_headers(
             status,
             content_type.as_deref(),
             end_of_stream,
             now_ms(),
         );
-        if rewrites {
+        if edits.remove_content_length {
             // The body will lose the injected usage chunk: its length is no longer known.
             let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, "content-length", None);
+        }
+        for (name, value) in &edits.set {
+            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
         }
         Action::Continue
     }
@@ -299,10 +309,20 @@ impl HttpContext for SluiceHttp {
         let Ok(mut metrics) = metrics.try_borrow_mut() else {
             return;
         };
-        if let Some(done) = self
-            .exchange
-            .finish(&policy, details.as_deref(), &mut *metrics)
-        {
+        let finished = self.exchange.finish(
+            &policy,
+            &SharedData,
+            details.as_deref(),
+            now_ms(),
+            &mut *metrics,
+        );
+        if let Some(done) = finished {
+            for failure in &done.settle_failures {
+                log(
+                    LogLevel::Warn,
+                    &format!("sluice: could not settle limit {failure}"),
+                );
+            }
             if self.debug {
                 log(LogLevel::Debug, &format!("sluice: usage {}", done.record));
             }

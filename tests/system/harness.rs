@@ -123,6 +123,8 @@ pub struct GatewayOptions {
     pub concurrency: u32,
     /// Edits the Sluice plugin configuration (JSON) before Envoy starts.
     pub plugin_config: Option<ConfigEdit>,
+    /// Serve the listener from a file-based LDS resource (so tests can update it).
+    pub lds: bool,
 }
 
 impl Default for GatewayOptions {
@@ -130,8 +132,46 @@ impl Default for GatewayOptions {
         GatewayOptions {
             concurrency: 2,
             plugin_config: None,
+            lds: false,
         }
     }
+}
+
+const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+
+/// Moves the bootstrap's static listeners into an LDS file: (bootstrap, lds resource file).
+pub fn split_listeners(bootstrap: &str, lds_path: &Path) -> (String, String) {
+    let lines: Vec<&str> = bootstrap.lines().collect();
+    let start = lines
+        .iter()
+        .position(|l| *l == "  listeners:")
+        .expect("static listeners");
+    let end = lines
+        .iter()
+        .position(|l| *l == "  clusters:")
+        .expect("static clusters");
+    let mut lds = String::from("resources:\n");
+    for line in &lines[start + 1..end] {
+        let line = line.strip_prefix("  ").unwrap_or(line);
+        match line.strip_prefix("- name: ") {
+            Some(name) => lds.push_str(&format!("- \"@type\": {LISTENER_TYPE}\n  name: {name}\n")),
+            None => {
+                lds.push_str(line);
+                lds.push('\n');
+            }
+        }
+    }
+    let mut boot: Vec<String> = lines[..start]
+        .iter()
+        .chain(&lines[end..])
+        .map(|l| l.to_string())
+        .collect();
+    // Dynamic resources need a node identity.
+    boot.push(format!(
+        "node:\n  id: sluice-test\n  cluster: sluice-test\ndynamic_resources:\n  lds_config:\n    resource_api_version: V3\n    path_config_source:\n      path: {}",
+        lds_path.display()
+    ));
+    (boot.join("\n") + "\n", lds)
 }
 
 pub struct Gateway {
@@ -151,7 +191,12 @@ impl Gateway {
     pub async fn start_with(opts: GatewayOptions) -> Gateway {
         let mocks = Mocks::start().await;
         let dir = unique_dir();
-        let yaml = render_demo_config(&mocks, &dir, opts.plugin_config);
+        let mut yaml = render_demo_config(&mocks, &dir, opts.plugin_config);
+        if opts.lds {
+            let (boot, lds) = split_listeners(&yaml, &dir.join("lds.yaml"));
+            std::fs::write(dir.join("lds.yaml"), lds).unwrap();
+            yaml = boot;
+        }
         let config_path = dir.join("envoy.yaml");
         std::fs::write(&config_path, yaml).unwrap();
         let (child, admin) = spawn_envoy(&config_path, &dir, opts.concurrency)
@@ -195,6 +240,43 @@ impl Gateway {
                     })
                     .collect();
             }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Rewrites the LDS file (atomically, as Envoy expects) and waits until Envoy applied it.
+    pub async fn update_listener(&self, edit: impl FnOnce(String) -> String) {
+        let path = self.dir.join("lds.yaml");
+        let before = std::fs::read_to_string(&path).expect("gateway started with lds: true");
+        let after = edit(before.clone());
+        assert_ne!(before, after, "the listener update changes nothing");
+        let successes = |stats: &str| -> u64 {
+            stats
+                .lines()
+                .find_map(|l| l.strip_prefix("listener_manager.lds.update_success: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let seen = successes(&self.admin_get("/stats?filter=listener_manager.lds").await);
+        let tmp = self.dir.join("lds.yaml.tmp");
+        std::fs::write(&tmp, after).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let stats = self.admin_get("/stats?filter=listener_manager").await;
+            let warming = stats
+                .lines()
+                .find_map(|l| l.strip_prefix("listener_manager.total_listeners_warming: "))
+                .map(|v| v.trim() == "0")
+                .unwrap_or(true);
+            if successes(&stats) > seen && warming {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Envoy did not apply the listener update:\n{stats}\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

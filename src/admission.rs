@@ -1,0 +1,360 @@
+//! Which limits apply to a request, the one decision over all of them, what the client
+//! is told (rate-limit headers, 429s, quota errors), and settlement at the end.
+//!
+//! Shared-data keys use names, not policy indices, so counters survive configuration
+//! reloads that keep the VM id; one key per limit, forever.
+
+use crate::errors::{ApiError, ApiFlavour, ErrorKind, LimitId, LimitMeasure, LimitScope};
+use crate::limits::{
+    format_reset, rfc3339, Admission, Demand, LimitKind, Limiter, Snapshot, Store, Taken,
+};
+use crate::policy::{Limits, ModelId, Policy, ProviderId, TenantId};
+
+/// What a request is expected to use, reserved at admission and settled at the end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Reservation {
+    /// Estimated prompt tokens plus the output cap.
+    pub tokens: u64,
+    pub cost_micro_usd: u64,
+}
+
+/// What admission took, by limit, to settle exactly once.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Held {
+    pub items: Vec<(LimitId, Taken)>,
+    pub reserved: Reservation,
+}
+
+/// An admitted request: what it holds and the rate-limit headers for its response.
+#[derive(Debug)]
+pub struct Admitted {
+    pub held: Held,
+    pub headers: Vec<(String, String)>,
+}
+
+fn push_limits(
+    out: &mut Vec<(LimitId, Demand)>,
+    scope: LimitScope,
+    prefix: &str,
+    limits: &Limits,
+    reservation: Reservation,
+) {
+    let rate = |per_minute| LimitKind::Rate {
+        per_minute,
+        burst_milli: limits.burst_milli,
+    };
+    let mut add = |measure, suffix: &str, kind: LimitKind, amount: u64| {
+        out.push((
+            LimitId { scope, measure },
+            Demand {
+                key: format!("{prefix}:{suffix}"),
+                kind,
+                amount,
+            },
+        ));
+    };
+    // Concurrency first: the scarcest and cheapest to roll back.
+    if let Some(max) = limits.concurrent_requests {
+        add(
+            LimitMeasure::ConcurrentRequests,
+            "conc",
+            LimitKind::Concurrency { max },
+            1,
+        );
+    }
+    if let Some(rpm) = limits.requests_per_minute {
+        add(LimitMeasure::RequestsPerMinute, "rpm", rate(rpm), 1);
+    }
+    if let Some(tpm) = limits.tokens_per_minute {
+        add(
+            LimitMeasure::TokensPerMinute,
+            "tpm",
+            rate(tpm),
+            reservation.tokens,
+        );
+    }
+    if let Some(limit) = limits.monthly_tokens {
+        add(
+            LimitMeasure::MonthlyTokens,
+            "mtok",
+            LimitKind::Monthly { limit },
+            reservation.tokens,
+        );
+    }
+    if let Some(limit) = limits.monthly_budget_micro_usd {
+        add(
+            LimitMeasure::MonthlyBudget,
+            "musd",
+            LimitKind::Monthly { limit },
+            reservation.cost_micro_usd,
+        );
+    }
+}
+
+/// Every limit that applies to this request: tenant, tenant+model, provider.
+pub fn demands(
+    policy: &Policy,
+    tenant: TenantId,
+    model: ModelId,
+    provider: ProviderId,
+    reservation: Reservation,
+) -> Vec<(LimitId, Demand)> {
+    let mut out = Vec::new();
+    let Some(t) = policy.tenant(tenant) else {
+        return out;
+    };
+    push_limits(
+        &mut out,
+        LimitScope::Tenant,
+        &format!("sluice:t:{}", t.id),
+        &t.limits,
+        reservation,
+    );
+    if let (Some(l), Some(m)) = (t.model_limits.get(&model), policy.model(model)) {
+        let prefix = format!("sluice:tm:{}:{}", t.id, m.name);
+        push_limits(&mut out, LimitScope::TenantModel, &prefix, l, reservation);
+    }
+    if let Some(p) = policy.provider(provider) {
+        let limits = Limits {
+            requests_per_minute: p.limits.requests_per_minute,
+            tokens_per_minute: p.limits.tokens_per_minute,
+            burst_milli: p.limits.burst_milli,
+            ..Limits::default()
+        };
+        push_limits(
+            &mut out,
+            LimitScope::Provider,
+            &format!("sluice:p:{}", p.name),
+            &limits,
+            reservation,
+        );
+    }
+    out
+}
+
+/// One decision over every applicable limit. A refusal holds nothing.
+#[allow(clippy::too_many_arguments)]
+pub fn admit(
+    policy: &Policy,
+    store: &dyn Store,
+    tenant: TenantId,
+    model: ModelId,
+    provider: ProviderId,
+    reservation: Reservation,
+    flavour: ApiFlavour,
+    now_ms: u64,
+) -> Result<Admitted, ApiError> {
+    let wanted = demands(policy, tenant, model, provider, reservation);
+    if wanted.is_empty() {
+        return Ok(Admitted {
+            held: Held {
+                items: Vec::new(),
+                reserved: reservation,
+            },
+            headers: Vec::new(),
+        });
+    }
+    let list: Vec<Demand> = wanted.iter().map(|(_, d)| d.clone()).collect();
+    let tenant_name = policy.tenant(tenant).map_or("?", |t| t.id.as_str());
+    match Limiter::new(store).admit(&list, now_ms) {
+        Admission::Admitted { taken, snapshots } => {
+            let ids: Vec<LimitId> = wanted.iter().map(|(id, _)| *id).collect();
+            let headers = ratelimit_headers(&ids, &snapshots, flavour, now_ms);
+            Ok(Admitted {
+                held: Held {
+                    items: ids.into_iter().zip(taken).collect(),
+                    reserved: reservation,
+                },
+                headers,
+            })
+        }
+        Admission::Rejected {
+            index,
+            retry_after_ms,
+            snapshot,
+        } => {
+            let Some((id, demand)) = wanted.get(index) else {
+                return Err(ApiError::new(
+                    ErrorKind::Internal,
+                    "limit index out of range",
+                ));
+            };
+            Err(refusal(
+                *id,
+                demand,
+                &snapshot,
+                retry_after_ms,
+                tenant_name,
+                flavour,
+                now_ms,
+            ))
+        }
+        Admission::Contended => Err(ApiError::new(
+            ErrorKind::LimiterBusy,
+            "The gateway's limit state is busy; please retry shortly.",
+        )
+        .with_header("retry-after", "1")
+        .with_header("retry-after-ms", "1000")),
+        // Fail closed: without the shared counters no limit can be enforced.
+        Admission::StoreFailed(e) => Err(ApiError::new(
+            ErrorKind::Internal,
+            format!("The gateway could not read its limit state ({e})."),
+        )),
+    }
+}
+
+fn measure_text(m: LimitMeasure) -> &'static str {
+    match m {
+        LimitMeasure::RequestsPerMinute => "requests per minute (RPM)",
+        LimitMeasure::TokensPerMinute => "tokens per minute (TPM)",
+        LimitMeasure::ConcurrentRequests => "concurrent requests",
+        LimitMeasure::MonthlyTokens => "monthly tokens",
+        LimitMeasure::MonthlyBudget => "monthly budget (micro-USD)",
+    }
+}
+
+fn scope_text(scope: LimitScope, tenant: &str, demand: &Demand) -> String {
+    match scope {
+        LimitScope::Tenant => format!("tenant `{tenant}`"),
+        LimitScope::TenantModel => format!(
+            "tenant `{tenant}` on model `{}`",
+            demand.key.rsplit(':').nth(1).unwrap_or("?")
+        ),
+        LimitScope::Provider => format!(
+            "provider `{}`",
+            demand.key.rsplit(':').nth(1).unwrap_or("?")
+        ),
+    }
+}
+
+fn refusal(
+    id: LimitId,
+    demand: &Demand,
+    snap: &Snapshot,
+    retry_after_ms: Option<u64>,
+    tenant: &str,
+    flavour: ApiFlavour,
+    now_ms: u64,
+) -> ApiError {
+    let whose = scope_text(id.scope, tenant, demand);
+    let what = measure_text(id.measure);
+    if id.is_quota() {
+        let resets = rfc3339(now_ms.saturating_add(snap.reset_ms).saturating_add(999));
+        let msg = format!(
+            "You exceeded the {what} quota of {whose}: limit {}, this request needs {}. The quota resets at {resets}.",
+            snap.limit, demand.amount
+        );
+        // No retry hint: an SDK would otherwise retry until the month ends.
+        return ApiError::new(ErrorKind::LimitExceeded(id), msg)
+            .with_header("x-should-retry", "false");
+    }
+    let mut err = match retry_after_ms {
+        Some(ms) => ApiError::new(
+            ErrorKind::LimitExceeded(id),
+            format!(
+                "Rate limit reached for {what} on {whose}: limit {}, remaining {}, requested {}. Please try again in {}.",
+                snap.limit,
+                snap.remaining,
+                demand.amount,
+                format_reset(ms)
+            ),
+        )
+        .with_header("retry-after", ms.div_ceil(1000).max(1).to_string())
+        .with_header("retry-after-ms", ms.max(1).to_string()),
+        None if id.measure == LimitMeasure::ConcurrentRequests => ApiError::new(
+            ErrorKind::LimitExceeded(id),
+            format!("Too many concurrent requests for {whose}: limit {}. Retry when one finishes.", snap.limit),
+        )
+        .with_header("retry-after", "1")
+        .with_header("retry-after-ms", "1000"),
+        // More than the bucket can ever hold: retrying cannot help.
+        None => ApiError::new(
+            ErrorKind::LimitExceeded(id),
+            format!(
+                "Request too large for {whose}: it needs {} but the limit is {} {what}. Lower max_tokens or the input.",
+                demand.amount, snap.limit
+            ),
+        )
+        .with_header("x-should-retry", "false"),
+    };
+    let ids = [id];
+    for (n, v) in ratelimit_headers(&ids, std::slice::from_ref(snap), flavour, now_ms) {
+        err = err.with_header(&n, v);
+    }
+    err
+}
+
+/// Rate-limit headers for the tenant's own request and token limits.
+fn ratelimit_headers(
+    ids: &[LimitId],
+    snaps: &[Snapshot],
+    flavour: ApiFlavour,
+    now_ms: u64,
+) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (id, snap) in ids.iter().zip(snaps) {
+        if id.scope != LimitScope::Tenant {
+            continue;
+        }
+        let which = match id.measure {
+            LimitMeasure::RequestsPerMinute => "requests",
+            LimitMeasure::TokensPerMinute => "tokens",
+            _ => continue,
+        };
+        match flavour {
+            ApiFlavour::OpenAi => {
+                out.push((format!("x-ratelimit-limit-{which}"), snap.limit.to_string()));
+                out.push((
+                    format!("x-ratelimit-remaining-{which}"),
+                    snap.remaining.to_string(),
+                ));
+                out.push((
+                    format!("x-ratelimit-reset-{which}"),
+                    format_reset(snap.reset_ms),
+                ));
+            }
+            ApiFlavour::Anthropic => {
+                out.push((
+                    format!("anthropic-ratelimit-{which}-limit"),
+                    snap.limit.to_string(),
+                ));
+                out.push((
+                    format!("anthropic-ratelimit-{which}-remaining"),
+                    snap.remaining.to_string(),
+                ));
+                out.push((
+                    format!("anthropic-ratelimit-{which}-reset"),
+                    // Rounded up to the second: a client waiting until then is not early.
+                    rfc3339(now_ms.saturating_add(snap.reset_ms).saturating_add(999)),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Settles what admission took against the real usage: refunds or charges the token and
+/// cost reservations, releases concurrency slots. Returns failures for the host to log.
+pub fn settle(
+    store: &dyn Store,
+    held: &Held,
+    actual_tokens: u64,
+    actual_cost_micro_usd: u64,
+    now_ms: u64,
+) -> Vec<String> {
+    let limiter = Limiter::new(store);
+    let mut failures = Vec::new();
+    for (id, taken) in &held.items {
+        let actual = match id.measure {
+            // A request is a request, whatever it produced.
+            LimitMeasure::RequestsPerMinute => continue,
+            LimitMeasure::TokensPerMinute | LimitMeasure::MonthlyTokens => actual_tokens,
+            LimitMeasure::MonthlyBudget => actual_cost_micro_usd,
+            LimitMeasure::ConcurrentRequests => 0,
+        };
+        if let Err(e) = limiter.settle(taken, actual, now_ms) {
+            failures.push(format!("{}: {e:?}", taken.key));
+        }
+    }
+    failures
+}

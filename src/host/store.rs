@@ -1,0 +1,27 @@
+//! Envoy shared data as the limits engine's [`Store`]: one map per `vm_id`, shared by
+//! every worker's VM, with compare-and-set.
+
+use crate::limits::{Store, StoreError};
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::Status;
+
+pub struct SharedData;
+
+impl Store for SharedData {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        match hostcalls::get_shared_data(key) {
+            Ok((Some(value), Some(cas))) => Ok(Some((value, cas))),
+            Ok(_) => Ok(None),
+            Err(status) => Err(StoreError::Host(format!("get_shared_data: {status:?}"))),
+        }
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+        let cas = (cas != 0).then_some(cas);
+        match hostcalls::set_shared_data(key, Some(value), cas) {
+            Ok(()) => Ok(()),
+            Err(Status::CasMismatch) => Err(StoreError::CasMismatch),
+            Err(status) => Err(StoreError::Host(format!("set_shared_data: {status:?}"))),
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! Decisions over the [`Store`]: every change is read, computed, then written back with the
+//! cas that was read, and retried (a bounded number of times) when another worker wrote
+//! in between.
+//!
+//! Creating a key is the trap: Envoy ignores the cas of a `set` on a missing key, so two
+//! workers that both read "missing" would both create it and one update would be lost.
+//! We create with cas `u32::MAX` instead: if another worker created the key meanwhile, its
+//! cas is almost surely not `u32::MAX`, our `set` fails with `CasMismatch`, and we re-read.
+//! (It fails to protect only if the other worker's write happened to draw cas `u32::MAX`
+//! from Envoy's process-wide counter in that window: once per 2^32 writes, in a window of
+//! microseconds.)
+
+use super::bucket::Bucket;
+use super::counter::{Quota, Slots};
+use super::store::{Store, StoreError};
+use super::{Admission, Demand, LimitKind, Snapshot, Taken};
+
+/// Attempts to take one demand before giving up with [`Admission::Contended`].
+const TAKE_ATTEMPTS: u32 = 64;
+/// Attempts for give-backs and settlements, which always succeed logically: a failure
+/// would leak what was taken (a concurrency slot, forever), so they try much harder.
+const GIVE_BACK_ATTEMPTS: u32 = 1024;
+/// The cas that creates a missing key yet fails if someone else created it first.
+const CREATE_CAS: u32 = u32::MAX;
+
+pub struct Limiter<'a, S: Store + ?Sized> {
+    store: &'a S,
+    create_cas: u32,
+}
+
+/// What to do with the state read.
+enum Change<T> {
+    Write(Vec<u8>, T),
+    Keep(T),
+}
+
+#[derive(Debug)]
+enum Failure {
+    Contended,
+    Host(String),
+}
+
+impl From<Failure> for StoreError {
+    fn from(failure: Failure) -> Self {
+        match failure {
+            Failure::Contended => StoreError::CasMismatch,
+            Failure::Host(message) => StoreError::Host(message),
+        }
+    }
+}
+
+enum Take {
+    Took {
+        snapshot: Snapshot,
+        month: u32,
+    },
+    Refused {
+        retry_after_ms: Option<u64>,
+        snapshot: Snapshot,
+    },
+}
+
+impl<'a, S: Store + ?Sized> Limiter<'a, S> {
+    pub fn new(store: &'a S) -> Self {
+        Limiter {
+            store,
+            create_cas: CREATE_CAS,
+        }
+    }
+
+    /// A limiter that creates keys the naive way, to show the race it loses.
+    #[cfg(test)]
+    pub(crate) fn with_create_cas(store: &'a S, create_cas: u32) -> Self {
+        Limiter { store, create_cas }
+    }
+
+    /// Decides all of a request's demands at once: takes each in order, conditionally on
+    /// room; at the first refusal, contention or store failure, gives back everything
+    /// already taken. `now_ms` is wall-clock ms since the Unix epoch.
+    ///
+    /// A give-back that itself fails (store error, or contention beyond
+    /// `GIVE_BACK_ATTEMPTS`) leaves that amount taken: there is no one left to hand it to.
+    pub fn admit(&self, demands: &[Demand], now_ms: u64) -> Admission {
+        let mut taken = Vec::with_capacity(demands.len());
+        let mut snapshots = Vec::with_capacity(demands.len());
+        for (index, demand) in demands.iter().enumerate() {
+            let outcome = match self.take(demand, now_ms) {
+                Ok(Take::Took { snapshot, month }) => {
+                    taken.push(Taken {
+                        key: demand.key.clone(),
+                        kind: demand.kind,
+                        amount: demand.amount,
+                        month,
+                    });
+                    snapshots.push(snapshot);
+                    continue;
+                }
+                Ok(Take::Refused {
+                    retry_after_ms,
+                    snapshot,
+                }) => Admission::Rejected {
+                    index,
+                    retry_after_ms,
+                    snapshot,
+                },
+                Err(Failure::Contended) => Admission::Contended,
+                Err(Failure::Host(message)) => Admission::StoreFailed(message),
+            };
+            self.give_back(&taken, now_ms);
+            return outcome;
+        }
+        Admission::Admitted { taken, snapshots }
+    }
+
+    fn give_back(&self, taken: &[Taken], now_ms: u64) {
+        for item in taken.iter().rev() {
+            // Best effort by design (see `admit`); settling to 0 returns all of it.
+            let _ = self.settle(item, 0, now_ms);
+        }
+    }
+
+    /// Settles what admission took to the `actual` amount used:
+    /// - Rate: refunds `amount - actual` (up to the capacity), or charges `actual - amount`
+    ///   unconditionally, possibly into debt.
+    /// - Concurrency: releases the slots (`actual` is ignored), never below zero.
+    /// - Monthly: adds `actual - amount` to the month it was charged to, never below zero.
+    ///   If that month is over, the refund is dropped (the old total no longer counts) and
+    ///   only an excess is charged, to the current month.
+    ///
+    /// `Err(CasMismatch)` means contention outlasted the retries; `Err(Host)` a store
+    /// failure. Either way nothing was changed.
+    pub fn settle(&self, taken: &Taken, actual: u64, now_ms: u64) -> Result<(), StoreError> {
+        let key = taken.key.as_str();
+        let reserved = taken.amount;
+        let result = match taken.kind {
+            LimitKind::Rate {
+                per_minute,
+                burst_milli,
+            } => {
+                if actual == reserved {
+                    return Ok(());
+                }
+                let bucket = Bucket::new(per_minute, burst_milli);
+                self.update(key, GIVE_BACK_ATTEMPTS, |stored| {
+                    let state = bucket.settle(bucket.current(stored, now_ms), reserved, actual);
+                    Change::Write(state.encode(), ())
+                })
+            }
+            LimitKind::Concurrency { .. } => {
+                if reserved == 0 {
+                    return Ok(());
+                }
+                self.update(key, GIVE_BACK_ATTEMPTS, |stored| {
+                    match Slots::current(stored) {
+                        // Already zero: a double release must not wrap or write.
+                        0 => Change::Keep(()),
+                        in_use => Change::Write(Slots::encode(in_use.saturating_sub(reserved)), ()),
+                    }
+                })
+            }
+            LimitKind::Monthly { .. } => self.update(key, GIVE_BACK_ATTEMPTS, |stored| {
+                let state = Quota::current(stored, now_ms);
+                let settled = Quota::settle(state, taken.month, reserved, actual);
+                if settled == state {
+                    Change::Keep(())
+                } else {
+                    Change::Write(settled.encode(), ())
+                }
+            }),
+        };
+        result.map_err(StoreError::from)
+    }
+
+    /// The limit's state at `now_ms`, without changing it.
+    pub fn snapshot(
+        &self,
+        key: &str,
+        kind: LimitKind,
+        now_ms: u64,
+    ) -> Result<Snapshot, StoreError> {
+        let stored = self.store.get(key)?.map(|(value, _)| value);
+        let stored = stored.as_deref();
+        Ok(match kind {
+            LimitKind::Rate {
+                per_minute,
+                burst_milli,
+            } => {
+                let bucket = Bucket::new(per_minute, burst_milli);
+                bucket.snapshot(bucket.current(stored, now_ms))
+            }
+            LimitKind::Concurrency { max } => Slots::new(max).snapshot(Slots::current(stored)),
+            LimitKind::Monthly { limit } => {
+                Quota::new(limit).snapshot(Quota::current(stored, now_ms), now_ms)
+            }
+        })
+    }
+
+    /// Takes one demand if there is room; a refusal writes nothing.
+    fn take(&self, demand: &Demand, now_ms: u64) -> Result<Take, Failure> {
+        let amount = demand.amount;
+        self.update(&demand.key, TAKE_ATTEMPTS, |stored| match demand.kind {
+            LimitKind::Rate {
+                per_minute,
+                burst_milli,
+            } => {
+                let bucket = Bucket::new(per_minute, burst_milli);
+                let state = bucket.current(stored, now_ms);
+                match bucket.take(state, amount) {
+                    Ok(after) => Change::Write(
+                        after.encode(),
+                        Take::Took {
+                            snapshot: bucket.snapshot(after),
+                            month: 0,
+                        },
+                    ),
+                    Err(retry_after_ms) => Change::Keep(Take::Refused {
+                        retry_after_ms,
+                        snapshot: bucket.snapshot(state),
+                    }),
+                }
+            }
+            LimitKind::Concurrency { max } => {
+                let slots = Slots::new(max);
+                let in_use = Slots::current(stored);
+                match slots.take(in_use, amount) {
+                    Some(after) => Change::Write(
+                        Slots::encode(after),
+                        Take::Took {
+                            snapshot: slots.snapshot(after),
+                            month: 0,
+                        },
+                    ),
+                    None => Change::Keep(Take::Refused {
+                        retry_after_ms: None,
+                        snapshot: slots.snapshot(in_use),
+                    }),
+                }
+            }
+            LimitKind::Monthly { limit } => {
+                let quota = Quota::new(limit);
+                let state = Quota::current(stored, now_ms);
+                match quota.take(state, amount) {
+                    Some(after) => Change::Write(
+                        after.encode(),
+                        Take::Took {
+                            snapshot: quota.snapshot(after, now_ms),
+                            month: after.month,
+                        },
+                    ),
+                    None => Change::Keep(Take::Refused {
+                        retry_after_ms: quota.retry_after_ms(state, amount, now_ms),
+                        snapshot: quota.snapshot(state, now_ms),
+                    }),
+                }
+            }
+        })
+    }
+
+    /// The compare-and-set loop: read, `apply`, write with the cas read (or
+    /// [`CREATE_CAS`] for a missing key), retry on `CasMismatch`, at most `attempts` times.
+    fn update<T>(
+        &self,
+        key: &str,
+        attempts: u32,
+        mut apply: impl FnMut(Option<&[u8]>) -> Change<T>,
+    ) -> Result<T, Failure> {
+        for _ in 0..attempts {
+            let (stored, cas) = match self.store.get(key) {
+                Ok(Some((value, cas))) => (Some(value), cas),
+                Ok(None) => (None, self.create_cas),
+                Err(StoreError::CasMismatch) => continue,
+                Err(StoreError::Host(message)) => return Err(Failure::Host(message)),
+            };
+            match apply(stored.as_deref()) {
+                Change::Keep(result) => return Ok(result),
+                Change::Write(value, result) => match self.store.set(key, &value, cas) {
+                    Ok(()) => return Ok(result),
+                    Err(StoreError::CasMismatch) => continue,
+                    Err(StoreError::Host(message)) => return Err(Failure::Host(message)),
+                },
+            }
+        }
+        Err(Failure::Contended)
+    }
+}
