@@ -115,17 +115,11 @@ pub fn demands(
         push_limits(&mut out, LimitScope::TenantModel, &prefix, l, reservation);
     }
     if let Some(p) = policy.provider(provider) {
-        let limits = Limits {
-            requests_per_minute: p.limits.requests_per_minute,
-            tokens_per_minute: p.limits.tokens_per_minute,
-            burst_milli: p.limits.burst_milli,
-            ..Limits::default()
-        };
         push_limits(
             &mut out,
             LimitScope::Provider,
             &format!("sluice:p:{}", p.name),
-            &limits,
+            &p.limits,
             reservation,
         );
     }
@@ -357,4 +351,163 @@ pub fn settle(
         }
     }
     failures
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::sha256_hex;
+    use crate::config::compile;
+    use crate::limits::MemoryStore;
+    use serde_json::json;
+
+    fn policy(tenant_limits: serde_json::Value, provider_limits: serde_json::Value) -> Policy {
+        let cfg = json!({
+            "providers": [{"name": "openai", "api": "openai", "cluster": "openai", "api_key_env": "K",
+                           "limits": provider_limits}],
+            "models": [{"name": "gpt-4.1", "providers": ["openai"], "price": {"input": 2, "output": 8}}],
+            "tiers": {"gold": {"models": ["*"], "limits": tenant_limits}},
+            "tenants": [
+                {"id": "acme", "tier": "gold", "keys": [{"id": "k", "sha256": sha256_hex("a")}],
+                 "model_limits": {"gpt-4.1": {"requests_per_minute": 5}}},
+                {"id": "beta", "tier": "gold", "keys": [{"id": "k", "sha256": sha256_hex("b")}]}
+            ]
+        });
+        compile(cfg.to_string().as_bytes(), &|_| Some("key".into())).unwrap()
+    }
+
+    const RES: Reservation = Reservation {
+        tokens: 500,
+        cost_micro_usd: 1000,
+    };
+
+    #[test]
+    fn every_scope_becomes_a_demand() {
+        let p = policy(
+            json!({"requests_per_minute": 10, "tokens_per_minute": 1000, "concurrent_requests": 2,
+                   "monthly_tokens": 100000, "monthly_budget_usd": 1}),
+            json!({"requests_per_minute": 100}),
+        );
+        let keys: Vec<(String, u64)> = demands(&p, 0, 0, 0, RES)
+            .into_iter()
+            .map(|(_, d)| (d.key, d.amount))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("sluice:t:acme:conc".to_string(), 1),
+                ("sluice:t:acme:rpm".to_string(), 1),
+                ("sluice:t:acme:tpm".to_string(), 500),
+                ("sluice:t:acme:mtok".to_string(), 500),
+                ("sluice:t:acme:musd".to_string(), 1000),
+                ("sluice:tm:acme:gpt-4.1:rpm".to_string(), 1),
+                ("sluice:p:openai:rpm".to_string(), 1),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_provider_limit_refuses_and_nothing_else_is_held() {
+        let p = policy(
+            json!({"requests_per_minute": 10}),
+            json!({"requests_per_minute": 1}),
+        );
+        let store = MemoryStore::new();
+        assert!(admit(&p, &store, 1, 0, 0, RES, ApiFlavour::OpenAi, 0).is_ok());
+        let err = admit(&p, &store, 1, 0, 0, RES, ApiFlavour::OpenAi, 1).unwrap_err();
+        assert_eq!(err.kind.reason(), "provider_requests_per_minute");
+        assert!(err.message.contains("provider `openai`"), "{}", err.message);
+        // beta's own bucket gave back what it took for the refused request: 9 left, not 8.
+        let kind = LimitKind::Rate {
+            per_minute: 10,
+            burst_milli: 1000,
+        };
+        let snap = Limiter::new(&store)
+            .snapshot("sluice:t:beta:rpm", kind, 1)
+            .unwrap();
+        assert_eq!(snap.remaining, 9);
+    }
+
+    #[test]
+    fn settlement_refunds_the_unused_reservation() {
+        let p = policy(
+            json!({"tokens_per_minute": 1000, "concurrent_requests": 1}),
+            json!({}),
+        );
+        let store = MemoryStore::new();
+        let first = admit(&p, &store, 1, 0, 0, RES, ApiFlavour::OpenAi, 0).unwrap();
+        let header = |a: &Admitted, n: &str| {
+            a.headers
+                .iter()
+                .find(|(h, _)| h == n)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(
+            header(&first, "x-ratelimit-remaining-tokens").as_deref(),
+            Some("500")
+        );
+        // The single slot is taken until settlement.
+        let busy = admit(&p, &store, 1, 0, 0, RES, ApiFlavour::OpenAi, 0).unwrap_err();
+        assert_eq!(busy.kind.reason(), "concurrent_requests");
+        assert!(settle(&store, &first.held, 100, 0, 0).is_empty());
+        let second = admit(&p, &store, 1, 0, 0, RES, ApiFlavour::OpenAi, 0).unwrap();
+        assert_eq!(
+            header(&second, "x-ratelimit-remaining-tokens").as_deref(),
+            Some("400"),
+            "1000 - 100 used - 500 reserved"
+        );
+    }
+
+    #[test]
+    fn exhausted_quota_gives_no_retry_hint() {
+        let p = policy(json!({"monthly_tokens": 800}), json!({}));
+        let store = MemoryStore::new();
+        let held = admit(&p, &store, 1, 0, 0, RES, ApiFlavour::OpenAi, 0)
+            .unwrap()
+            .held;
+        assert!(settle(&store, &held, 500, 0, 0).is_empty());
+        let err = admit(&p, &store, 1, 0, 0, RES, ApiFlavour::OpenAi, 0).unwrap_err();
+        let reply = err.reply(ApiFlavour::OpenAi);
+        assert_eq!(reply.status, 429);
+        assert_eq!(reply.header("x-should-retry"), Some("false"));
+        assert_eq!(reply.header("retry-after"), None);
+        assert!(
+            err.message.contains("resets at 1970-02-01T00:00:00Z"),
+            "{}",
+            err.message
+        );
+        assert_eq!(err.reply(ApiFlavour::Anthropic).status, 402);
+    }
+
+    #[test]
+    fn anthropic_clients_get_anthropic_headers() {
+        let p = policy(
+            json!({"requests_per_minute": 10, "tokens_per_minute": 1000}),
+            json!({}),
+        );
+        let ok = admit(
+            &p,
+            &MemoryStore::new(),
+            1,
+            0,
+            0,
+            RES,
+            ApiFlavour::Anthropic,
+            0,
+        )
+        .unwrap();
+        let names: Vec<&str> = ok.headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(
+            names.contains(&"anthropic-ratelimit-requests-remaining"),
+            "{names:?}"
+        );
+        assert!(
+            names.contains(&"anthropic-ratelimit-tokens-reset"),
+            "{names:?}"
+        );
+        assert!(
+            !names.iter().any(|n| n.starts_with("x-ratelimit")),
+            "{names:?}"
+        );
+    }
 }

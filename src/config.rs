@@ -5,9 +5,7 @@
 
 use crate::auth::{KeyDigest, KeyIndex};
 use crate::errors::ApiFlavour;
-use crate::policy::{
-    Credential, Limits, Model, ModelCatalog, Policy, Price, Provider, ProviderLimits, Tenant,
-};
+use crate::policy::{Credential, Limits, Model, ModelCatalog, Policy, Price, Provider, Tenant};
 use crate::routing::Pattern;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -77,18 +75,6 @@ impl RawLimits {
     }
 }
 
-/// A provider account's own limits, so the gateway never trips the provider's 429.
-#[derive(Debug, Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields)]
-pub struct RawProviderLimits {
-    #[serde(default)]
-    pub requests_per_minute: Option<u64>,
-    #[serde(default)]
-    pub tokens_per_minute: Option<u64>,
-    #[serde(default)]
-    pub burst: Option<f64>,
-}
-
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum RawApi {
@@ -115,8 +101,9 @@ pub struct RawProvider {
     /// `openai`, `x-api-key` for `anthropic`.
     #[serde(default)]
     pub api_key_header: Option<String>,
+    /// The provider account's own limits, so the gateway never trips the provider's 429.
     #[serde(default)]
-    pub limits: RawProviderLimits,
+    pub limits: RawLimits,
 }
 
 #[derive(Debug, Deserialize)]
@@ -448,17 +435,7 @@ fn compile_providers(
         } else {
             key
         };
-        let limits = ProviderLimits {
-            requests_per_minute: positive(
-                &format!("{at}.limits.requests_per_minute"),
-                p.limits.requests_per_minute,
-            )?,
-            tokens_per_minute: positive(
-                &format!("{at}.limits.tokens_per_minute"),
-                p.limits.tokens_per_minute,
-            )?,
-            burst_milli: burst_milli(&format!("{at}.limits.burst"), p.limits.burst)?,
-        };
+        let limits = compile_limits(&format!("{at}.limits"), &p.limits)?;
         out.push(Provider {
             limits,
             name: p.name.clone(),

@@ -86,13 +86,6 @@ pub struct Limits {
     pub monthly_budget_micro_usd: Option<u64>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ProviderLimits {
-    pub requests_per_minute: Option<u64>,
-    pub tokens_per_minute: Option<u64>,
-    pub burst_milli: u64,
-}
-
 #[derive(Debug)]
 pub struct Model {
     pub name: String,
@@ -133,7 +126,7 @@ impl ModelCatalog {
 
 #[derive(Debug)]
 pub struct Provider {
-    pub limits: ProviderLimits,
+    pub limits: Limits,
     pub name: String,
     pub api: ApiFlavour,
     pub cluster: String,

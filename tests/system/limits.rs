@@ -165,6 +165,8 @@ async fn token_reservations_are_checked_before_upstream_and_settled_from_real_us
     );
 
     // After settlement, the bucket holds capacity minus real usage (plus refill meanwhile).
+    // Settlement runs at stream end, just after the client has its response: wait for it.
+    assert_eq!(gw.access_log(5).await.len(), 5);
     let start = Instant::now();
     let used: u64 = gw
         .mocks
@@ -242,7 +244,10 @@ async fn concurrency_is_exact_and_aborted_streams_release_everything() {
     // 200 streams aborted by the client mid-way, 4 at a time.
     let stream_body = json!({"model": "gpt-4.1", "max_tokens": 64, "stream": true,
                              "messages": [{"role": "user", "content": "abort me"}]});
-    for _ in 0..50 {
+    for wave in 0..50 {
+        // Envoy runs on_log (which frees the slot) just after the client goes away; the
+        // record is written after settlement, so wait for the previous wave's records.
+        assert_eq!(gw.access_log(10 + 4 * wave).await.len(), 10 + 4 * wave);
         let calls = (0..4).map(|_| {
             let req = gw
                 .client
@@ -334,6 +339,8 @@ async fn monthly_budget_is_never_overspent_under_concurrency() {
     let mut quota_refusals = Vec::new();
     // Waves of 50 concurrent requests until a whole wave is refused.
     for _ in 0..30 {
+        // Let the previous wave settle (refunds land at stream end) before the next.
+        assert_eq!(gw.access_log(sent).await.len(), sent);
         let results = burst(&gw, 50, ACME, &body, &[("x-mock-latency-ms", "100")]).await;
         sent += results.len();
         let admitted_now = count(&results, 200);
