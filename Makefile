@@ -12,7 +12,7 @@ MOCK          := target/release/sluice-mock
 DEMO_KEYS     := OPENAI_API_KEY=sk-mock-openai ANTHROPIC_API_KEY=sk-mock-anthropic \
                  DEEPSEEK_API_KEY=sk-mock-deepseek GEMINI_API_KEY=sk-mock-gemini
 
-.PHONY: build wasm wasm-target envoy sdk mock setup test unit system lint fmt demo key clean
+.PHONY: build wasm wasm-target envoy sdk mock setup test unit system lint fmt demo key clean fairness-report
 
 build: wasm
 
@@ -65,6 +65,14 @@ fmt:
 # Runs the demo in the foreground; Ctrl-C stops every process it started.
 demo: wasm envoy mock
 	$(DEMO_KEYS) ENVOY=$(ENVOY) MOCK=$(MOCK) scripts/demo.sh
+
+# Runs the fair-queuing seed scenario and renders docs/fairness/ (report.md, fairness.png).
+fairness-report: setup
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check matplotlib
+	mkdir -p docs/fairness
+	SLUICE_FAIRNESS_OUT=$(abspath docs/fairness/run.json) SLUICE_ENVOY=$(abspath $(ENVOY)) SLUICE_WASM=$(abspath $(WASM)) \
+	  cargo test -p sluice --test system fairness -- --nocapture
+	$(PYTHON) scripts/fairness_report.py docs/fairness/run.json docs/fairness
 
 # Prints a new tenant key and the digest to put in the configuration.
 key:

@@ -44,6 +44,8 @@ pub struct UsageRecord<'a> {
     pub estimated: bool,
     /// True when the provider reported usage the gateway had to clamp or ignore.
     pub usage_suspicious: bool,
+    /// Time spent waiting for a full provider, when the request had to wait.
+    pub queue_wait_ms: Option<u64>,
 }
 
 #[cfg(test)]

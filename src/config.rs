@@ -5,7 +5,9 @@
 
 use crate::auth::{KeyDigest, KeyIndex};
 use crate::errors::ApiFlavour;
-use crate::policy::{Credential, Limits, Model, ModelCatalog, Policy, Price, Provider, Tenant};
+use crate::policy::{
+    Credential, Limits, Model, ModelCatalog, Policy, Price, Provider, Queueing, Tenant,
+};
 use crate::routing::Pattern;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -104,6 +106,10 @@ pub struct RawProvider {
     /// The provider account's own limits, so the gateway never trips the provider's 429.
     #[serde(default)]
     pub limits: RawLimits,
+    /// Most requests in flight to this provider, across all workers; more wait in a fair
+    /// queue (by tier priority, then weight) instead of failing.
+    #[serde(default)]
+    pub max_in_flight: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +147,27 @@ pub struct RawTier {
     pub models: Vec<String>,
     #[serde(default)]
     pub limits: RawLimits,
+    /// When a provider is full: higher priority is served first (default 0).
+    #[serde(default)]
+    pub priority: u8,
+    /// Share of the provider among tenants of equal priority (default 1).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Longest a request of this tier waits for a full provider (default 30 s).
+    #[serde(default = "default_max_queue_wait_ms")]
+    pub max_queue_wait_ms: u64,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+fn default_max_queue_wait_ms() -> u64 {
+    30_000
+}
+
+fn default_max_queue_length() -> u32 {
+    100
 }
 
 #[derive(Debug, Deserialize)]
@@ -158,6 +185,9 @@ pub struct RawTenant {
     /// Extra limits for this tenant on one model (by model name), checked with the others.
     #[serde(default)]
     pub model_limits: BTreeMap<String, RawLimits>,
+    /// Most requests this tenant may have waiting for one full provider (default 100).
+    #[serde(default = "default_max_queue_length")]
+    pub max_queue_length: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -242,6 +272,18 @@ fn compile_raw(
     for (name, tier) in &raw.tiers {
         check_name(&format!("tiers.{name}"), name)?;
         compile_limits(&format!("tiers.{name}.limits"), &tier.limits)?;
+        if tier.weight == 0 || tier.weight > 1000 {
+            return Err(ConfigError::at(
+                format!("tiers.{name}.weight"),
+                "must be between 1 and 1000",
+            ));
+        }
+        if tier.max_queue_wait_ms == 0 || tier.max_queue_wait_ms > 600_000 {
+            return Err(ConfigError::at(
+                format!("tiers.{name}.max_queue_wait_ms"),
+                "must be between 1 and 600000 (10 minutes)",
+            ));
+        }
         let set = compile_allow_list(&format!("tiers.{name}.models"), &tier.models, &catalog)?;
         tier_sets.insert(name.as_str(), allow_sets.len());
         allow_sets.push(set);
@@ -312,6 +354,18 @@ fn compile_raw(
             };
             model_limits.insert(model, compile_limits(&here, l)?);
         }
+        let Some(tier) = raw.tiers.get(&rt.tier) else {
+            return Err(ConfigError::at(
+                format!("{at}.tier"),
+                format!("unknown tier `{}`", rt.tier),
+            ));
+        };
+        if rt.max_queue_length == 0 || rt.max_queue_length > 4096 {
+            return Err(ConfigError::at(
+                format!("{at}.max_queue_length"),
+                "must be between 1 and 4096",
+            ));
+        }
         tenants.push(Tenant {
             id: rt.id.clone(),
             tier: rt.tier.clone(),
@@ -319,6 +373,12 @@ fn compile_raw(
             allow_set,
             limits,
             model_limits,
+            queueing: Queueing {
+                priority: tier.priority,
+                weight: tier.weight,
+                max_wait_ms: tier.max_queue_wait_ms,
+                max_queue_length: rt.max_queue_length,
+            },
         });
     }
 
@@ -436,8 +496,15 @@ fn compile_providers(
             key
         };
         let limits = compile_limits(&format!("{at}.limits"), &p.limits)?;
+        if p.max_in_flight == Some(0) {
+            return Err(ConfigError::at(
+                format!("{at}.max_in_flight"),
+                "must be at least 1 (leave it out for no cap)",
+            ));
+        }
         out.push(Provider {
             limits,
+            max_in_flight: p.max_in_flight,
             name: p.name.clone(),
             api,
             cluster: p.cluster.clone(),

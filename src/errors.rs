@@ -33,6 +33,10 @@ pub enum ErrorKind {
     LimitExceeded(LimitId),
     /// The shared limit state was too contended to decide; retry shortly.
     LimiterBusy,
+    /// The provider is full and this tenant already has its maximum waiting.
+    QueueFull,
+    /// The provider stayed full for longer than the tier's maximum wait.
+    QueueTimeout,
 }
 
 /// Whose limit.
@@ -97,13 +101,16 @@ impl ErrorKind {
         match (self, flavour) {
             // Anthropic reports exhausted credit as a billing error.
             (ErrorKind::LimitExceeded(l), ApiFlavour::Anthropic) if l.is_quota() => 402,
+            // Anthropic's own "overloaded" status.
+            (ErrorKind::QueueTimeout, ApiFlavour::Anthropic) => 529,
             _ => self.status(),
         }
     }
 
     pub fn status(self) -> u16 {
         match self {
-            ErrorKind::LimitExceeded(_) | ErrorKind::LimiterBusy => 429,
+            ErrorKind::LimitExceeded(_) | ErrorKind::LimiterBusy | ErrorKind::QueueFull => 429,
+            ErrorKind::QueueTimeout => 503,
             ErrorKind::InvalidApiKey => 401,
             ErrorKind::ModelNotAllowed => 403,
             ErrorKind::ModelNotFound | ErrorKind::UnknownPath => 404,
@@ -127,6 +134,8 @@ impl ErrorKind {
             ErrorKind::Internal => "internal_error",
             ErrorKind::LimitExceeded(l) => l.reason(),
             ErrorKind::LimiterBusy => "limiter_busy",
+            ErrorKind::QueueFull => "queue_full",
+            ErrorKind::QueueTimeout => "queue_timeout",
         }
     }
 
@@ -148,7 +157,10 @@ impl ErrorKind {
                 LimitMeasure::TokensPerMinute => ("tokens", Some("rate_limit_exceeded")),
                 _ => ("requests", Some("rate_limit_exceeded")),
             },
-            ErrorKind::LimiterBusy => ("requests", Some("rate_limit_exceeded")),
+            ErrorKind::LimiterBusy | ErrorKind::QueueFull => {
+                ("requests", Some("rate_limit_exceeded"))
+            }
+            ErrorKind::QueueTimeout => ("server_error", Some("server_overloaded")),
         }
     }
 
@@ -162,7 +174,10 @@ impl ErrorKind {
             ErrorKind::PayloadTooLarge => "request_too_large",
             ErrorKind::Internal => "api_error",
             ErrorKind::LimitExceeded(l) if l.is_quota() => "billing_error",
-            ErrorKind::LimitExceeded(_) | ErrorKind::LimiterBusy => "rate_limit_error",
+            ErrorKind::LimitExceeded(_) | ErrorKind::LimiterBusy | ErrorKind::QueueFull => {
+                "rate_limit_error"
+            }
+            ErrorKind::QueueTimeout => "overloaded_error",
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod body;
 pub mod config;
 pub mod errors;
+pub mod fairness;
 pub mod headers;
 pub mod lifecycle;
 pub mod limits;

@@ -11,6 +11,7 @@ use crate::body::{
     inject_include_usage, parse_request, replace_model, replace_model_reserialized, RequestFields,
 };
 use crate::errors::{ApiError, ApiFlavour, ErrorKind, LocalReply};
+use crate::fairness::{tenant_hash, Arrival, FairQueue, Owner, Ticket};
 use crate::headers::{RequestHeaders, CLUSTER_HEADER};
 use crate::limits::Store;
 use crate::metrics::{usage_labels, Counter, Histogram, Labels, MetricKey, Metrics, Outcome};
@@ -65,6 +66,59 @@ pub struct RouteDecision {
     pub prompt_estimate: u64,
 }
 
+/// What the host hands to the request body callback.
+pub struct BodyEnv<'a> {
+    /// Limits and queues shared by all workers.
+    pub store: &'a dyn Store,
+    pub now_ms: u64,
+    /// This worker's id and this stream's context id: who owns a queued request.
+    pub worker: u32,
+    pub context: u32,
+}
+
+/// A request waiting for a full provider; the host resumes or times it out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueWait {
+    pub key: String,
+    pub capacity: u32,
+    pub since_ms: u64,
+    pub deadline_ms: u64,
+}
+
+/// How a wait ended, as the host saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitState {
+    Waiting,
+    Resumed { at_ms: u64 },
+    TimedOut,
+}
+
+/// This request's place in a provider's fair queue.
+#[derive(Debug, Default)]
+enum QueueSlot {
+    #[default]
+    None,
+    /// Holds one of the provider's in-flight slots: release at stream end.
+    Holding {
+        key: String,
+        capacity: u32,
+    },
+    Waiting(QueueWait),
+    /// The host answered 503/529 after the tier's maximum wait; nothing held.
+    TimedOut,
+}
+
+/// The local reply for a request that waited too long for a full provider.
+pub fn queue_timeout_reply(flavour: ApiFlavour, waited_ms: u64) -> LocalReply {
+    ApiError::new(
+        ErrorKind::QueueTimeout,
+        format!("The provider is at capacity; the request waited {waited_ms} ms without a free slot. Please retry later."),
+    )
+    .with_header("retry-after", "1")
+    .with_header("retry-after-ms", "1000")
+    .reply(flavour)
+}
+
 /// What came back from upstream (or from Envoy on its behalf: 503, 504).
 #[derive(Default)]
 struct UpstreamResponse {
@@ -92,6 +146,10 @@ pub struct Exchange {
     held: Option<Held>,
     /// Rate-limit headers for the response of an admitted request.
     ratelimit_headers: Vec<(String, String)>,
+    queue: QueueSlot,
+    queue_owner: Option<Owner>,
+    /// How long the request waited for a full provider.
+    queue_wait_ms: Option<u64>,
     forwarded_at_ms: u64,
     response: Option<UpstreamResponse>,
     finished: bool,
@@ -118,6 +176,8 @@ pub struct Completion {
     pub estimated: bool,
     /// Limit keys that could not be settled (logged by the host).
     pub settle_failures: Vec<String>,
+    /// A provider slot was freed: the host should let its waiters claim it now.
+    pub released_slot: bool,
 }
 
 /// Changes to the response headers of a forwarded request.
@@ -140,6 +200,11 @@ impl Exchange {
 
     pub fn route(&self) -> Option<&RouteDecision> {
         self.route.as_ref()
+    }
+
+    /// The API dialect of the client (errors, headers).
+    pub fn flavour(&self) -> ApiFlavour {
+        self.flavour
     }
 
     /// True while response chunks must be read (a usage meter is running).
@@ -284,12 +349,12 @@ impl Exchange {
     pub fn on_request_body(
         &mut self,
         policy: &Policy,
-        store: &dyn Store,
+        env: &BodyEnv,
         body_size: usize,
         end_of_stream: bool,
-        now_ms: u64,
         read_body: impl FnOnce() -> Option<Vec<u8>>,
     ) -> Step {
+        let now_ms = env.now_ms;
         if self.stage != Stage::AwaitingBody {
             return Step::default();
         }
@@ -311,7 +376,7 @@ impl Exchange {
                 ),
             );
         };
-        match self.route_body(policy, store, &raw, now_ms) {
+        match self.route_body(policy, env, &raw) {
             Ok(step) => {
                 self.stage = Stage::Forwarded;
                 self.forwarded_at_ms = now_ms;
@@ -321,13 +386,8 @@ impl Exchange {
         }
     }
 
-    fn route_body(
-        &mut self,
-        policy: &Policy,
-        store: &dyn Store,
-        raw: &[u8],
-        now_ms: u64,
-    ) -> Result<Step, ApiError> {
+    fn route_body(&mut self, policy: &Policy, env: &BodyEnv, raw: &[u8]) -> Result<Step, ApiError> {
+        let (store, now_ms) = (env.store, env.now_ms);
         let owner = self.owner.ok_or_else(|| {
             ApiError::new(
                 ErrorKind::Internal,
@@ -462,7 +522,132 @@ impl Exchange {
             injected_usage,
             prompt_estimate,
         });
+        if let Some(capacity) = provider.max_in_flight {
+            self.enter_queue(policy, env, owner.tenant, provider_id, capacity, &mut step)?;
+        }
         Ok(step)
+    }
+
+    /// Takes one of the provider's in-flight slots, or waits for one (the step pauses).
+    fn enter_queue(
+        &mut self,
+        policy: &Policy,
+        env: &BodyEnv,
+        tenant: crate::policy::TenantId,
+        provider: ProviderId,
+        capacity: u32,
+        step: &mut Step,
+    ) -> Result<(), ApiError> {
+        let (Some(t), Some(p)) = (policy.tenant(tenant), policy.provider(provider)) else {
+            return Err(ApiError::new(
+                ErrorKind::Internal,
+                "queue for an unknown tenant or provider",
+            ));
+        };
+        let key = queue_key(&p.name);
+        let q = t.queueing;
+        let owner = Owner {
+            worker: env.worker,
+            context: env.context,
+        };
+        let ticket = Ticket {
+            tenant: tenant_hash(&t.id),
+            priority: q.priority,
+            weight: q.weight,
+            max_queue_length: q.max_queue_length,
+            deadline_ms: env.now_ms.saturating_add(q.max_wait_ms),
+        };
+        self.queue_owner = Some(owner);
+        match FairQueue::new(env.store, &key, capacity).arrive(owner, ticket, env.now_ms) {
+            Arrival::Admitted => {
+                self.queue = QueueSlot::Holding { key, capacity };
+                Ok(())
+            }
+            Arrival::Queued { .. } => {
+                self.queue = QueueSlot::Waiting(QueueWait {
+                    key,
+                    capacity,
+                    since_ms: env.now_ms,
+                    deadline_ms: ticket.deadline_ms,
+                });
+                step.next = Next::Pause;
+                Ok(())
+            }
+            Arrival::QueueFull => Err(ApiError::new(
+                ErrorKind::QueueFull,
+                format!(
+                                        "Provider `{}` is at capacity and its queue is full (tenant `{}` may have {} requests waiting).",
+                    p.name, t.id, q.max_queue_length
+                ),
+            )
+            .with_header("retry-after", "1")
+            .with_header("retry-after-ms", "1000")),
+            Arrival::Contended => Err(ApiError::new(
+                ErrorKind::LimiterBusy,
+                "The gateway's queue state is busy; please retry shortly.",
+            )
+            .with_header("retry-after", "1")
+            .with_header("retry-after-ms", "1000")),
+            Arrival::StoreFailed(e) => Err(ApiError::new(
+                ErrorKind::Internal,
+                format!("The gateway could not read its queue state ({e})."),
+            )),
+        }
+    }
+
+    /// The wait the host must track, while this request is queued.
+    pub fn queue_wait(&self) -> Option<&QueueWait> {
+        match &self.queue {
+            QueueSlot::Waiting(w) => Some(w),
+            _ => None,
+        }
+    }
+
+    /// The host resumed the request (its slot claimed) or timed it out (and replied).
+    pub fn wait_ended(&mut self, state: WaitState) {
+        let QueueSlot::Waiting(wait) = &self.queue else {
+            return;
+        };
+        match state {
+            WaitState::Waiting => {}
+            WaitState::Resumed { at_ms } => {
+                self.queue_wait_ms = Some(at_ms.saturating_sub(wait.since_ms));
+                self.forwarded_at_ms = at_ms;
+                self.queue = QueueSlot::Holding {
+                    key: wait.key.clone(),
+                    capacity: wait.capacity,
+                };
+            }
+            WaitState::TimedOut => {
+                self.queue_wait_ms = Some(wait.deadline_ms.saturating_sub(wait.since_ms));
+                self.queue = QueueSlot::TimedOut;
+                self.stage = Stage::Replied;
+                let status = ErrorKind::QueueTimeout.status_for(self.flavour);
+                self.local = Some((status, Some(ErrorKind::QueueTimeout.reason())));
+            }
+        }
+    }
+
+    /// True if this request holds a provider slot that `finish` released.
+    fn end_queue(&mut self, store: &dyn Store, failures: &mut Vec<String>) -> bool {
+        match std::mem::take(&mut self.queue) {
+            QueueSlot::Holding { key, capacity } => {
+                if let Err(e) = FairQueue::new(store, &key, capacity).release() {
+                    failures.push(format!("{key}: release: {e:?}"));
+                }
+                true
+            }
+            QueueSlot::Waiting(w) => {
+                // The client left while queued: give up the place.
+                if let Some(owner) = self.queue_owner {
+                    if let Err(e) = FairQueue::new(store, &w.key, w.capacity).cancel(owner) {
+                        failures.push(format!("{}: cancel: {e:?}", w.key));
+                    }
+                }
+                false
+            }
+            QueueSlot::TimedOut | QueueSlot::None => false,
+        }
     }
 
     /// Response headers of a forwarded request: what to change in them.
@@ -596,10 +781,14 @@ impl Exchange {
         let price = model.and_then(|m| policy.model(m)).map(|m| m.price);
         let cost = price.map_or(0, |p| cost_micro_usd(&usage, &p));
         // Refund or charge the reservation, release slots: exactly once, here.
-        let settle_failures = match self.held.take() {
+        let mut settle_failures = match self.held.take() {
             Some(held) => admission::settle(store, &held, usage.total(), cost, now_ms),
             None => Vec::new(),
         };
+        let released_slot = self.end_queue(store, &mut settle_failures);
+        if let (Some(wait), Some(p)) = (self.queue_wait_ms, provider) {
+            metrics.add(MetricKey::QueueWait(p, tenant), wait);
+        }
 
         metrics.add(
             MetricKey::Counter(
@@ -668,6 +857,7 @@ impl Exchange {
             cost_micro_usd: cost,
             estimated: result.estimated,
             usage_suspicious: result.suspicious,
+            queue_wait_ms: self.queue_wait_ms,
         };
         let record = serde_json::to_string(&record).unwrap_or_else(|_| "{}".into());
         Some(Completion {
@@ -676,6 +866,7 @@ impl Exchange {
             usage,
             estimated: result.estimated,
             settle_failures,
+            released_slot,
         })
     }
 }
@@ -688,6 +879,11 @@ fn response_shape(endpoint: &Endpoint) -> ResponseShape {
         Endpoint::Messages => ResponseShape::AnthropicMessages,
         _ => ResponseShape::ChatCompletions,
     }
+}
+
+/// Shared-data key of a provider's fair queue.
+pub fn queue_key(provider: &str) -> String {
+    format!("sluice:q:{provider}")
 }
 
 fn too_large(policy: &Policy) -> ApiError {
@@ -763,6 +959,15 @@ mod tests {
     use crate::auth::sha256_hex;
     use crate::config::compile;
     use crate::limits::MemoryStore;
+
+    fn test_env(store: &MemoryStore) -> BodyEnv<'_> {
+        BodyEnv {
+            store,
+            now_ms: 0,
+            worker: 0,
+            context: 1,
+        }
+    }
     use serde_json::Value;
 
     fn env(name: &str) -> Option<String> {
@@ -834,7 +1039,7 @@ mod tests {
         if matches!(h.next, Next::Reply(_)) {
             return (ex, h, Step::default());
         }
-        let b = ex.on_request_body(&p, &MemoryStore::new(), body.len(), true, 0, || {
+        let b = ex.on_request_body(&p, &test_env(&MemoryStore::new()), body.len(), true, || {
             Some(body.as_bytes().to_vec())
         });
         (ex, h, b)
@@ -997,15 +1202,15 @@ mod tests {
         let h = ex.on_request_headers(&p, &headers("POST", "/v1/chat/completions", &[ACME]), false);
         assert_eq!(h.next, Next::Pause);
         assert_eq!(
-            ex.on_request_body(&p, &MemoryStore::new(), 600, false, 0, || None)
+            ex.on_request_body(&p, &test_env(&MemoryStore::new()), 600, false, || None)
                 .next,
             Next::Pause
         );
-        let b = ex.on_request_body(&p, &MemoryStore::new(), 1001, false, 0, || None);
+        let b = ex.on_request_body(&p, &test_env(&MemoryStore::new()), 1001, false, || None);
         assert_eq!(reply_of(&b).0.status, 413);
         assert!(ex.replied_locally());
         assert_eq!(
-            ex.on_request_body(&p, &MemoryStore::new(), 1200, true, 0, || None),
+            ex.on_request_body(&p, &test_env(&MemoryStore::new()), 1200, true, || None),
             Step::default()
         );
     }

@@ -105,6 +105,12 @@ pub struct Labels {
 pub enum MetricKey {
     Counter(Counter, Labels),
     Histogram(Histogram, Option<ProviderId>, Option<ModelId>),
+    /// Histogram of time spent waiting for a full provider, by provider and tier.
+    QueueWait(ProviderId, Option<TenantId>),
+    /// Gauge: requests waiting for a provider, by priority (set from the shared queue).
+    QueueWaiting(ProviderId, u8),
+    /// Gauge: requests in flight to a provider with a capacity.
+    QueueInFlight(ProviderId),
 }
 
 /// Where metrics go: Envoy stats in the wasm build, a map in tests.
@@ -148,6 +154,21 @@ pub fn stat_name(policy: &Policy, key: &MetricKey) -> String {
         MetricKey::Histogram(h, p, m) => {
             format!("{};provider={};model={}", h.name(), provider(*p), model(*m))
         }
+        MetricKey::QueueWait(p, t) => format!(
+            "sluice_queue_wait_ms;provider={};tier={}",
+            provider(Some(*p)),
+            t.and_then(|t| policy.tenant(t))
+                .map_or(NONE, |t| t.tier.as_str())
+        ),
+        MetricKey::QueueInFlight(p) => {
+            format!("sluice_queue_in_flight;provider={}", provider(Some(*p)))
+        }
+        MetricKey::QueueWaiting(p, priority) => {
+            format!(
+                "sluice_queue_waiting;provider={};priority={priority}",
+                provider(Some(*p))
+            )
+        }
     }
 }
 
@@ -168,12 +189,14 @@ pub fn usage_labels(
 }
 
 /// Envoy `stats_tags` entries for these names (also in the Envoy configs and README).
-pub const STATS_TAGS: [(&str, &str); 5] = [
+pub const STATS_TAGS: [(&str, &str); 7] = [
     ("tenant", "(;tenant=([^;]*))"),
     ("model", "(;model=([^;]*))"),
     ("provider", "(;provider=([^;]*))"),
     ("outcome", "(;outcome=([^;]*))"),
     ("reason", "(;reason=([^;]*))"),
+    ("tier", "(;tier=([^;]*))"),
+    ("priority", "(;priority=([^;]*))"),
 ];
 
 #[cfg(test)]
@@ -181,12 +204,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn queue_metrics_carry_tier_and_priority_labels() {
+        let name = "sluice_queue_wait_ms;provider=openai;tier=gold";
+        assert!(STATS_TAGS.iter().any(|(t, _)| *t == "tier") && name.contains(";tier="));
+        assert!(STATS_TAGS.iter().any(|(t, _)| *t == "priority"));
+    }
+
+    #[test]
     fn tag_regexes_take_every_label_out_of_the_name() {
         let name = "sluice_requests_total;tenant=acme;model=gpt-4.1;provider=openai;outcome=success;reason=none";
         let mut rest = name.to_string();
         for (tag, _) in STATS_TAGS {
             let marker = format!(";{tag}=");
-            let start = rest.find(&marker).unwrap();
+            let Some(start) = rest.find(&marker) else {
+                continue;
+            };
             let end = rest[start + 1..]
                 .find(';')
                 .map_or(rest.len(), |i| start + 1 + i);

@@ -72,6 +72,16 @@ pub struct Tenant {
     pub allow_set: usize,
     pub limits: Limits,
     pub model_limits: HashMap<ModelId, Limits>,
+    pub queueing: Queueing,
+}
+
+/// How a tenant waits for a full provider (from its tier, queue length its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Queueing {
+    pub priority: u8,
+    pub weight: u32,
+    pub max_wait_ms: u64,
+    pub max_queue_length: u32,
 }
 
 /// Compiled limits; `None` means unlimited.
@@ -127,6 +137,8 @@ impl ModelCatalog {
 #[derive(Debug)]
 pub struct Provider {
     pub limits: Limits,
+    /// Requests in flight across all workers before new ones queue.
+    pub max_in_flight: Option<u32>,
     pub name: String,
     pub api: ApiFlavour,
     pub cluster: String,

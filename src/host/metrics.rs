@@ -27,7 +27,8 @@ impl HostMetrics {
         }
         let kind = match key {
             MetricKey::Counter(..) => MetricType::Counter,
-            MetricKey::Histogram(..) => MetricType::Histogram,
+            MetricKey::Histogram(..) | MetricKey::QueueWait(..) => MetricType::Histogram,
+            MetricKey::QueueWaiting(..) | MetricKey::QueueInFlight(..) => MetricType::Gauge,
         };
         let name = stat_name(&self.policy, &key);
         match hostcalls::define_metric(kind, &name) {
@@ -53,7 +54,11 @@ impl Metrics for HostMetrics {
             MetricKey::Counter(..) => {
                 hostcalls::increment_metric(id, i64::try_from(value).unwrap_or(i64::MAX))
             }
-            MetricKey::Histogram(..) => hostcalls::record_metric(id, value),
+            // Histograms take a sample, gauges take the value.
+            MetricKey::Histogram(..)
+            | MetricKey::QueueWait(..)
+            | MetricKey::QueueWaiting(..)
+            | MetricKey::QueueInFlight(..) => hostcalls::record_metric(id, value),
         };
         if let Err(s) = result {
             let _ = hostcalls::log(

@@ -5,20 +5,22 @@
 //! header values), so every host call here goes through `hostcalls` and handles errors.
 
 mod metrics;
+mod queue;
 mod store;
 
 use crate::config;
 use crate::headers::RequestHeaders;
-use crate::lifecycle::{Exchange, Next, Step};
+use crate::lifecycle::{queue_key, BodyEnv, Exchange, Next, Step, WaitState};
 use crate::policy::Policy;
 use crate::usage::Passthrough;
 use metrics::HostMetrics;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
-use std::cell::RefCell;
+use queue::{LocalQueue, LocalWaiter, TICK_MS};
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 use store::SharedData;
 
 /// Filter-state key of the usage record; the access log reads
@@ -49,6 +51,8 @@ struct SluiceRoot {
     metrics: Option<Rc<RefCell<HostMetrics>>>,
     /// Envoy's wasm log level was debug or lower at configure time.
     debug: bool,
+    /// Requests this worker holds in providers' fair queues (when any provider has a cap).
+    queue: Option<Rc<RefCell<LocalQueue>>>,
 }
 
 impl Context for SluiceRoot {}
@@ -89,6 +93,37 @@ impl RootContext for SluiceRoot {
                     ),
                 );
                 let policy = Rc::new(policy);
+                let capped: Vec<_> = policy
+                    .providers
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(id, p)| p.max_in_flight.map(|cap| (id, queue_key(&p.name), cap)))
+                    .collect();
+                self.queue = None;
+                if !capped.is_empty() {
+                    match crate::fairness::allocate_worker_id(&SharedData) {
+                        Ok(worker) => {
+                            self.queue =
+                                Some(Rc::new(RefCell::new(LocalQueue::new(worker, capped))));
+                            if let Err(s) =
+                                hostcalls::set_tick_period(Duration::from_millis(TICK_MS))
+                            {
+                                log(
+                                    LogLevel::Critical,
+                                    &format!("sluice: cannot set the queue tick: {s:?}"),
+                                );
+                                return false;
+                            }
+                        }
+                        Err(e) => {
+                            log(
+                                LogLevel::Critical,
+                                &format!("sluice: cannot allocate a worker id: {e:?}"),
+                            );
+                            return false;
+                        }
+                    }
+                }
                 self.metrics = Some(Rc::new(RefCell::new(HostMetrics::new(policy.clone()))));
                 self.policy = Some(policy);
                 self.debug = matches!(
@@ -105,8 +140,29 @@ impl RootContext for SluiceRoot {
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn on_tick(&mut self) {
+        let (Some(queue), Some(metrics)) = (&self.queue, &self.metrics) else {
+            return;
+        };
+        let now = now_ms();
+        // Resuming or answering a stream can run its callbacks right away: hold no
+        // metrics borrow across those host calls.
+        let report_due = match queue.try_borrow_mut() {
+            Ok(mut q) => q.tick(&SharedData, now),
+            Err(_) => false,
+        };
+        if report_due {
+            if let (Ok(q), Ok(mut m)) = (queue.try_borrow(), metrics.try_borrow_mut()) {
+                q.report(&SharedData, now, &mut *m);
+            }
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(SluiceHttp {
+            context_id,
+            queue: self.queue.clone(),
+            wait: None,
             policy: self.policy.clone(),
             metrics: self.metrics.clone(),
             debug: self.debug,
@@ -125,6 +181,19 @@ struct SluiceHttp {
     metrics: Option<Rc<RefCell<HostMetrics>>>,
     debug: bool,
     exchange: Exchange,
+    context_id: u32,
+    queue: Option<Rc<RefCell<LocalQueue>>>,
+    /// Set while (or after) this request waited in a fair queue; the root writes it.
+    wait: Option<Rc<Cell<WaitState>>>,
+}
+
+impl SluiceHttp {
+    /// Tells the exchange how its wait ended (the root resumed it or timed it out).
+    fn sync_wait(&mut self) {
+        if let Some(cell) = &self.wait {
+            self.exchange.wait_ended(cell.get());
+        }
+    }
 }
 
 impl SluiceHttp {
@@ -209,16 +278,40 @@ impl HttpContext for SluiceHttp {
             Ok(None) => Some(Vec::new()),
             Err(_) => None,
         };
-        let step = self.exchange.on_request_body(
-            &policy,
-            &SharedData,
-            body_size,
-            end_of_stream,
-            now_ms(),
-            read,
-        );
-        let routed = step.next == Next::Continue && step.set.iter().any(|(n, _)| n == ":path");
+        let env = BodyEnv {
+            store: &SharedData,
+            now_ms: now_ms(),
+            worker: self
+                .queue
+                .as_ref()
+                .and_then(|q| q.try_borrow().ok().map(|q| q.worker))
+                .unwrap_or(0),
+            context: self.context_id,
+        };
+        let step = self
+            .exchange
+            .on_request_body(&policy, &env, body_size, end_of_stream, read);
+        let routed =
+            step.set.iter().any(|(n, _)| n == ":path") && !matches!(step.next, Next::Reply(_));
         let action = self.apply(step, body_size);
+        if let (Some(wait), Some(queue)) = (self.exchange.queue_wait(), &self.queue) {
+            // Paused for a full provider: this worker resumes it when it wins a slot.
+            let state = Rc::new(Cell::new(WaitState::Waiting));
+            let waiter = LocalWaiter {
+                context: self.context_id,
+
+                key: wait.key.clone(),
+                capacity: wait.capacity,
+                since_ms: wait.since_ms,
+                deadline_ms: wait.deadline_ms,
+                flavour: self.exchange.flavour(),
+                state: state.clone(),
+            };
+            if let Ok(mut q) = queue.try_borrow_mut() {
+                q.add(waiter);
+            }
+            self.wait = Some(state);
+        }
         if self.debug && routed {
             // Names and ids only: keys and credentials never reach a log.
             if let (Some(owner), Some(route)) = (self.exchange.owner(), self.exchange.route()) {
@@ -242,6 +335,7 @@ impl HttpContext for SluiceHttp {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        self.sync_wait();
         let header = |name: &str| {
             hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
                 .ok()
@@ -306,34 +400,59 @@ impl HttpContext for SluiceHttp {
             .ok()
             .flatten()
             .and_then(|v| String::from_utf8(v).ok());
-        let Ok(mut metrics) = metrics.try_borrow_mut() else {
-            return;
-        };
-        let finished = self.exchange.finish(
-            &policy,
-            &SharedData,
-            details.as_deref(),
-            now_ms(),
-            &mut *metrics,
-        );
-        if let Some(done) = finished {
-            for failure in &done.settle_failures {
-                log(
-                    LogLevel::Warn,
-                    &format!("sluice: could not settle limit {failure}"),
-                );
-            }
-            if self.debug {
-                log(LogLevel::Debug, &format!("sluice: usage {}", done.record));
-            }
-            if let Err(s) =
-                hostcalls::set_property(vec![USAGE_PROPERTY], Some(done.record.as_bytes()))
-            {
-                log(
-                    LogLevel::Warn,
-                    &format!("sluice: cannot store the usage record: {s:?}"),
-                );
+        self.sync_wait();
+        if self.wait.is_some() {
+            if let Some(Ok(mut q)) = self.queue.as_ref().map(|q| q.try_borrow_mut()) {
+                q.forget(self.context_id);
             }
         }
+        let finished = match metrics.try_borrow_mut() {
+            Ok(mut m) => {
+                self.exchange
+                    .finish(&policy, &SharedData, details.as_deref(), now_ms(), &mut *m)
+            }
+            // Never lose the record or the settlement: count without metrics if must be.
+            Err(_) => self.exchange.finish(
+                &policy,
+                &SharedData,
+                details.as_deref(),
+                now_ms(),
+                &mut NoMetrics,
+            ),
+        };
+        let Some(done) = finished else {
+            return;
+        };
+        // The record first: claiming below switches the effective context to other streams.
+        if let Err(s) = hostcalls::set_property(vec![USAGE_PROPERTY], Some(done.record.as_bytes()))
+        {
+            log(
+                LogLevel::Warn,
+                &format!("sluice: cannot store the usage record: {s:?}"),
+            );
+        }
+        for failure in &done.settle_failures {
+            log(
+                LogLevel::Warn,
+                &format!("sluice: could not settle limit {failure}"),
+            );
+        }
+        if self.debug {
+            log(LogLevel::Debug, &format!("sluice: usage {}", done.record));
+        }
+        if done.released_slot {
+            // A provider slot just freed: let this worker's waiters claim it now.
+            if let Some(Ok(mut q)) = self.queue.as_ref().map(|q| q.try_borrow_mut()) {
+                q.claim(&SharedData, now_ms());
+            }
+            let _ = hostcalls::set_effective_context(self.context_id);
+        }
     }
+}
+
+/// Drops metrics when the real ones are busy (a re-entrant callback); records still count.
+struct NoMetrics;
+
+impl crate::metrics::Metrics for NoMetrics {
+    fn add(&mut self, _key: crate::metrics::MetricKey, _value: u64) {}
 }

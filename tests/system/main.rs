@@ -7,6 +7,7 @@ mod limits;
 
 mod auth;
 mod config;
+mod fairness;
 mod routing;
 mod sdk;
 mod streaming;
