@@ -187,8 +187,7 @@ pub fn admit(
             ErrorKind::LimiterBusy,
             "The gateway's limit state is busy; please retry shortly.",
         )
-        .with_header("retry-after", "1")
-        .with_header("retry-after-ms", "1000")),
+        .retry_after_ms(1000)),
         // Fail closed: without the shared counters no limit can be enforced.
         Admission::StoreFailed(e) => Err(ApiError::new(
             ErrorKind::Internal,
@@ -253,14 +252,12 @@ fn refusal(
                 format_reset(ms)
             ),
         )
-        .with_header("retry-after", ms.div_ceil(1000).max(1).to_string())
-        .with_header("retry-after-ms", ms.max(1).to_string()),
+        .retry_after_ms(ms),
         None if id.measure == LimitMeasure::ConcurrentRequests => ApiError::new(
             ErrorKind::LimitExceeded(id),
             format!("Too many concurrent requests for {whose}: limit {}. Retry when one finishes.", snap.limit),
         )
-        .with_header("retry-after", "1")
-        .with_header("retry-after-ms", "1000"),
+        .retry_after_ms(1000),
         // More than the bucket can ever hold: retrying cannot help.
         None => ApiError::new(
             ErrorKind::LimitExceeded(id),

@@ -203,6 +203,13 @@ impl ApiError {
         }
     }
 
+    /// Adds `retry-after` / `retry-after-ms` for a delay in milliseconds (at least 1 s
+    /// in whole seconds, as SDKs read `retry-after-ms` first, then `retry-after`).
+    pub fn retry_after_ms(self, ms: u64) -> Self {
+        self.with_header("retry-after", ms.div_ceil(1000).max(1).to_string())
+            .with_header("retry-after-ms", ms.max(1).to_string())
+    }
+
     pub fn with_header(mut self, name: &str, value: impl Into<String>) -> Self {
         self.headers.push((name.into(), value.into()));
         self

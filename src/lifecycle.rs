@@ -114,8 +114,7 @@ pub fn queue_timeout_reply(flavour: ApiFlavour, waited_ms: u64) -> LocalReply {
         ErrorKind::QueueTimeout,
         format!("The provider is at capacity; the request waited {waited_ms} ms without a free slot. Please retry later."),
     )
-    .with_header("retry-after", "1")
-    .with_header("retry-after-ms", "1000")
+    .retry_after_ms(1000)
     .reply(flavour)
 }
 
@@ -580,14 +579,12 @@ impl Exchange {
                     p.name, t.id, q.max_queue_length
                 ),
             )
-            .with_header("retry-after", "1")
-            .with_header("retry-after-ms", "1000")),
+            .retry_after_ms(1000)),
             Arrival::Contended => Err(ApiError::new(
                 ErrorKind::LimiterBusy,
                 "The gateway's queue state is busy; please retry shortly.",
             )
-            .with_header("retry-after", "1")
-            .with_header("retry-after-ms", "1000")),
+            .retry_after_ms(1000)),
             Arrival::StoreFailed(e) => Err(ApiError::new(
                 ErrorKind::Internal,
                 format!("The gateway could not read its queue state ({e})."),

@@ -29,7 +29,7 @@ mod sim;
 #[cfg(test)]
 mod tests;
 
-use crate::limits::{Store, StoreError};
+use crate::limits::{cas_update, CasFailure as Failure, Change as StoredChange, Store, StoreError};
 use state::State;
 pub use state::{COST, GRACE_MS, MAX_IDLE_FLOWS, MAX_WAITING};
 
@@ -112,20 +112,6 @@ pub struct FairQueue<'a, S: Store + ?Sized> {
 enum Change<T> {
     Write(State, T),
     Keep(T),
-}
-
-enum Failure {
-    Contended,
-    Host(String),
-}
-
-impl From<Failure> for StoreError {
-    fn from(failure: Failure) -> Self {
-        match failure {
-            Failure::Contended => StoreError::CasMismatch,
-            Failure::Host(message) => StoreError::Host(message),
-        }
-    }
 }
 
 impl<'a, S: Store + ?Sized> FairQueue<'a, S> {
@@ -246,33 +232,25 @@ impl<'a, S: Store + ?Sized> FairQueue<'a, S> {
         })
     }
 
-    /// The compare-and-set loop: read, decode, `apply`, prune and write with the cas read
-    /// (or [`CREATE_CAS`] for a missing key), retry on `CasMismatch`, at most `attempts`.
+    /// [`cas_update`] on this queue's key: decode, `apply`, prune and encode.
     fn update<T>(
         &self,
         attempts: u32,
         mut apply: impl FnMut(State) -> Change<T>,
     ) -> Result<T, Failure> {
-        for _ in 0..attempts {
-            let (state, cas) = match self.store.get(self.key) {
-                Ok(Some((value, cas))) => (State::decode(Some(&value)), cas),
-                Ok(None) => (State::default(), CREATE_CAS),
-                Err(StoreError::CasMismatch) => continue,
-                Err(StoreError::Host(message)) => return Err(Failure::Host(message)),
-            };
-            match apply(state) {
-                Change::Keep(result) => return Ok(result),
+        cas_update(
+            self.store,
+            self.key,
+            CREATE_CAS,
+            attempts,
+            |stored| match apply(State::decode(stored)) {
+                Change::Keep(result) => StoredChange::Keep(result),
                 Change::Write(mut state, result) => {
                     state.prune();
-                    match self.store.set(self.key, &state.encode(), cas) {
-                        Ok(()) => return Ok(result),
-                        Err(StoreError::CasMismatch) => continue,
-                        Err(StoreError::Host(message)) => return Err(Failure::Host(message)),
-                    }
+                    StoredChange::Write(state.encode(), result)
                 }
-            }
-        }
-        Err(Failure::Contended)
+            },
+        )
     }
 }
 

@@ -12,7 +12,7 @@
 
 use super::bucket::Bucket;
 use super::counter::{Quota, Slots};
-use super::store::{Store, StoreError};
+use super::store::{cas_update, CasFailure as Failure, Change, Store, StoreError};
 use super::{Admission, Demand, LimitKind, Snapshot, Taken};
 
 /// Attempts to take one demand before giving up with [`Admission::Contended`].
@@ -26,27 +26,6 @@ const CREATE_CAS: u32 = u32::MAX;
 pub struct Limiter<'a, S: Store + ?Sized> {
     store: &'a S,
     create_cas: u32,
-}
-
-/// What to do with the state read.
-enum Change<T> {
-    Write(Vec<u8>, T),
-    Keep(T),
-}
-
-#[derive(Debug)]
-enum Failure {
-    Contended,
-    Host(String),
-}
-
-impl From<Failure> for StoreError {
-    fn from(failure: Failure) -> Self {
-        match failure {
-            Failure::Contended => StoreError::CasMismatch,
-            Failure::Host(message) => StoreError::Host(message),
-        }
-    }
 }
 
 enum Take {
@@ -256,30 +235,13 @@ impl<'a, S: Store + ?Sized> Limiter<'a, S> {
         })
     }
 
-    /// The compare-and-set loop: read, `apply`, write with the cas read (or
-    /// [`CREATE_CAS`] for a missing key), retry on `CasMismatch`, at most `attempts` times.
+    /// [`cas_update`] on `key`, creating missing keys with this limiter's create cas.
     fn update<T>(
         &self,
         key: &str,
         attempts: u32,
-        mut apply: impl FnMut(Option<&[u8]>) -> Change<T>,
+        apply: impl FnMut(Option<&[u8]>) -> Change<T>,
     ) -> Result<T, Failure> {
-        for _ in 0..attempts {
-            let (stored, cas) = match self.store.get(key) {
-                Ok(Some((value, cas))) => (Some(value), cas),
-                Ok(None) => (None, self.create_cas),
-                Err(StoreError::CasMismatch) => continue,
-                Err(StoreError::Host(message)) => return Err(Failure::Host(message)),
-            };
-            match apply(stored.as_deref()) {
-                Change::Keep(result) => return Ok(result),
-                Change::Write(value, result) => match self.store.set(key, &value, cas) {
-                    Ok(()) => return Ok(result),
-                    Err(StoreError::CasMismatch) => continue,
-                    Err(StoreError::Host(message)) => return Err(Failure::Host(message)),
-                },
-            }
-        }
-        Err(Failure::Contended)
+        cas_update(self.store, key, self.create_cas, attempts, apply)
     }
 }

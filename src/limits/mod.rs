@@ -19,6 +19,7 @@ mod tests;
 
 pub use calendar::{format_reset, month_index, month_start_ms, ms_until_next_month, rfc3339};
 pub use limiter::Limiter;
+pub(crate) use store::{cas_update, CasFailure, Change};
 pub use store::{MemoryStore, Store, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
