@@ -236,3 +236,72 @@ async fn seed_scenario_shares_a_full_provider_fairly() {
     assert!(prom.contains("sluice_queue_in_flight"), "{prom}");
     gw.assert_vm_healthy().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_leaving_the_queue_free_their_places() {
+    let gw = Gateway::start_with(GatewayOptions {
+        concurrency: 2,
+        plugin_config: Some(Box::new(|v| {
+            v["providers"][0]["max_in_flight"] = 1.into();
+        })),
+        ..GatewayOptions::default()
+    })
+    .await;
+    let body = json!({"model": "gpt-4.1-mini", "max_tokens": 8, "messages": [{"role": "user", "content": "q"}]});
+    let send = |latency: u64| {
+        gw.client
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(ACME)
+            .header("x-mock-latency-ms", latency.to_string())
+            .json(&body)
+            .send()
+    };
+    // One slow request holds the only slot; three more queue behind it and give up.
+    let holder = send(3000);
+    let quitters = async {
+        // Let the holder take the slot first.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let waits = (0..3).map(|_| tokio::time::timeout(Duration::from_millis(300), send(0)));
+        for r in futures_util::future::join_all(waits).await {
+            assert!(
+                r.is_err(),
+                "a queued request was served while the slot was held"
+            );
+        }
+        // While the slot is still held, the shared queue must already be empty: the
+        // departed clients' places were cancelled, not left for the head to skip.
+        // (Workers refresh the gauges every second.)
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        let prom = gw.prometheus().await;
+        let gauge = |name: &str| {
+            prom.lines()
+                .filter(|l| l.starts_with(name))
+                .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as u64)
+                .sum::<u64>()
+        };
+        assert_eq!(gauge("sluice_queue_waiting"), 0, "{prom}");
+        assert_eq!(gauge("sluice_queue_in_flight"), 1, "{prom}");
+    };
+    let (held, ()) = tokio::join!(holder, quitters);
+    assert_eq!(held.unwrap().status(), 200);
+    // The next request is served at once: no ghost waits ahead of it, no slot leaked.
+    let start = Instant::now();
+    let resp = send(0).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        start.elapsed() < Duration::from_millis(500),
+        "waited {:?} behind departed clients",
+        start.elapsed()
+    );
+    let records = gw.access_log(5).await;
+    let aborted = records
+        .iter()
+        .filter(|r| r["sluice"]["outcome"] == "aborted")
+        .count();
+    assert_eq!(aborted, 3, "{records:?}");
+    assert_eq!(
+        gw.mocks.openai.requests().len(),
+        2,
+        "departed clients never reached the provider"
+    );
+}
