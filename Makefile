@@ -12,7 +12,7 @@ MOCK          := target/release/sluice-mock
 DEMO_KEYS     := OPENAI_API_KEY=sk-mock-openai ANTHROPIC_API_KEY=sk-mock-anthropic \
                  DEEPSEEK_API_KEY=sk-mock-deepseek GEMINI_API_KEY=sk-mock-gemini
 
-.PHONY: build wasm wasm-target envoy sdk mock setup test unit system lint fmt demo key clean fairness-report
+.PHONY: build wasm wasm-target envoy sdk mock setup test unit system lint fmt demo key clean fairness-report bench
 
 build: wasm
 
@@ -74,10 +74,23 @@ fairness-report: setup
 	  cargo test -p sluice --test system fairness -- --nocapture
 	$(PYTHON) scripts/fairness_report.py docs/fairness/run.json docs/fairness
 
+# The benchmark (loopback only, ~10 minutes): gateways side by side, then Criterion.
+# Installs its tools from registries: oha (crates.io) into .tools, LiteLLM (PyPI) into its
+# own virtualenv, matplotlib into .venv.
+BENCH_OUT ?= bench/results/latest
+bench: wasm mock envoy
+	cargo build --release --target wasm32-wasip1 -p sluice-bench-noop
+	@test -x .tools/bin/oha || cargo install oha --locked --root .tools
+	@test -x .venv-litellm/bin/litellm || { python3 -m venv .venv-litellm && \
+	  .venv-litellm/bin/pip install --quiet --disable-pip-version-check 'litellm[proxy]'; }
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check matplotlib
+	$(PYTHON) bench/run.py $(BENCH_OUT)
+	cargo bench --bench hot_paths
+
 # Prints a new tenant key and the digest to put in the configuration.
 key:
 	@scripts/new-key.sh
 
 clean:
 	cargo clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-litellm .tools

@@ -22,7 +22,9 @@ trap cleanup INT TERM EXIT
   --provider gemini,openai,127.0.0.1:18004,/v1beta/openai,GEMINI_API_KEY &
 pids+=($!)
 
-"$ENVOY" -c envoy/demo.yaml --concurrency 2 --disable-hot-restart --log-level info &
+# Usage records reach .run/access.log within a second (Envoy batches file writes).
+"$ENVOY" -c envoy/demo.yaml --concurrency 2 --disable-hot-restart --log-level info \
+  --file-flush-interval-msec 1000 &
 pids+=($!)
 
 for _ in $(seq 1 100); do

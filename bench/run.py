@@ -1,0 +1,469 @@
+"""make bench: Sluice against plain Envoy, a no-op Proxy-Wasm filter and LiteLLM, side by side.
+
+Loopback only, bounded in time. Every gateway talks to the same fast upstream (an Envoy
+direct_response serving a chat completion with usage) with the same request body:
+  (a) plain Envoy routing to the upstream            -- the floor
+  (b) Envoy + a no-op Proxy-Wasm filter              -- the Proxy-Wasm tax
+  (c) Envoy + Sluice, full path (auth, body routing, limits set high, usage on JSON)
+  (d) streaming: time to first byte through (a) and (c) from a paced SSE mock
+  (e) LiteLLM proxy with an equivalent key and model (skipped with --no-litellm)
+For each: saturation throughput, latency p50/p99/p99.9 at 25% and 50% of (a)'s saturation,
+the gateway's CPU microseconds per request (from /proc, robust on a noisy machine) and
+peak memory. Several repetitions; medians with min-max spread; ratios against (a).
+
+Usage: run.py OUT_DIR [--reps N] [--seconds S] [--no-litellm]
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / ".venv"
+ENVOY = VENV / "bin" / "envoy"
+WASM = ROOT / "target/wasm32-wasip1/release/sluice.wasm"
+NOOP_WASM = ROOT / "target/wasm32-wasip1/release/sluice_bench_noop.wasm"
+MOCK = ROOT / "target/release/sluice-mock"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+KEY = "sk-sluice-demo-acme"
+BODY = json.dumps(
+    {
+        "model": "gpt-4.1-mini",
+        "max_tokens": 64,
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Summarise the benefits of running an LLM gateway inside Envoy."},
+        ],
+    }
+)
+UPSTREAM_BODY = json.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "gpt-4.1-mini",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "Envoy gateways are fast. " * 8},
+             "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 31, "completion_tokens": 48, "total_tokens": 79,
+                  "prompt_tokens_details": {"cached_tokens": 0},
+                  "completion_tokens_details": {"reasoning_tokens": 0}},
+    }
+)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def need(path, how):
+    if not Path(path).exists():
+        sys.exit(f"bench: {path} is missing: {how}")
+
+
+def wait_http(url, seconds=30):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status < 500:
+                    return
+        except Exception:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} not ready")
+
+
+class Proc:
+    """A child process started in its own session, killed with its children."""
+
+    def __init__(self, args, log, env=None, cwd=ROOT):
+        self.log = open(log, "w")
+        self.p = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                  start_new_session=True)
+
+    def cpu_ticks(self):
+        """User + system ticks of the process and all its descendants."""
+        total = 0
+        for pid in [self.p.pid] + descendants(self.p.pid):
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+            except (FileNotFoundError, IndexError, ValueError):
+                pass
+        return total
+
+    def peak_rss_kb(self):
+        total = 0
+        for pid in [self.p.pid] + descendants(self.p.pid):
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1])
+            except FileNotFoundError:
+                pass
+        return total
+
+    def stop(self):
+        try:
+            os.killpg(self.p.pid, signal.SIGTERM)
+            self.p.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.log.close()
+
+
+def descendants(pid):
+    out = []
+    for child in Path("/proc").iterdir():
+        if not child.name.isdigit():
+            continue
+        try:
+            ppid = int((child / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            out.append(int(child.name))
+            out.extend(descendants(int(child.name)))
+    return out
+
+
+def envoy_yaml(listen, admin, filters, clusters, routes_to, extra=""):
+    return f"""
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
+{extra}
+static_resources:
+  listeners:
+  - name: bench
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{prefix: "/"}}
+                {routes_to}
+          http_filters:
+{filters}
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+              suppress_envoy_headers: true
+  clusters:
+{clusters}
+"""
+
+
+def cluster(name, port):
+    return f"""  - name: {name}
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: {name}
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]
+"""
+
+
+def noop_filter():
+    return f"""          - name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: noop
+                root_id: noop
+                failure_policy: FAIL_CLOSED
+                vm_config:
+                  vm_id: noop
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{local: {{filename: {NOOP_WASM}}}}}
+"""
+
+
+def sluice_yaml(tmp, listen, admin, upstream_port):
+    """The demo configuration, pointed at the bench upstream, limits out of the way."""
+    text = (ROOT / "envoy/demo.yaml").read_text()
+    for old, new in [("port_value: 9901", f"port_value: {admin}"), ("port_value: 10000", f"port_value: {listen}"),
+                     ("filename: target/wasm32-wasip1/release/sluice.wasm", f"filename: {WASM}"),
+                     ("path: .run/access.log", f"path: {tmp}/access.log")]:
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    for port in (18001, 18002, 18003, 18004):
+        text = text.replace(f"port_value: {port}", f"port_value: {upstream_port}")
+    lines = text.splitlines()
+    at = lines.index(next(l for l in lines if l.strip() == "value: |")) + 1
+    indent = len(lines[at]) - len(lines[at].lstrip())
+    end = at
+    while end < len(lines) and (not lines[end].strip() or len(lines[end]) - len(lines[end].lstrip()) >= indent):
+        end += 1
+    cfg = json.loads("\n".join(lines[at:end]))
+    cfg["tiers"]["gold"]["limits"] = {"requests_per_minute": 1_000_000_000, "tokens_per_minute": 1_000_000_000_000,
+                                      "concurrent_requests": 1_000_000}
+    lines[at:end] = [" " * indent + json.dumps(cfg)]
+    return "\n".join(lines) + "\n"
+
+
+ENV = dict(os.environ, OPENAI_API_KEY="sk-bench", ANTHROPIC_API_KEY="sk-bench", DEEPSEEK_API_KEY="sk-bench",
+           GEMINI_API_KEY="sk-bench")
+
+
+def start_envoy(tmp, name, yaml, admin, concurrency=1):
+    path = Path(tmp) / f"{name}.yaml"
+    path.write_text(yaml)
+    proc = Proc([str(ENVOY), "-c", str(path), "--concurrency", str(concurrency), "--disable-hot-restart",
+                 "--log-level", "warn", "--base-id", str(free_port())], Path(tmp) / f"{name}.log", env=ENV)
+    wait_http(f"http://127.0.0.1:{admin}/ready")
+    return proc
+
+
+def oha(url, seconds, conns, rate=None, headers=()):
+    args = [OHA, "-z", f"{seconds}s", "-c", str(conns), "--no-tui", "--output-format", "json", "-m", "POST",
+            "-H", "content-type: application/json", "-d", BODY]
+    for h in headers:
+        args += ["-H", h]
+    if rate:
+        args += ["-q", str(rate)]
+    out = subprocess.run(args + [url], capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def measure(gateway, url, headers, seconds, reps, rates):
+    """Saturation runs (throughput, CPU/request) and fixed-rate runs (latency)."""
+    sat = []
+    for _ in range(reps):
+        t0 = gateway.cpu_ticks()
+        r = oha(url, seconds, 32, headers=headers)
+        ticks = gateway.cpu_ticks() - t0
+        ok = sum(v for k, v in r["statusCodeDistribution"].items() if k.startswith("2"))
+        total = sum(r["statusCodeDistribution"].values())
+        sat.append({"rps": r["summary"]["requestsPerSec"], "ok": ok, "total": total,
+                    "cpu_us_per_req": ticks * 1e6 / CLK_TCK / max(ok, 1)})
+    lat = {}
+    for label, rate in rates.items():
+        runs = []
+        for _ in range(reps):
+            r = oha(url, seconds, 32, rate=rate, headers=headers)
+            p = r["latencyPercentiles"]
+            runs.append({"p50_us": p["p50"] * 1e6, "p99_us": p["p99"] * 1e6, "p999_us": p["p99.9"] * 1e6,
+                         "ok_ratio": sum(v for k, v in r["statusCodeDistribution"].items() if k.startswith("2"))
+                         / max(sum(r["statusCodeDistribution"].values()), 1)})
+        lat[label] = runs
+    return {"saturation": sat, "latency": lat, "peak_rss_kb": gateway.peak_rss_kb()}
+
+
+def med(values):
+    return statistics.median(values)
+
+
+def spread(values):
+    return f"{min(values):.0f}-{max(values):.0f}"
+
+
+def ttfb(url, headers, n):
+    """Median time to first byte and to last byte of a paced SSE stream, via curl."""
+    first, total = [], []
+    body = json.dumps({"model": "gpt-4.1-mini", "stream": True, "messages": [{"role": "user", "content": "stream"}]})
+    for _ in range(n):
+        args = ["curl", "-s", "-o", "/dev/null", "-w", "%{time_starttransfer} %{time_total}", url,
+                "-H", "content-type: application/json", "-H", "x-mock-chunks: 10", "-H", "x-mock-chunk-delay-ms: 20",
+                "-d", body]
+        for h in headers:
+            args += ["-H", h]
+        a, b = subprocess.run(args, capture_output=True, text=True, check=True).stdout.split()
+        first.append(float(a) * 1e6)
+        total.append(float(b) * 1e6)
+    return {"ttfb_us": med(first), "total_us": med(total), "ttfb_runs": first}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--no-litellm", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for path, how in [(ENVOY, "run `make envoy`"), (WASM, "run `make wasm`"), (NOOP_WASM, "run `make bench`"),
+                      (MOCK, "run `make mock`"), (OHA, "run `make bench` (installs oha)")]:
+        need(path, how)
+    tmp = tempfile.mkdtemp(prefix="sluice-bench-")
+    procs = []
+    results = {"machine": machine(), "reps": args.reps, "seconds": args.seconds, "configs": {}}
+    try:
+        up_port, up_admin = free_port(), free_port()
+        upstream = envoy_yaml(up_port, up_admin, "", "  []", f"""direct_response:
+                  status: 200
+                  body: {{inline_string: {json.dumps(UPSTREAM_BODY)}}}
+                response_headers_to_add: [{{header: {{key: content-type, value: application/json}}}}]""")
+        upstream = upstream.replace("  clusters:\n  []", "  clusters: []")
+        procs.append(start_envoy(tmp, "upstream", upstream, up_admin))
+        mock_port = free_port()
+        procs.append(Proc([str(MOCK), "--provider", f"openai,openai,127.0.0.1:{mock_port},/v1,OPENAI_API_KEY"],
+                          Path(tmp) / "mock.log", env=ENV))
+        wait_http(f"http://127.0.0.1:{mock_port}/__mock/requests")
+
+        def gateway(kind, upstream_port):
+            port, admin = free_port(), free_port()
+            if kind == "sluice":
+                yaml = sluice_yaml(tmp, port, admin, upstream_port)
+            else:
+                filters = noop_filter() if kind == "noop" else ""
+                yaml = envoy_yaml(port, admin, filters, cluster("upstream", upstream_port),
+                                  "route: {cluster: upstream, timeout: 60s}")
+            return start_envoy(tmp, f"{kind}-{upstream_port}", yaml, admin), f"http://127.0.0.1:{port}"
+
+        rates = None
+        auth = [f"authorization: Bearer {KEY}"]
+        for name, kind in [("a_plain_envoy", "plain"), ("b_noop_wasm", "noop"), ("c_sluice", "sluice")]:
+            gw, base = gateway(kind, up_port)
+            url = f"{base}/v1/chat/completions"
+            if rates is None:
+                probe = measure(gw, url, auth, args.seconds, 1, {})
+                sat = probe["saturation"][0]["rps"]
+                rates = {"25%": max(int(sat * 0.25), 1), "50%": max(int(sat * 0.5), 1)}
+                results["rates"] = rates
+            print(f"bench: {name} ...", flush=True)
+            results["configs"][name] = measure(gw, url, auth, args.seconds, args.reps, rates)
+            gw.stop()
+
+        # (d) streaming through (a) and (c) from the paced mock.
+        stream = {}
+        for name, kind in [("a_plain_envoy", "plain"), ("c_sluice", "sluice")]:
+            gw, base = gateway(kind, mock_port)
+            # Plain Envoy forwards the client's header, so it carries the mock's own key.
+            headers = auth if kind == "sluice" else ["authorization: Bearer sk-bench"]
+            stream[name] = ttfb(f"{base}/v1/chat/completions", headers, 30)
+            gw.stop()
+        results["streaming"] = stream
+
+        if not args.no_litellm:
+            results["configs"]["e_litellm"] = litellm(tmp, up_port, args, rates)
+    finally:
+        for p in procs:
+            p.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    report(results, out)
+
+
+def litellm(tmp, upstream_port, args, rates):
+    # Its own virtualenv: LiteLLM pins versions of the SDKs the tests use.
+    exe = ROOT / ".venv-litellm" / "bin" / "litellm"
+    need(exe, "run `make bench` (installs litellm[proxy])")
+    port = free_port()
+    cfg = Path(tmp) / "litellm.yaml"
+    cfg.write_text(f"""model_list:
+  - model_name: gpt-4.1-mini
+    litellm_params:
+      model: openai/gpt-4.1-mini
+      api_base: http://127.0.0.1:{upstream_port}/v1
+      api_key: sk-bench
+general_settings:
+  master_key: {KEY}
+litellm_settings:
+  drop_params: true
+""")
+    env = dict(ENV, LITELLM_LOG="ERROR", LITELLM_TELEMETRY="False")
+    proc = Proc([str(exe), "--config", str(cfg), "--port", str(port), "--host", "127.0.0.1", "--num_workers", "1"],
+                Path(tmp) / "litellm.log", env=env)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health/liveliness", seconds=120)
+        print("bench: e_litellm ...", flush=True)
+        return measure(proc, f"http://127.0.0.1:{port}/v1/chat/completions", [f"authorization: Bearer {KEY}"],
+                       args.seconds, args.reps, rates)
+    finally:
+        proc.stop()
+
+
+def machine():
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), "unknown")
+    envoy = subprocess.run([str(ENVOY), "--version"], capture_output=True, text=True).stdout.strip().split()[-1]
+    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": os.uname().release, "envoy": envoy}
+
+
+def report(results, out):
+    base = results["configs"]["a_plain_envoy"]
+    b_rps = med([r["rps"] for r in base["saturation"]])
+    b_cpu = med([r["cpu_us_per_req"] for r in base["saturation"]])
+    lines = [
+        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, kernel {results['machine']['kernel']}, "
+        f"Envoy {results['machine']['envoy']} (1 worker per gateway). {results['reps']} repetitions of "
+        f"{results['seconds']} s each; medians, with min-max in brackets. Fixed rates: {results['rates']['25%']} and "
+        f"{results['rates']['50%']} requests/s (25% and 50% of (a)'s saturation in a probe run).",
+        "",
+        "| config | saturation req/s | vs (a) | CPU us/request | vs (a) | p50 / p99 / p99.9 us @25% | p50 / p99 / p99.9 us @50% | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results["configs"].items():
+        rps = [x["rps"] for x in r["saturation"]]
+        cpu = [x["cpu_us_per_req"] for x in r["saturation"]]
+        cells = []
+        for label in ("25%", "50%"):
+            runs = r["latency"][label]
+            cells.append(" / ".join(f"{med([x[k] for x in runs]):.0f}" for k in ("p50_us", "p99_us", "p999_us"))
+                         + ("" if min(x["ok_ratio"] for x in runs) > 0.999 else " (errors)"))
+        lines.append(f"| {name} | {med(rps):.0f} [{spread(rps)}] | {med(rps) / b_rps:.2f} | {med(cpu):.1f} [{spread(cpu)}] | "
+                     f"{med(cpu) / b_cpu:.2f} | {cells[0]} | {cells[1]} | {r['peak_rss_kb'] / 1024:.0f} |")
+    s = results["streaming"]
+    added = s["c_sluice"]["ttfb_us"] - s["a_plain_envoy"]["ttfb_us"]
+    lines += [
+        "",
+        f"Streaming (d), 30 sequential SSE requests of 10 chunks 20 ms apart through (a) and (c): median time to first "
+        f"byte {s['a_plain_envoy']['ttfb_us']:.0f} us vs {s['c_sluice']['ttfb_us']:.0f} us (added {added:.0f} us); "
+        f"median time to last byte {s['a_plain_envoy']['total_us'] / 1000:.1f} ms vs {s['c_sluice']['total_us'] / 1000:.1f} ms "
+        "(chunks are not held: the first byte arrives long before the stream ends).",
+    ]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        names = list(results["configs"])
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        ax1.bar(names, [med([x["cpu_us_per_req"] for x in results["configs"][n]["saturation"]]) for n in names])
+        ax1.set_ylabel("gateway CPU us per request (lower is better)")
+        ax1.set_yscale("log")
+        for label, shift in (("25%", -0.2), ("50%", 0.2)):
+            ax2.bar([i + shift for i in range(len(names))],
+                    [med([x["p99_us"] for x in results["configs"][n]["latency"][label]]) for n in names], width=0.4,
+                    label=f"p99 @ {label} of (a)'s saturation")
+        ax2.set_xticks(range(len(names)), names)
+        ax2.set_ylabel("latency p99 (us)")
+        ax2.set_yscale("log")
+        ax2.legend(fontsize=8)
+        for ax in (ax1, ax2):
+            ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "results.png", dpi=90)
+    except ImportError:
+        print("bench: matplotlib missing, no plot")
+
+
+# Installed by `make bench` into the project (cargo install --root .tools).
+OHA = str(ROOT / ".tools/bin/oha")
+
+if __name__ == "__main__":
+    main()
