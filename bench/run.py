@@ -200,8 +200,9 @@ def noop_filter():
 """
 
 
-def sluice_yaml(tmp, listen, admin, upstream_port):
-    """The demo configuration, pointed at the bench upstream, limits out of the way."""
+def sluice_yaml(tmp, listen, admin, upstream_port, access_log=True, limits=True):
+    """The demo configuration, pointed at the bench upstream, limits out of the way.
+    The ablation variants drop the access log (Envoy's work) and the limits (shared data)."""
     text = (ROOT / "envoy/demo.yaml").read_text()
     for old, new in [("port_value: 9901", f"port_value: {admin}"), ("port_value: 10000", f"port_value: {listen}"),
                      ("filename: target/wasm32-wasip1/release/sluice.wasm", f"filename: {WASM}"),
@@ -218,9 +219,14 @@ def sluice_yaml(tmp, listen, admin, upstream_port):
         end += 1
     cfg = json.loads("\n".join(lines[at:end]))
     cfg["tiers"]["gold"]["limits"] = {"requests_per_minute": 1_000_000_000, "tokens_per_minute": 1_000_000_000_000,
-                                      "concurrent_requests": 1_000_000}
+                                      "concurrent_requests": 1_000_000} if limits else {}
     lines[at:end] = [" " * indent + json.dumps(cfg)]
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    if not access_log:
+        start = text.index("          access_log:")
+        end = text.index("          route_config:")
+        text = text[:start] + text[end:]
+    return text
 
 
 ENV = dict(os.environ, OPENAI_API_KEY="sk-bench", ANTHROPIC_API_KEY="sk-bench", DEEPSEEK_API_KEY="sk-bench",
@@ -301,6 +307,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--no-litellm", action="store_true")
+    ap.add_argument("--only-ablation", action="store_true", help="(a), (c) and the ablation only")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -327,6 +334,10 @@ def main():
             port, admin = free_port(), free_port()
             if kind == "sluice":
                 yaml = sluice_yaml(tmp, port, admin, upstream_port)
+            elif kind == "sluice-nolog":
+                yaml = sluice_yaml(tmp, port, admin, upstream_port, access_log=False)
+            elif kind == "sluice-nolog-nolimits":
+                yaml = sluice_yaml(tmp, port, admin, upstream_port, access_log=False, limits=False)
             else:
                 filters = noop_filter() if kind == "noop" else ""
                 yaml = envoy_yaml(port, admin, filters, cluster("upstream", upstream_port),
@@ -336,6 +347,8 @@ def main():
         rates = None
         auth = [f"authorization: Bearer {KEY}"]
         for name, kind in [("a_plain_envoy", "plain"), ("b_noop_wasm", "noop"), ("c_sluice", "sluice")]:
+            if args.only_ablation and kind == "noop":
+                continue
             gw, base = gateway(kind, up_port)
             url = f"{base}/v1/chat/completions"
             if rates is None:
@@ -347,6 +360,16 @@ def main():
             results["configs"][name] = measure(gw, url, auth, args.seconds, args.reps, rates)
             gw.stop()
 
+        # Ablation of (c): CPU per request without Envoy's access log, then without limits.
+        ablation = {}
+        for name, kind in [("c1_sluice_no_access_log", "sluice-nolog"),
+                           ("c2_sluice_no_access_log_no_limits", "sluice-nolog-nolimits")]:
+            gw, base = gateway(kind, up_port)
+            print(f"bench: {name} ...", flush=True)
+            ablation[name] = measure(gw, f"{base}/v1/chat/completions", auth, args.seconds, args.reps, {})
+            gw.stop()
+        results["ablation"] = ablation
+
         # (d) streaming through (a) and (c) from the paced mock.
         stream = {}
         for name, kind in [("a_plain_envoy", "plain"), ("c_sluice", "sluice")]:
@@ -357,7 +380,7 @@ def main():
             gw.stop()
         results["streaming"] = stream
 
-        if not args.no_litellm:
+        if not args.no_litellm and not args.only_ablation:
             results["configs"]["e_litellm"] = litellm(tmp, up_port, args, rates)
     finally:
         for p in procs:
@@ -426,6 +449,12 @@ def report(results, out):
                          + ("" if min(x["ok_ratio"] for x in runs) > 0.999 else " (errors)"))
         lines.append(f"| {name} | {med(rps):.0f} [{spread(rps)}] | {med(rps) / b_rps:.2f} | {med(cpu):.1f} [{spread(cpu)}] | "
                      f"{med(cpu) / b_cpu:.2f} | {cells[0]} | {cells[1]} | {r['peak_rss_kb'] / 1024:.0f} |")
+    lines += ["", "Ablation of (c), saturation runs only (where Sluice's CPU goes):", "",
+              "| variant | saturation req/s | CPU us/request | vs (a) |", "|---|---|---|---|"]
+    for name, r in results.get("ablation", {}).items():
+        rps = [x["rps"] for x in r["saturation"]]
+        cpu = [x["cpu_us_per_req"] for x in r["saturation"]]
+        lines.append(f"| {name} | {med(rps):.0f} [{spread(rps)}] | {med(cpu):.1f} [{spread(cpu)}] | {med(cpu) / b_cpu:.2f} |")
     s = results["streaming"]
     added = s["c_sluice"]["ttfb_us"] - s["a_plain_envoy"]["ttfb_us"]
     lines += [
