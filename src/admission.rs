@@ -149,7 +149,7 @@ pub fn admit(
         });
     }
     let list: Vec<Demand> = wanted.iter().map(|(_, d)| d.clone()).collect();
-    let tenant_name = policy.tenant(tenant).map_or("?", |t| t.id.as_str());
+
     match Limiter::new(store).admit(&list, now_ms) {
         Admission::Admitted { taken, snapshots } => {
             let ids: Vec<LimitId> = wanted.iter().map(|(id, _)| *id).collect();
@@ -173,12 +173,13 @@ pub fn admit(
                     "limit index out of range",
                 ));
             };
+            let whose = scope_text(policy, id.scope, tenant, model, provider);
             Err(refusal(
                 *id,
                 demand,
                 &snapshot,
                 retry_after_ms,
-                tenant_name,
+                &whose,
                 flavour,
                 now_ms,
             ))
@@ -206,16 +207,26 @@ fn measure_text(m: LimitMeasure) -> &'static str {
     }
 }
 
-fn scope_text(scope: LimitScope, tenant: &str, demand: &Demand) -> String {
+/// Whose limit it is, for messages: names from the policy, never parsed back from keys.
+fn scope_text(
+    policy: &Policy,
+    scope: LimitScope,
+    tenant: TenantId,
+    model: ModelId,
+    provider: ProviderId,
+) -> String {
+    let tenant = policy.tenant(tenant).map_or("?", |t| t.id.as_str());
     match scope {
         LimitScope::Tenant => format!("tenant `{tenant}`"),
-        LimitScope::TenantModel => format!(
-            "tenant `{tenant}` on model `{}`",
-            demand.key.rsplit(':').nth(1).unwrap_or("?")
-        ),
+        LimitScope::TenantModel => {
+            format!(
+                "tenant `{tenant}` on model `{}`",
+                policy.model(model).map_or("?", |m| m.name.as_str())
+            )
+        }
         LimitScope::Provider => format!(
             "provider `{}`",
-            demand.key.rsplit(':').nth(1).unwrap_or("?")
+            policy.provider(provider).map_or("?", |p| p.name.as_str())
         ),
     }
 }
@@ -225,11 +236,10 @@ fn refusal(
     demand: &Demand,
     snap: &Snapshot,
     retry_after_ms: Option<u64>,
-    tenant: &str,
+    whose: &str,
     flavour: ApiFlavour,
     now_ms: u64,
 ) -> ApiError {
-    let whose = scope_text(id.scope, tenant, demand);
     let what = measure_text(id.measure);
     if id.is_quota() {
         let resets = rfc3339(now_ms.saturating_add(snap.reset_ms).saturating_add(999));

@@ -1,6 +1,7 @@
 //! The few request-body fields the gateway needs, and a byte-exact model rewrite.
 
 use crate::errors::{ApiError, ErrorKind};
+use crate::usage::{Content, Input, Messages, PromptParts, TextOnly};
 use serde::Deserialize;
 use std::borrow::Cow;
 
@@ -20,6 +21,8 @@ pub struct RequestFields {
     /// The output cap the client set (`max_tokens`, `max_completion_tokens` or
     /// `max_output_tokens`; the largest if several), used to reserve tokens.
     pub max_output_tokens: Option<u64>,
+    /// What the prompt-token estimate needs, counted during the same parse.
+    pub prompt: PromptParts,
 }
 
 #[derive(Deserialize)]
@@ -36,6 +39,15 @@ struct Probe<'a> {
     max_completion_tokens: Option<u64>,
     #[serde(default)]
     max_output_tokens: Option<u64>,
+    // Counted, not stored: the prompt estimate without a second parse of the body.
+    #[serde(default)]
+    messages: Messages,
+    #[serde(default)]
+    system: Content,
+    #[serde(default)]
+    instructions: TextOnly,
+    #[serde(default)]
+    input: Input,
 }
 
 #[derive(Deserialize)]
@@ -110,6 +122,12 @@ pub fn parse_request(raw: &[u8]) -> Result<RequestFields, ApiError> {
         .into_iter()
         .flatten()
         .max(),
+        prompt: PromptParts {
+            messages: probe.messages,
+            system: probe.system,
+            instructions: probe.instructions,
+            input: probe.input,
+        },
     })
 }
 
@@ -299,7 +317,8 @@ mod tests {
                 model: "gpt-4.1".into(),
                 stream: true,
                 include_usage: false,
-                max_output_tokens: None
+                max_output_tokens: None,
+                prompt: f.prompt
             }
         );
         let f = parse_request(
@@ -325,6 +344,38 @@ mod tests {
         }
         let f = parse_request(br#" {"model":"gpt\u002d4"}"#).unwrap();
         assert_eq!(f.model, "gpt-4");
+    }
+
+    #[test]
+    fn the_prompt_is_counted_in_the_same_parse_as_the_standalone_estimate() {
+        use crate::usage::{estimate_prompt_tokens_for, ResponseShape};
+        let bodies: [&[u8]; 4] = [
+            br#"{"model":"m","system":"be brief","messages":[{"role":"user","content":[{"type":"text","text":"hello there"}]},{"role":"assistant","content":"hi"}]}"#,
+            br#"{"model":"m","instructions":"x","input":[{"role":"user","content":"abcdefgh"},{"type":"function_call_output","output":"ok"}]}"#,
+            br#"{"model":"m","input":["alpha beta",[1,2,3]]}"#,
+            br#"{"model":"m","input":"one string","tools":[{"type":"function"}]}"#,
+        ];
+        for body in bodies {
+            let parts = parse_request(body).unwrap().prompt;
+            for shape in [
+                ResponseShape::ChatCompletions,
+                ResponseShape::Responses,
+                ResponseShape::Embeddings,
+            ] {
+                assert_eq!(
+                    parts.tokens(shape),
+                    estimate_prompt_tokens_for(shape, body),
+                    "{shape:?}"
+                );
+            }
+        }
+        assert_eq!(
+            parse_request(bodies[0])
+                .unwrap()
+                .prompt
+                .tokens(ResponseShape::ChatCompletions),
+            (2 + 4) + (3 + 4) + (1 + 4) + 3
+        );
     }
 
     #[test]

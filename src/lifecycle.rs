@@ -17,9 +17,7 @@ use crate::limits::Store;
 use crate::metrics::{usage_labels, Counter, Histogram, Labels, MetricKey, Metrics, Outcome};
 use crate::policy::{ModelId, Policy, ProviderId};
 use crate::routing::{split_path, upstream_path, Endpoint};
-use crate::usage::{
-    estimate_prompt_tokens_for, MeterResult, Passthrough, ResponseShape, TokenUsage, UsageMeter,
-};
+use crate::usage::{MeterResult, Passthrough, ResponseShape, TokenUsage, UsageMeter};
 use serde_json::json;
 
 /// What the host must do after a callback.
@@ -204,6 +202,12 @@ impl Exchange {
     /// The API dialect of the client (errors, headers).
     pub fn flavour(&self) -> ApiFlavour {
         self.flavour
+    }
+
+    /// True when `finish` needs Envoy's `response.code_details` to tell how the stream
+    /// ended: not for local replies, nor for responses that completed.
+    pub fn needs_end_details(&self) -> bool {
+        self.local.is_none() && !self.response.as_ref().is_some_and(|r| r.complete)
     }
 
     /// True while response chunks must be read (a usage meter is running).
@@ -404,6 +408,7 @@ impl Exchange {
             stream,
             include_usage,
             max_output_tokens,
+            prompt,
         } = parse_request(raw)?;
 
         let model_id = policy
@@ -449,7 +454,7 @@ impl Exchange {
             .ok_or_else(|| ApiError::new(ErrorKind::Internal, "endpoint is not forwardable"))?;
 
         // Reserve what the request may use, in one decision over every limit.
-        let prompt_estimate = estimate_prompt_tokens_for(response_shape(&endpoint), raw);
+        let prompt_estimate = prompt.tokens(response_shape(&endpoint));
         let output_cap = match endpoint {
             Endpoint::Embeddings => 0,
             _ => max_output_tokens.unwrap_or(policy.default_max_output_tokens),
@@ -955,6 +960,7 @@ mod tests {
     use super::*;
     use crate::auth::sha256_hex;
     use crate::config::compile;
+    use crate::fairness::{FairQueue, Owner};
     use crate::limits::MemoryStore;
 
     fn test_env(store: &MemoryStore) -> BodyEnv<'_> {
@@ -1477,5 +1483,171 @@ mod tests {
         assert_eq!(record["model"], "gpt-4.1");
         assert_eq!(record["status"], 403);
         assert_eq!(m.counter(Counter::InputTokens), 0);
+    }
+
+    /// One provider with room for one request in flight; acme may queue one more.
+    fn queued_policy() -> Policy {
+        let cfg = json!({
+            "providers": [{"name": "openai", "api": "openai", "cluster": "openai", "path_prefix": "/v1",
+                           "api_key_env": "OPENAI", "max_in_flight": 1},
+                          {"name": "anthropic", "api": "anthropic", "cluster": "anthropic", "path_prefix": "/v1",
+                           "api_key_env": "ANTHROPIC", "max_in_flight": 1}],
+            "models": [{"name": "gpt-4.1", "providers": ["openai", "anthropic"], "price": {"input": 2, "output": 8}}],
+            "tiers": {"gold": {"models": ["*"], "max_queue_wait_ms": 500}},
+            "tenants": [{"id": "acme", "tier": "gold", "max_queue_length": 1,
+                         "keys": [{"id": "k1", "sha256": sha256_hex("sk-acme")}]}]
+        });
+        compile(cfg.to_string().as_bytes(), &env).unwrap()
+    }
+
+    /// Sends one request through both callbacks as stream `context` of worker 1.
+    fn queued(
+        p: &Policy,
+        store: &MemoryStore,
+        context: u32,
+        path: &str,
+        key: (&str, &str),
+    ) -> (Exchange, Step) {
+        let body = r#"{"model":"gpt-4.1","messages":[]}"#;
+        let mut ex = Exchange::new();
+        ex.on_request_headers(p, &headers("POST", path, &[key]), false);
+        let env = BodyEnv {
+            store,
+            now_ms: 1_000,
+            worker: 1,
+            context,
+        };
+        let step = ex.on_request_body(p, &env, body.len(), true, || Some(body.as_bytes().to_vec()));
+        (ex, step)
+    }
+
+    #[test]
+    fn a_full_provider_queues_then_resumes_and_every_slot_is_released() {
+        let p = queued_policy();
+        let store = MemoryStore::new();
+        let (mut first, step) = queued(&p, &store, 1, "/v1/chat/completions", ACME);
+        assert_eq!(step.next, Next::Continue, "a free slot is taken at once");
+        assert!(first.queue_wait().is_none());
+        let (mut second, step) = queued(&p, &store, 2, "/v1/chat/completions", ACME);
+        assert_eq!(step.next, Next::Pause, "the provider is full: wait");
+        assert_eq!(
+            set(&step, CLUSTER_HEADER),
+            Some("openai"),
+            "routed before waiting"
+        );
+        let wait = second.queue_wait().unwrap().clone();
+        assert_eq!(wait.deadline_ms, 1_500);
+
+        // The first finishes and frees its slot; worker 1 claims it for the waiter.
+        let mut m = FakeMetrics::default();
+        assert!(
+            first
+                .finish(&p, &store, None, 1_100, &mut m)
+                .unwrap()
+                .released_slot
+        );
+        let queue = FairQueue::new(&store, &wait.key, wait.capacity);
+        assert_eq!(
+            queue.claim_for_worker(1, 1_100).unwrap(),
+            [Owner {
+                worker: 1,
+                context: 2
+            }]
+        );
+        second.wait_ended(WaitState::Resumed { at_ms: 1_100 });
+        second.on_response_headers(200, Some("application/json"), false, 1_150);
+        second.on_response_body(CHAT_JSON.as_bytes(), true, 1_160);
+        let done = second.finish(&p, &store, None, 1_200, &mut m).unwrap();
+        assert!(done.released_slot);
+        let record: Value = serde_json::from_str(&done.record).unwrap();
+        assert_eq!(record["queue_wait_ms"], 100);
+        assert_eq!(record["outcome"], "success");
+        assert!(m
+            .0
+            .iter()
+            .any(|(k, v)| matches!(k, MetricKey::QueueWait(..)) && *v == 100));
+        let stats = queue.stats().unwrap();
+        assert_eq!(
+            (stats.in_flight, stats.waiting),
+            (0, 0),
+            "nothing held afterwards"
+        );
+    }
+
+    #[test]
+    fn a_wait_past_the_tier_maximum_is_a_rejection_in_the_apis_format() {
+        for (path, key, status, kind) in [
+            ("/v1/chat/completions", ACME, 503, "server_error"),
+            (
+                "/v1/messages",
+                ("x-api-key", "sk-acme"),
+                529,
+                "overloaded_error",
+            ),
+        ] {
+            let p = queued_policy();
+            let store = MemoryStore::new();
+            let (_holder, _) = queued(&p, &store, 1, path, key);
+            let (mut waiter, step) = queued(&p, &store, 2, path, key);
+            assert_eq!(step.next, Next::Pause);
+            let reply = queue_timeout_reply(waiter.flavour(), 500);
+            let body: Value = serde_json::from_str(&reply.body).unwrap();
+            assert_eq!(reply.status, status, "{path}");
+            assert_eq!(reply.header("retry-after"), Some("1"));
+            assert_eq!(reply.header("x-sluice-reason"), Some("queue_timeout"));
+            let found = body["error"]["type"].as_str().map(str::to_string);
+            assert_eq!(found.as_deref(), Some(kind), "{path}: {body}");
+            // The host cancelled the place and sent that reply.
+            let wait = waiter.queue_wait().unwrap().clone();
+            assert!(FairQueue::new(&store, &wait.key, 1)
+                .cancel(Owner {
+                    worker: 1,
+                    context: 2
+                })
+                .unwrap());
+            waiter.wait_ended(WaitState::TimedOut);
+            assert!(!waiter.needs_end_details());
+            let done = waiter
+                .finish(&p, &store, None, 1_600, &mut FakeMetrics::default())
+                .unwrap();
+            let record: Value = serde_json::from_str(&done.record).unwrap();
+            assert_eq!(
+                (record["outcome"].as_str(), record["reason"].as_str()),
+                (Some("rejected"), Some("queue_timeout"))
+            );
+            assert_eq!(record["status"], status);
+            assert!(!done.released_slot, "a timed-out request never held a slot");
+        }
+    }
+
+    #[test]
+    fn a_full_queue_refuses_at_once_and_a_departed_waiter_gives_up_its_place() {
+        let p = queued_policy();
+        let store = MemoryStore::new();
+        let (_holder, _) = queued(&p, &store, 1, "/v1/chat/completions", ACME);
+        let (mut waiter, _) = queued(&p, &store, 2, "/v1/chat/completions", ACME);
+        let (_, step) = queued(&p, &store, 3, "/v1/chat/completions", ACME);
+        let (reply, body) = reply_of(&step);
+        assert_eq!(
+            (reply.status, reply.header("x-sluice-reason")),
+            (429, Some("queue_full"))
+        );
+        assert_eq!(reply.header("retry-after"), Some("1"));
+        assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+        // The waiter's client goes away: finish gives up its place, so another may queue.
+        let done = waiter.finish(
+            &p,
+            &store,
+            Some("downstream_remote_disconnect"),
+            1_200,
+            &mut FakeMetrics::default(),
+        );
+        assert!(!done.unwrap().released_slot);
+        let (_, step) = queued(&p, &store, 4, "/v1/chat/completions", ACME);
+        assert_eq!(
+            step.next,
+            Next::Pause,
+            "the departed waiter's place is free again"
+        );
     }
 }

@@ -161,6 +161,11 @@ impl RootContext for SluiceRoot {
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(SluiceHttp {
             context_id,
+            worker: self
+                .queue
+                .as_ref()
+                .and_then(|q| q.try_borrow().ok().map(|q| q.worker))
+                .unwrap_or(0),
             queue: self.queue.clone(),
             wait: None,
             policy: self.policy.clone(),
@@ -182,6 +187,8 @@ struct SluiceHttp {
     debug: bool,
     exchange: Exchange,
     context_id: u32,
+    /// This VM's worker id (0 when no provider has a queue).
+    worker: u32,
     queue: Option<Rc<RefCell<LocalQueue>>>,
     /// Set while (or after) this request waited in a fair queue; the root writes it.
     wait: Option<Rc<Cell<WaitState>>>,
@@ -281,11 +288,7 @@ impl HttpContext for SluiceHttp {
         let env = BodyEnv {
             store: &SharedData,
             now_ms: now_ms(),
-            worker: self
-                .queue
-                .as_ref()
-                .and_then(|q| q.try_borrow().ok().map(|q| q.worker))
-                .unwrap_or(0),
+            worker: self.worker,
             context: self.context_id,
         };
         let step = self
@@ -396,11 +399,16 @@ impl HttpContext for SluiceHttp {
         let (Some(policy), Some(metrics)) = (self.policy.clone(), self.metrics.clone()) else {
             return;
         };
-        let details = hostcalls::get_property(vec!["response", "code_details"])
-            .ok()
-            .flatten()
-            .and_then(|v| String::from_utf8(v).ok());
         self.sync_wait();
+        // One host call fewer for the usual request: only an unfinished stream needs it.
+        let details = if self.exchange.needs_end_details() {
+            hostcalls::get_property(vec!["response", "code_details"])
+                .ok()
+                .flatten()
+                .and_then(|v| String::from_utf8(v).ok())
+        } else {
+            None
+        };
         if self.wait.is_some() {
             if let Some(Ok(mut q)) = self.queue.as_ref().map(|q| q.try_borrow_mut()) {
                 q.forget(self.context_id);

@@ -20,7 +20,8 @@ mod sse;
 mod tests;
 
 pub use estimate::{
-    estimate_prompt_tokens, estimate_prompt_tokens_for, estimate_tokens_from_chars,
+    estimate_prompt_tokens, estimate_prompt_tokens_for, estimate_tokens_from_chars, Content, Input,
+    Messages, PromptParts, TextOnly,
 };
 pub use meter::UsageMeter;
 
