@@ -12,7 +12,7 @@ MOCK          := target/release/sluice-mock
 DEMO_KEYS     := OPENAI_API_KEY=sk-mock-openai ANTHROPIC_API_KEY=sk-mock-anthropic \
                  DEEPSEEK_API_KEY=sk-mock-deepseek GEMINI_API_KEY=sk-mock-gemini
 
-.PHONY: build wasm wasm-target envoy sdk mock setup test unit system lint fmt demo key clean fairness-report bench
+.PHONY: build wasm wasm-target envoy sdk mock setup test unit system lint fmt demo key clean fairness-report bench bench-hostcalls bench-vm
 
 build: wasm
 
@@ -56,7 +56,7 @@ system: setup
 
 lint: wasm-target
 	cargo fmt --all -- --check
-	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy --workspace --all-targets --all-features -- -D warnings
 	cargo clippy -p sluice --lib --target wasm32-wasip1 -- -D warnings
 
 fmt:
@@ -85,7 +85,19 @@ bench: wasm mock envoy
 	  .venv-litellm/bin/pip install --quiet --disable-pip-version-check 'litellm[proxy]'; }
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check matplotlib
 	$(PYTHON) bench/run.py $(BENCH_OUT)
-	cargo bench --bench hot_paths
+	cargo bench --bench hot_paths --features vm-bench
+
+# Where Sluice's CPU goes (about 6 minutes): the price of each kind of host call, from a
+# probe filter that makes only those calls, then the steps from a no-op filter to Sluice.
+bench-hostcalls: wasm envoy
+	cargo build --release --target wasm32-wasip1 -p sluice-bench-noop
+	@test -x .tools/bin/oha || cargo install oha --locked --root .tools
+	$(PYTHON) bench/hostcalls.py $(BENCH_OUT)
+
+# Sluice's pure request path timed inside Envoy's V8 (a diagnostics build, never shipped).
+bench-vm: envoy
+	cargo build --release --target wasm32-wasip1 --features vm-bench --target-dir target/vm-bench
+	cd bench && ../$(PYTHON) vm.py ../target/vm-bench/wasm32-wasip1/release/sluice.wasm
 
 # Prints a new tenant key and the digest to put in the configuration.
 key:

@@ -175,6 +175,24 @@ static_resources:
 """
 
 
+def upstream_yaml(port, admin):
+    """The fast upstream: an Envoy direct_response with a chat completion and usage.
+
+    It reads each request to its end before answering. Answering a POST before its body
+    has arrived makes an HTTP/1.1 server close the connection, and every gateway then
+    paid a new upstream connection per request, unlike with a real provider."""
+    buffer = """          - name: envoy.filters.http.buffer
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer
+              max_request_bytes: 1048576
+"""
+    yaml = envoy_yaml(port, admin, buffer, "  []", f"""direct_response:
+                  status: 200
+                  body: {{inline_string: {json.dumps(UPSTREAM_BODY)}}}
+                response_headers_to_add: [{{header: {{key: content-type, value: application/json}}}}]""")
+    return yaml.replace("  clusters:\n  []", "  clusters: []")
+
+
 def cluster(name, port):
     return f"""  - name: {name}
     type: STATIC
@@ -319,12 +337,7 @@ def main():
     results = {"machine": machine(), "reps": args.reps, "seconds": args.seconds, "configs": {}}
     try:
         up_port, up_admin = free_port(), free_port()
-        upstream = envoy_yaml(up_port, up_admin, "", "  []", f"""direct_response:
-                  status: 200
-                  body: {{inline_string: {json.dumps(UPSTREAM_BODY)}}}
-                response_headers_to_add: [{{header: {{key: content-type, value: application/json}}}}]""")
-        upstream = upstream.replace("  clusters:\n  []", "  clusters: []")
-        procs.append(start_envoy(tmp, "upstream", upstream, up_admin))
+        procs.append(start_envoy(tmp, "upstream", upstream_yaml(up_port, up_admin), up_admin))
         mock_port = free_port()
         procs.append(Proc([str(MOCK), "--provider", f"openai,openai,127.0.0.1:{mock_port},/v1,OPENAI_API_KEY"],
                           Path(tmp) / "mock.log", env=ENV))

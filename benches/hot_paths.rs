@@ -1,7 +1,7 @@
 //! Micro-benchmarks of the per-request hot paths: usage metering of response bodies,
 //! limit admission and settlement, tenant key lookup, and request body parsing.
 //!
-//! Run with `cargo bench --bench hot_paths`. Each group is kept short (about 2.5 s per
+//! Run with `cargo bench --bench hot_paths --features vm-bench`. Each group is kept short (about 2.5 s per
 //! benchmark) so the whole file finishes in about a minute on two cores.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -13,9 +13,11 @@ use sluice::auth::{sha256_hex, KeyDigest};
 use sluice::body::{inject_include_usage, parse_request, replace_model};
 use sluice::config::compile;
 use sluice::errors::ApiFlavour;
+use sluice::lifecycle::{BodyEnv, Exchange, Next};
 use sluice::limits::{Admission, Demand, LimitKind, Limiter, MemoryStore};
 use sluice::policy::Policy;
 use sluice::usage::{Passthrough, ResponseShape, UsageMeter};
+use sluice::vm_bench::{self, CountingMetrics, REQUEST, RESPONSE};
 use std::time::Duration;
 
 /// Envoy delivers response bodies in pieces of about this size.
@@ -369,5 +371,72 @@ fn request_parse(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, usage_parsing, admission, key_lookup, request_parse);
+/// The demo configuration from `envoy/demo.yaml`, with the gold tier's limits set high as
+/// in `make bench`'s configuration (c).
+fn demo_policy() -> Policy {
+    let yaml =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/envoy/demo.yaml")).unwrap();
+    let lines: Vec<&str> = yaml.lines().collect();
+    let at = lines.iter().position(|l| l.trim() == "value: |").unwrap() + 1;
+    let indent = lines[at].len() - lines[at].trim_start().len();
+    let block: Vec<&str> = lines[at..]
+        .iter()
+        .take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() >= indent)
+        .copied()
+        .collect();
+    let mut cfg: serde_json::Value = serde_json::from_str(&block.join("\n")).unwrap();
+    cfg["tiers"]["gold"]["limits"] = json!({"requests_per_minute": 1_000_000_000u64,
+        "tokens_per_minute": 1_000_000_000_000u64, "concurrent_requests": 1_000_000});
+    compile(cfg.to_string().as_bytes(), &|_| Some("sk-bench".into())).unwrap()
+}
+
+/// One whole request through the state machine, as `make bench`'s configuration (c)
+/// sends it: Sluice's own work per request, without the host calls.
+fn exchange(c: &mut Criterion) {
+    let policy = demo_policy();
+    let store = MemoryStore::new();
+    let request = REQUEST.to_vec();
+    let response = RESPONSE;
+    let mut now = NOW_MS;
+    let mut metrics = CountingMetrics(0);
+    let one = |now: u64, metrics: &mut CountingMetrics| {
+        let mut ex = Exchange::new();
+        let h = vm_bench::headers();
+        let step = ex.on_request_headers(&policy, &h, false);
+        assert!(matches!(step.next, Next::Pause));
+        let env = BodyEnv {
+            store: &store,
+            now_ms: now,
+            worker: 0,
+            context: 7,
+        };
+        let step = ex.on_request_body(&policy, &env, request.len(), true, || Some(request.clone()));
+        assert!(matches!(step.next, Next::Continue));
+        let edits = ex.on_response_headers(200, Some("application/json"), false, now);
+        black_box(edits);
+        let out = ex.on_response_body(response, true, now);
+        assert!(matches!(out, Passthrough::Unchanged));
+        let done = ex.finish(&policy, &store, None, now, metrics).unwrap();
+        black_box(done.record.len())
+    };
+    assert!(one(now, &mut metrics) > 0);
+    let mut group = c.benchmark_group("exchange");
+    configure(&mut group);
+    group.bench_function("chat_json_full_request", |b| {
+        b.iter(|| {
+            now += 1;
+            one(now, &mut metrics)
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    usage_parsing,
+    admission,
+    key_lookup,
+    request_parse,
+    exchange
+);
 criterion_main!(benches);

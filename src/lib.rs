@@ -17,6 +17,8 @@ pub mod metrics;
 pub mod policy;
 pub mod routing;
 pub mod usage;
+#[cfg(feature = "vm-bench")]
+pub mod vm_bench;
 
 #[cfg(target_arch = "wasm32")]
 mod host;

@@ -93,6 +93,15 @@ impl RootContext for SluiceRoot {
                     ),
                 );
                 let policy = Rc::new(policy);
+                #[cfg(feature = "vm-bench")]
+                for (name, ns) in crate::vm_bench::run(&policy, &|| {
+                    hostcalls::get_current_time()
+                        .ok()
+                        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+                }) {
+                    log(LogLevel::Warn, &format!("sluice vm-bench: {name}: {ns} ns"));
+                }
                 let capped: Vec<_> = policy
                     .providers
                     .iter()
