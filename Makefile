@@ -32,7 +32,7 @@ envoy: $(ENVOY)
 
 # The official OpenAI and Anthropic Python SDKs, used by the system tests as real clients.
 $(VENV)/.sdk: $(ENVOY)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check openai anthropic
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check openai anthropic pyyaml
 	touch $@
 
 sdk: $(VENV)/.sdk

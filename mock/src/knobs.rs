@@ -28,6 +28,9 @@ pub(crate) struct Knobs {
     pub chunk_delay_ms: u64,
     pub chunks: usize,
     pub fault: Option<Fault>,
+    /// `x-mock-fault-times`: fault only the first N requests with the same `x-request-id`
+    /// (a gateway's retry of one request keeps its id), then answer normally.
+    pub fault_times: Option<u64>,
     pub output_tokens: Option<u64>,
     pub cached_tokens: u64,
     pub reasoning_tokens: u64,
@@ -61,6 +64,7 @@ impl Knobs {
                 .map(|n| (n as usize).clamp(1, MAX_CHUNKS))
                 .unwrap_or(DEFAULT_CHUNKS),
             fault,
+            fault_times: num(h, "x-mock-fault-times"),
             output_tokens: num(h, "x-mock-output-tokens").map(|n| n.min(MAX_OUTPUT_TOKENS)),
             cached_tokens: num(h, "x-mock-cached-tokens").unwrap_or(0),
             reasoning_tokens: num(h, "x-mock-reasoning-tokens").unwrap_or(0),

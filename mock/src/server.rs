@@ -34,6 +34,8 @@ pub(crate) struct State {
     pub prefix: String,
     pub recorder: Arc<Recorder>,
     seq: AtomicU64,
+    /// Requests seen per `x-request-id`, for `x-mock-fault-times`.
+    faults_by_request_id: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 /// Everything a handler needs to decide its answer.
@@ -171,6 +173,7 @@ pub async fn start(spec: ProviderSpec) -> io::Result<MockServer> {
         api_key: spec.api_key,
         prefix: spec.path_prefix.trim_end_matches('/').to_string(),
         seq: AtomicU64::new(0),
+        faults_by_request_id: Default::default(),
     });
     let task = tokio::spawn(accept_loop(listener, state.clone()));
     Ok(MockServer {
@@ -283,7 +286,25 @@ async fn handle(
         Ok(c) => c.to_bytes(),
         Err(_) => return Err(MockReset),
     };
-    let knobs = Knobs::from_headers(&parts.headers);
+    let mut knobs = Knobs::from_headers(&parts.headers);
+    if let (Some(_), Some(times)) = (knobs.fault, knobs.fault_times) {
+        let id = parts
+            .headers
+            .get("x-request-id")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default();
+        let seen = match state.faults_by_request_id.lock() {
+            Ok(mut m) => {
+                let n = m.entry(id).or_insert(0);
+                *n += 1;
+                *n
+            }
+            Err(_) => 1,
+        };
+        if seen > times {
+            knobs.fault = None;
+        }
+    }
     let seq = state.seq.fetch_add(1, Ordering::Relaxed) + 1;
     let ctx = Ctx {
         state: &state,

@@ -743,6 +743,25 @@ async fn faults_openai_shapes() {
 }
 
 #[tokio::test]
+async fn fault_times_faults_only_the_first_tries_of_one_request_id() {
+    let s = openai().await;
+    let knobs = |id| {
+        [
+            ("x-mock-fault", "500"),
+            ("x-mock-fault-times", "2"),
+            ("x-request-id", id),
+        ]
+    };
+    let mut statuses = Vec::new();
+    for id in ["a", "a", "a", "b"] {
+        let r = post_openai(&s, "/v1/chat/completions", &chat_body(), &knobs(id)).await;
+        statuses.push(r.status().as_u16());
+    }
+    // Two faults for "a", then it succeeds; "b" is a new request and faults again.
+    assert_eq!(statuses, vec![500, 500, 200, 500]);
+}
+
+#[tokio::test]
 async fn faults_anthropic_shapes() {
     let s = anthropic().await;
     let body =

@@ -29,18 +29,40 @@ fn envoy_yamls() -> Vec<std::path::PathBuf> {
 #[test]
 fn every_envoy_yaml_passes_envoy_validate() {
     let yamls = envoy_yamls();
-    assert!(!yamls.is_empty(), "no Envoy configs found under envoy/");
+    for expected in [
+        "envoy/demo.yaml",
+        "envoy/production.yaml",
+        "envoy/compose/envoy.yaml",
+    ] {
+        assert!(
+            yamls.contains(&repo_root().join(expected)),
+            "{expected} not found among {yamls:?}"
+        );
+    }
     let wasm = wasm_path();
     for yaml in yamls {
         // Validation loads the real wasm and runs its configure step.
         let dir = unique_dir();
-        let text = std::fs::read_to_string(&yaml)
-            .unwrap()
-            .replace(
-                "filename: target/wasm32-wasip1/release/sluice.wasm",
-                &format!("filename: {}", wasm.display()),
-            )
-            .replace("path: .run/", &format!("path: {}/", dir.display()));
+        // This build's wasm wherever the file expects it (demo, production, compose), and
+        // the access log (which validation opens) in a scratch directory.
+        let mut text = String::new();
+        for line in std::fs::read_to_string(&yaml).unwrap().lines() {
+            let trimmed = line.trim_start();
+            let indent = &line[..line.len() - trimmed.len()];
+            if trimmed.starts_with("local: { filename:") && trimmed.contains("sluice.wasm") {
+                text += &format!("{indent}local: {{ filename: {} }}\n", wasm.display());
+            } else if trimmed.starts_with("path: ") && trimmed.ends_with(".log") {
+                text += &format!("{indent}path: {}\n", dir.join("access.log").display());
+            } else {
+                text += line;
+                text.push('\n');
+            }
+        }
+        assert!(
+            text.contains(&format!("filename: {}", wasm.display())),
+            "{}: no sluice.wasm to load",
+            yaml.display()
+        );
         let path = dir.join("validate.yaml");
         std::fs::write(&path, text).unwrap();
         let out = Command::new(envoy_bin())

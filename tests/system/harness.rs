@@ -197,9 +197,14 @@ impl Gateway {
             std::fs::write(dir.join("lds.yaml"), lds).unwrap();
             yaml = boot;
         }
+        Self::start_config(mocks, dir, &yaml, opts.concurrency).await
+    }
+
+    /// Starts Envoy with a ready-made configuration written into `dir`.
+    pub async fn start_config(mocks: Mocks, dir: PathBuf, yaml: &str, concurrency: u32) -> Gateway {
         let config_path = dir.join("envoy.yaml");
         std::fs::write(&config_path, yaml).unwrap();
-        let (child, admin) = spawn_envoy(&config_path, &dir, opts.concurrency)
+        let (child, admin) = spawn_envoy(&config_path, &dir, concurrency)
             .unwrap_or_else(|log| panic!("Envoy did not become ready:\n{log}"));
         let addr = listener_addr(admin).await;
         Gateway {
@@ -540,7 +545,7 @@ pub fn blocking_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Strin
     Ok((code, body))
 }
 
-async fn listener_addr(admin: SocketAddr) -> SocketAddr {
+pub async fn listener_addr(admin: SocketAddr) -> SocketAddr {
     let body = reqwest::get(format!("http://{admin}/listeners?format=json"))
         .await
         .unwrap()

@@ -8,6 +8,7 @@ mod limits;
 mod auth;
 mod config;
 mod fairness;
+mod production;
 mod routing;
 mod sdk;
 mod streaming;
