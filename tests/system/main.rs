@@ -7,6 +7,7 @@ mod limits;
 
 mod auth;
 mod config;
+mod deploy;
 mod fairness;
 mod production;
 mod routing;
