@@ -12,7 +12,7 @@ MOCK          := target/release/sluice-mock
 DEMO_KEYS     := OPENAI_API_KEY=sk-mock-openai ANTHROPIC_API_KEY=sk-mock-anthropic \
                  DEEPSEEK_API_KEY=sk-mock-deepseek GEMINI_API_KEY=sk-mock-gemini
 
-.PHONY: build wasm wasm-target envoy sdk mock setup test unit system lint fmt demo key clean fairness-report bench bench-hostcalls bench-vm
+.PHONY: build wasm wasm-target envoy sdk mock setup test unit system lint fmt demo key clean fairness-report bench bench-hostcalls bench-vm wasm-oci
 
 build: wasm
 
@@ -98,6 +98,11 @@ bench-hostcalls: wasm envoy
 bench-vm: envoy
 	cargo build --release --target wasm32-wasip1 --features vm-bench --target-dir target/vm-bench
 	cd bench && ../$(PYTHON) vm.py ../target/vm-bench/wasm32-wasip1/release/sluice.wasm
+
+# sluice.wasm as an OCI image layout (Istio's single-layer plugin.wasm format), no Docker
+# needed; prints the digests and the push commands. TAG defaults to the crate version.
+wasm-oci: wasm
+	$(PYTHON) scripts/wasm_oci.py $(if $(TAG),--tag $(TAG))
 
 # Prints a new tenant key and the digest to put in the configuration.
 key:

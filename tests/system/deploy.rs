@@ -23,3 +23,8 @@ fn run_check(script: &str) {
 fn docker_compose_files_check() {
     run_check("tests/deploy/check_compose.py");
 }
+
+#[test]
+fn istio_manifests_and_wasm_image_check() {
+    run_check("tests/deploy/check_istio.py");
+}

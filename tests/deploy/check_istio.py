@@ -1,0 +1,903 @@
+#!/usr/bin/env python3
+"""Checks the Istio manifests in envoy/istio/ and the wasm image script, without a cluster.
+
+Run from the repository root:
+
+    SLUICE_ENVOY=.venv/bin/envoy SLUICE_WASM=target/wasm32-wasip1/release/sluice.wasm \\
+        .venv/bin/python tests/deploy/check_istio.py
+
+1. Parses every YAML document under envoy/istio/ and checks kinds, apiVersions and the
+   fields the setup relies on: the EnvoyFilter's ECDS wiring (EXTENSION_CONFIG ADD +
+   HTTP_FILTER INSERT_BEFORE the router through config_discovery), FAIL_CLOSED,
+   allow_on_headers_stop_iteration, the remote wasm source; that the provider key
+   variables agree between the filter (host_env_keys and each provider's api_key_env), the
+   example Secret and the gateway Deployment; that the VirtualService routes exactly the
+   `cluster` values of the providers in the embedded Sluice configuration, to the
+   providers' `authority` hosts, removing x-sluice-cluster; that each DestinationRule
+   originates TLS with SNI equal to its host; selectors and gateway injection.
+2. Transplants each EnvoyFilter's Wasm config into a minimal Envoy bootstrap (the listener,
+   access log, router and stats patches applied; routes translated from the
+   VirtualService; the wasm code switched to `local: {filename: $SLUICE_WASM}`) and runs
+   `$SLUICE_ENVOY --mode validate`. Validation loads the VM and runs Sluice's configure
+   step, so this proves Sluice accepts the embedded JSON. As a control, the same bootstrap
+   with one unknown field added to the Sluice JSON must FAIL validation.
+3. Runs scripts/wasm_oci.py into a temporary directory and verifies the OCI layout:
+   index -> manifest -> config and layer digests and sizes match the blob files, the layer
+   is one tar.gz holding plugin.wasm whose bytes equal $SLUICE_WASM, the build is
+   reproducible, and the digests the script reports are the layout's.
+
+Options: --live also runs the gateway configuration in a real Envoy against the mock
+providers (needs target/release/sluice-mock or $SLUICE_MOCK: `make mock`); --dir DIR checks
+another copy of the manifests; --keep leaves the work files (bootstraps, logs) in /tmp.
+
+Exit status 0 when every check passes, 1 otherwise (each failure is printed), 2 when a
+prerequisite (PyYAML, Envoy, the wasm) is missing.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ISTIO_DIR = ROOT / "envoy" / "istio"
+
+try:
+    import yaml
+except ImportError:
+    print("check_istio: PyYAML is not installed in this Python; run `make sdk` "
+          "(it installs PyYAML into .venv) and use .venv/bin/python", file=sys.stderr)
+    sys.exit(2)
+
+WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
+STRING_VALUE_TYPE = "type.googleapis.com/google.protobuf.StringValue"
+HCM_NAME = "envoy.filters.network.http_connection_manager"
+HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+ROUTER_NAME = "envoy.filters.http.router"
+ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+ROUTING_HEADER = "x-sluice-cluster"
+SHA256_PLACEHOLDER = "REPLACE_WITH_MANIFEST_DIGEST"
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+
+KNOWN_KINDS = {
+    ("v1", "Namespace"), ("v1", "Secret"), ("v1", "ServiceAccount"), ("v1", "Service"),
+    ("apps/v1", "Deployment"),
+    ("rbac.authorization.k8s.io/v1", "Role"), ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+    ("networking.istio.io/v1alpha3", "EnvoyFilter"),
+    ("networking.istio.io/v1", "Gateway"), ("networking.istio.io/v1", "VirtualService"),
+    ("networking.istio.io/v1", "DestinationRule"), ("networking.istio.io/v1", "ServiceEntry"),
+}
+
+
+class Checks:
+    def __init__(self) -> None:
+        self.passed = 0
+        self.failures: list[str] = []
+
+    def ok(self, cond: bool, what: str, why: str = "") -> bool:
+        if cond:
+            self.passed += 1
+            print(f"  ok    {what}")
+        else:
+            self.failures.append(f"{what}{': ' + why if why else ''}")
+            print(f"  FAIL  {what}{': ' + why if why else ''}")
+        return cond
+
+    def section(self, title: str) -> None:
+        print(f"\n== {title}")
+
+
+C = Checks()
+
+
+def rel(p: Path) -> str:
+    try:
+        return str(p.relative_to(ROOT))
+    except ValueError:
+        return str(p)
+
+
+def dig(obj, *path, default=None):
+    for key in path:
+        if isinstance(obj, dict) and key in obj:
+            obj = obj[key]
+        elif isinstance(obj, list) and isinstance(key, int) and -len(obj) <= key < len(obj):
+            obj = obj[key]
+        else:
+            return default
+    return obj
+
+
+# ---------------------------------------------------------------------------------------
+# 1. Parse and cross-check the manifests
+# ---------------------------------------------------------------------------------------
+
+def load_docs() -> list[dict]:
+    docs = []
+    files = sorted(p for p in ISTIO_DIR.rglob("*") if p.suffix in (".yaml", ".yml"))
+    C.ok(bool(files), f"YAML files under {rel(ISTIO_DIR)}", "none found")
+    for path in files:
+        text = path.read_text()
+        # tests/system/config.rs validates every YAML under envoy/ that contains this word
+        # as a plain Envoy bootstrap; Kubernetes manifests must not trigger that.
+        C.ok("static_resources" not in text, f"{rel(path)}: does not contain the word static_resources",
+             "tests/system/config.rs would treat it as an Envoy bootstrap")
+        try:
+            parsed = [d for d in yaml.safe_load_all(text) if d is not None]
+        except yaml.YAMLError as e:
+            C.ok(False, f"{rel(path)}: parses as YAML", str(e))
+            continue
+        problems, names = [], []
+        for i, d in enumerate(parsed):
+            where = f"{rel(path)}#{i + 1}"
+            if not isinstance(d, dict):
+                problems.append(f"{where}: not a mapping")
+                continue
+            key = (d.get("apiVersion"), d.get("kind"))
+            if key not in KNOWN_KINDS:
+                problems.append(f"{where}: unexpected apiVersion/kind {key}")
+            if not dig(d, "metadata", "name"):
+                problems.append(f"{where}: no metadata.name")
+            if d.get("kind") != "Namespace" and not dig(d, "metadata", "namespace"):
+                problems.append(f"{where}: no metadata.namespace")
+            d["__file"] = path
+            d["__where"] = f"{rel(path)} {d.get('kind')}/{dig(d, 'metadata', 'name')}"
+            names.append(f"{d.get('apiVersion')} {d.get('kind')}/{dig(d, 'metadata', 'name')}")
+            docs.append(d)
+        C.ok(bool(parsed) and not problems,
+             f"{rel(path)}: {len(parsed)} documents, known kinds/apiVersions, name and namespace set",
+             "; ".join(problems) or "no documents")
+        for n in names:
+            print(f"          {n}")
+    return docs
+
+
+def by_kind(docs, kind, namespace=None):
+    return [d for d in docs if d.get("kind") == kind
+            and (namespace is None or dig(d, "metadata", "namespace") == namespace)]
+
+
+def patches(ef, apply_to):
+    return [p for p in dig(ef, "spec", "configPatches", default=[]) or [] if p.get("applyTo") == apply_to]
+
+
+def check_envoyfilter(ef) -> dict | None:
+    """Checks one EnvoyFilter; returns what later checks need, or None if unusable."""
+    w = ef["__where"]
+    C.ok(bool(dig(ef, "spec", "workloadSelector", "labels")), f"{w}: has a workloadSelector",
+         "without one it applies to every proxy in the namespace")
+    ext = [p for p in patches(ef, "EXTENSION_CONFIG")]
+    http = [p for p in patches(ef, "HTTP_FILTER") if dig(p, "patch", "operation") == "INSERT_BEFORE"]
+    if not C.ok(len(ext) == 1, f"{w}: exactly one EXTENSION_CONFIG patch", f"found {len(ext)}"):
+        return None
+    if not C.ok(len(http) == 1, f"{w}: exactly one HTTP_FILTER INSERT_BEFORE patch", f"found {len(http)}"):
+        return None
+    ext, http = ext[0], http[0]
+    C.ok(dig(ext, "patch", "operation") == "ADD", f"{w}: EXTENSION_CONFIG operation is ADD")
+    context = dig(ext, "match", "context")
+    C.ok(context in ("GATEWAY", "SIDECAR_INBOUND"), f"{w}: EXTENSION_CONFIG context is GATEWAY or SIDECAR_INBOUND ({context})")
+    C.ok(dig(http, "match", "context") == context, f"{w}: HTTP_FILTER context equals the EXTENSION_CONFIG's ({context})")
+    name = dig(ext, "patch", "value", "name")
+    C.ok(bool(name), f"{w}: the extension config has a name")
+    C.ok(dig(http, "match", "listener", "filterChain", "filter", "name") == HCM_NAME,
+         f"{w}: HTTP_FILTER patch targets the HTTP connection manager")
+    C.ok(dig(http, "match", "listener", "filterChain", "filter", "subFilter", "name") == ROUTER_NAME,
+         f"{w}: HTTP_FILTER is inserted before {ROUTER_NAME}")
+    hv = dig(http, "patch", "value", default={})
+    C.ok(hv.get("name") == name, f"{w}: the HTTP filter's name equals the extension config's ({name})",
+         f"HTTP filter is named {hv.get('name')!r}")
+    C.ok("typed_config" not in hv, f"{w}: the HTTP filter has no inline typed_config (it comes from ECDS)")
+    cd = hv.get("config_discovery", {})
+    C.ok(dig(cd, "config_source", "ads") == {}, f"{w}: config_discovery uses config_source ads: {{}}")
+    C.ok(dig(cd, "config_source", "initial_fetch_timeout") == "0s",
+         f"{w}: initial_fetch_timeout is 0s (no traffic before Sluice is loaded)")
+    C.ok(cd.get("type_urls") == [WASM_TYPE], f"{w}: config_discovery type_urls is [{WASM_TYPE}]")
+
+    tc = dig(ext, "patch", "value", "typed_config", default={})
+    C.ok(tc.get("@type") == WASM_TYPE, f"{w}: extension typed_config is {WASM_TYPE}")
+    cfg = tc.get("config", {})
+    C.ok(cfg.get("failure_policy") == "FAIL_CLOSED", f"{w}: failure_policy is FAIL_CLOSED",
+         f"found {cfg.get('failure_policy')!r}; FAIL_OPEN would let unauthenticated requests through")
+    C.ok(cfg.get("fail_open") in (None, False), f"{w}: the deprecated fail_open is not set")
+    C.ok(cfg.get("allow_on_headers_stop_iteration") is True, f"{w}: allow_on_headers_stop_iteration is true",
+         f"found {cfg.get('allow_on_headers_stop_iteration')!r}; without it body-based routing hangs")
+    C.ok(bool(cfg.get("root_id")), f"{w}: root_id is set ({cfg.get('root_id')})")
+    vm = cfg.get("vm_config", {})
+    C.ok(vm.get("runtime") == "envoy.wasm.runtime.v8", f"{w}: vm_config.runtime is envoy.wasm.runtime.v8")
+    C.ok(bool(vm.get("vm_id")), f"{w}: vm_config.vm_id is set ({vm.get('vm_id')})")
+    remote = dig(vm, "code", "remote", default={})
+    uri = dig(remote, "http_uri", "uri", default="")
+    C.ok(uri.startswith("oci://") or uri.startswith("https://"),
+         f"{w}: code is remote, oci:// or https:// ({uri})",
+         "istio-agent downloads only http(s) and oci URLs (pkg/wasm/cache.go); use https or oci")
+    C.ok(bool(dig(remote, "http_uri", "cluster")) and bool(dig(remote, "http_uri", "timeout")),
+         f"{w}: http_uri has cluster and timeout (required by Envoy's proto)")
+    sha = str(remote.get("sha256", ""))
+    C.ok(sha == SHA256_PLACEHOLDER or bool(HEX64.match(sha)),
+         f"{w}: sha256 is 64 lowercase hex characters or the placeholder {SHA256_PLACEHOLDER}",
+         f"found {sha!r}")
+    if sha == SHA256_PLACEHOLDER or "REGISTRY" in uri:
+        print(f"        note: {rel(ef['__file'])} still has placeholders (REGISTRY / {SHA256_PLACEHOLDER}): "
+              "fill them from scripts/wasm_oci.py before applying")
+    env_keys = dig(vm, "environment_variables", "host_env_keys", default=[]) or []
+    C.ok(bool(env_keys), f"{w}: host_env_keys lists the provider key variables ({', '.join(env_keys)})")
+    C.ok(not dig(vm, "environment_variables", "key_values"),
+         f"{w}: no inline environment key_values (keys come from the container's environment)")
+    conf = cfg.get("configuration", {})
+    C.ok(conf.get("@type") == STRING_VALUE_TYPE, f"{w}: configuration is a google.protobuf.StringValue")
+    try:
+        sluice = json.loads(conf.get("value", ""))
+    except ValueError as e:
+        C.ok(False, f"{w}: the Sluice configuration is JSON", str(e))
+        return None
+    C.ok(isinstance(sluice, dict), f"{w}: the Sluice configuration is a JSON object")
+    providers = sluice.get("providers", [])
+    key_envs = {p.get("api_key_env") for p in providers}
+    C.ok(key_envs == set(env_keys), f"{w}: host_env_keys == the providers' api_key_env set",
+         f"host_env_keys {sorted(env_keys)} vs api_key_env {sorted(k for k in key_envs if k)}")
+    digests = [k.get("sha256", "") for t in sluice.get("tenants", []) for k in t.get("keys", [])]
+    C.ok(bool(digests) and all(HEX64.match(d) for d in digests),
+         f"{w}: tenant keys appear only as sha256 digests ({len(digests)} keys)")
+    C.ok(len(set(digests)) == len(digests), f"{w}: tenant key digests are unique")
+    C.ok(not re.search(r"sk-[A-Za-z0-9_-]{8,}", json.dumps(sluice)),
+         f"{w}: no key-like string (sk-...) inside the Sluice configuration")
+
+    listener = [p for p in patches(ef, "LISTENER") if dig(p, "patch", "operation") == "MERGE"]
+    limit = dig(listener, 0, "patch", "value", "per_connection_buffer_limit_bytes")
+    max_body = sluice.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES)
+    C.ok(isinstance(limit, int) and limit > max_body,
+         f"{w}: listener per_connection_buffer_limit_bytes ({limit}) > Sluice max_body_bytes ({max_body})",
+         "Envoy, not Sluice, would answer large bodies")
+    return {"ef": ef, "context": context, "name": name, "ext": ext, "http": http, "sluice": sluice,
+            "env_keys": list(env_keys), "selector": dig(ef, "spec", "workloadSelector", "labels", default={})}
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def check_gateway_setup(docs, f) -> dict:
+    """Cross-checks the gateway EnvoyFilter with the Deployment, Secret, Gateway and routing."""
+    ns = dig(f["ef"], "metadata", "namespace")
+    sel = f["selector"]
+    env_keys = set(f["env_keys"])
+    out = {"routes": [], "clusters": {}}
+
+    # Deployment (gateway injection) and its env.
+    deps = [d for d in by_kind(docs, "Deployment", ns) if selects(sel, dig(d, "spec", "template", "metadata", "labels", default={}))]
+    if C.ok(len(deps) == 1, f"one Deployment in {ns} runs the pods the EnvoyFilter selects ({sel})", f"found {len(deps)}"):
+        dep = deps[0]
+        w = dep["__where"]
+        tmpl = dig(dep, "spec", "template", default={})
+        labels = dig(tmpl, "metadata", "labels", default={})
+        C.ok(dig(tmpl, "metadata", "annotations", "inject.istio.io/templates") == "gateway",
+             f"{w}: annotation inject.istio.io/templates: gateway")
+        C.ok(labels.get("sidecar.istio.io/inject") == "true" or "istio.io/rev" in labels,
+             f"{w}: label sidecar.istio.io/inject: \"true\" (or istio.io/rev)")
+        C.ok(selects(dig(dep, "spec", "selector", "matchLabels", default={}), labels),
+             f"{w}: spec.selector matches the pod labels")
+        proxies = [c for c in dig(tmpl, "spec", "containers", default=[]) if c.get("name") == "istio-proxy"]
+        if C.ok(len(proxies) == 1, f"{w}: has the istio-proxy container"):
+            c = proxies[0]
+            C.ok(c.get("image") == "auto", f"{w}: istio-proxy image is auto (filled in by the injector)")
+            env = {e.get("name"): e for e in c.get("env", [])}
+            secret_env = {n: e for n, e in env.items() if dig(e, "valueFrom", "secretKeyRef")}
+            C.ok(set(secret_env) == env_keys, f"{w}: istio-proxy env from Secrets == host_env_keys",
+                 f"env {sorted(secret_env)} vs host_env_keys {sorted(env_keys)}")
+            C.ok(all("value" not in env[n] for n in env_keys if n in env),
+                 f"{w}: no provider key given inline as an env value")
+            refs = {(dig(e, "valueFrom", "secretKeyRef", "name"), dig(e, "valueFrom", "secretKeyRef", "key"), n)
+                    for n, e in secret_env.items()}
+            secret_names = {r[0] for r in refs}
+            C.ok(len(secret_names) == 1, f"{w}: the provider keys come from one Secret ({', '.join(map(str, secret_names))})")
+            C.ok(all(k == n for _, k, n in refs), f"{w}: each env var reads the Secret key of the same name")
+            secrets = [s for s in by_kind(docs, "Secret", ns) if dig(s, "metadata", "name") in secret_names]
+            if C.ok(len(secrets) == 1, f"the example Secret {', '.join(map(str, secret_names))} exists in {ns}"):
+                s = secrets[0]
+                data = s.get("stringData", {}) or {}
+                C.ok(set(data) == env_keys, f"{s['__where']}: its keys == host_env_keys",
+                     f"{sorted(data)} vs {sorted(env_keys)}")
+                C.ok(all("PLACEHOLDER" in str(v) for v in data.values()),
+                     f"{s['__where']}: every value is a clearly marked PLACEHOLDER")
+                C.ok(s["__file"].parent != ISTIO_DIR,
+                     f"{s['__where']}: not at the top level of envoy/istio/ "
+                     "(kubectl apply -f envoy/istio/ must not overwrite the real Secret)")
+        sa = dig(tmpl, "spec", "serviceAccountName")
+        C.ok(any(dig(x, "metadata", "name") == sa for x in by_kind(docs, "ServiceAccount", ns)),
+             f"{w}: its ServiceAccount {sa} is defined")
+        svcs = [s for s in by_kind(docs, "Service", ns) if selects(dig(s, "spec", "selector", default={}), labels)]
+        C.ok(len(svcs) == 1, f"a Service in {ns} selects the gateway pods", f"found {len(svcs)}")
+
+    # Gateway.
+    gws = [g for g in by_kind(docs, "Gateway", ns) if selects(dig(g, "spec", "selector", default={}), dig(deps[0], "spec", "template", "metadata", "labels", default={}) if deps else {})]
+    gw_name = None
+    if C.ok(len(gws) == 1, f"one Gateway in {ns} selects the gateway pods", f"found {len(gws)}"):
+        g = gws[0]
+        gw_name = dig(g, "metadata", "name")
+        servers = dig(g, "spec", "servers", default=[])
+        C.ok(bool(servers) and all(dig(s, "port", "protocol") == "HTTPS" and dig(s, "tls", "mode") == "SIMPLE"
+                                   and dig(s, "tls", "credentialName") for s in servers),
+             f"{g['__where']}: every server is HTTPS with a credentialName (tenant keys never in clear)")
+
+    # ServiceEntry, DestinationRules, VirtualService.
+    se_hosts, se_ports = {}, {}
+    for se in by_kind(docs, "ServiceEntry", ns):
+        C.ok(dig(se, "spec", "exportTo") == ["."], f"{se['__where']}: exportTo [\".\"]")
+        C.ok(dig(se, "spec", "location") == "MESH_EXTERNAL" and dig(se, "spec", "resolution") == "DNS",
+             f"{se['__where']}: MESH_EXTERNAL, resolution DNS")
+        for h in dig(se, "spec", "hosts", default=[]):
+            se_hosts[h] = se
+            se_ports[h] = {p.get("number"): p for p in dig(se, "spec", "ports", default=[])}
+    drs = {dig(d, "spec", "host"): d for d in by_kind(docs, "DestinationRule", ns)}
+    vss = [v for v in by_kind(docs, "VirtualService", ns) if gw_name in (dig(v, "spec", "gateways", default=[]) or [])]
+    if not C.ok(len(vss) == 1, f"one VirtualService in {ns} is bound to Gateway {gw_name}", f"found {len(vss)}"):
+        return out
+    vs = vss[0]
+    w = vs["__where"]
+    C.ok(dig(vs, "spec", "hosts") == ["*"], f"{w}: hosts [\"*\"] (Sluice rewrites :authority before the route is re-chosen)")
+    C.ok("mesh" not in dig(vs, "spec", "gateways", default=[]), f"{w}: not bound to the mesh")
+    C.ok(dig(vs, "spec", "exportTo") == ["."], f"{w}: exportTo [\".\"]")
+    providers = f["sluice"].get("providers", [])
+    by_cluster: dict[str, list[dict]] = {}
+    for p in providers:
+        by_cluster.setdefault(p.get("cluster"), []).append(p)
+    http_routes = dig(vs, "spec", "http", default=[])
+    routed: dict[str, tuple[str, int]] = {}
+    for i, r in enumerate(http_routes):
+        rn = r.get("name", f"http[{i}]")
+        matches = r.get("match")
+        if not matches:
+            continue
+        values = []
+        for m in matches:
+            hm = dig(m, "headers", ROUTING_HEADER, default={})
+            C.ok(set(m) == {"headers"} and set(m["headers"]) == {ROUTING_HEADER} and set(hm) == {"exact"},
+                 f"{w}: route {rn} matches only on {ROUTING_HEADER} (exact)")
+            values.append(hm.get("exact"))
+        dests = r.get("route", [])
+        if not C.ok(len(dests) == 1, f"{w}: route {rn} has one destination"):
+            continue
+        host = dig(dests[0], "destination", "host")
+        port = dig(dests[0], "destination", "port", "number")
+        C.ok(ROUTING_HEADER in (dig(r, "headers", "request", "remove", default=[]) or []),
+             f"{w}: route {rn} removes {ROUTING_HEADER} before forwarding")
+        for v in values:
+            C.ok(v not in routed, f"{w}: {ROUTING_HEADER} value {v!r} is routed once")
+            routed[v] = (host, port)
+        out["routes"].append({"name": rn, "values": values, "host": host, "port": port,
+                              "timeout": r.get("timeout"), "retries": r.get("retries")})
+        # The destination exists and TLS is originated with the right SNI.
+        C.ok(host in se_hosts, f"{w}: route {rn} -> {host} is a ServiceEntry host")
+        C.ok(port in se_ports.get(host, {}), f"{w}: route {rn} -> port {port} is a port of that ServiceEntry")
+        dr = drs.get(host)
+        if C.ok(dr is not None, f"a DestinationRule exists for {host}"):
+            pl = [s for s in dig(dr, "spec", "trafficPolicy", "portLevelSettings", default=[])
+                  if dig(s, "port", "number") == port]
+            tls = dig(pl, 0, "tls") or dig(dr, "spec", "trafficPolicy", "tls", default={})
+            C.ok(tls.get("mode") == "SIMPLE", f"{dr['__where']}: TLS origination (mode SIMPLE) on port {port}")
+            C.ok(tls.get("sni") == host, f"{dr['__where']}: sni equals the host ({tls.get('sni')} == {host})")
+            C.ok(tls.get("subjectAltNames", [host]) == [host], f"{dr['__where']}: subjectAltNames is [{host}]")
+            C.ok(dig(dr, "spec", "exportTo") == ["."], f"{dr['__where']}: exportTo [\".\"]")
+            C.ok(bool(dig(dr, "spec", "trafficPolicy", "connectionPool")) and bool(dig(dr, "spec", "trafficPolicy", "outlierDetection")),
+                 f"{dr['__where']}: has connectionPool and outlierDetection")
+            out["clusters"][(host, port)] = tls
+    C.ok(set(routed) == set(by_cluster),
+         f"{w}: the {ROUTING_HEADER} values routed == the providers' cluster values in the Sluice config",
+         f"routed {sorted(map(str, routed))} vs providers' clusters {sorted(map(str, by_cluster))}")
+    for cl, ps in by_cluster.items():
+        if cl in routed:
+            for p in ps:
+                C.ok(p.get("authority") == routed[cl][0],
+                     f"provider {p.get('name')}: authority {p.get('authority')} == the host cluster {cl!r} routes to ({routed[cl][0]})")
+    last = http_routes[-1] if http_routes else {}
+    C.ok(not last.get("match") and "directResponse" in last and "route" not in last,
+         f"{w}: the last route is a catch-all directResponse (nothing unrouted is forwarded)")
+    C.ok(all(r.get("match") for r in http_routes[:-1]), f"{w}: only the last route is a catch-all")
+    out["fallback"] = last.get("directResponse")
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Envoy --mode validate on a transplanted bootstrap
+# ---------------------------------------------------------------------------------------
+
+def duration(s: str | None, default: str) -> str:
+    return s if s else default
+
+
+def envoy_routes(route_info) -> list[dict]:
+    if route_info is None:
+        # Sidecar inbound: every request goes to the local container.
+        return [{"match": {"prefix": "/"}, "route": {"cluster": "inbound-local", "timeout": "600s"}}]
+    routes = []
+    for r in route_info["routes"]:
+        for v in r["values"]:
+            route = {"cluster": f"outbound|{r['port']}||{r['host']}", "timeout": duration(r["timeout"], "0s")}
+            if r.get("retries"):
+                route["retry_policy"] = {"retry_on": r["retries"].get("retryOn", "connect-failure"),
+                                         "num_retries": r["retries"].get("attempts", 1)}
+            routes.append({
+                "match": {"prefix": "/", "headers": [{"name": ROUTING_HEADER, "string_match": {"exact": v}}]},
+                "route": route,
+                "request_headers_to_remove": [ROUTING_HEADER],
+            })
+    fb = route_info.get("fallback")
+    if fb:
+        routes.append({"match": {"prefix": "/"},
+                       "direct_response": {"status": fb.get("status"),
+                                           "body": {"inline_string": dig(fb, "body", "string", default="")}}})
+    return routes
+
+
+def envoy_clusters(route_info) -> list[dict]:
+    if route_info is None:
+        return [{"name": "inbound-local", "type": "STATIC", "connect_timeout": "1s",
+                 "load_assignment": {"cluster_name": "inbound-local", "endpoints": [{"lb_endpoints": [
+                     {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 8000}}}}]}]}}]
+    clusters = []
+    for (host, port), tls in route_info["clusters"].items():
+        name = f"outbound|{port}||{host}"
+        validation = {"match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": s}}
+                                                        for s in tls.get("subjectAltNames", [host])]}
+        ca = tls.get("caCertificates")
+        if ca and Path(ca).is_file():  # the path is the proxy image's; use it if this machine has it
+            validation["trusted_ca"] = {"filename": ca}
+        clusters.append({
+            "name": name, "type": "LOGICAL_DNS", "connect_timeout": "5s", "dns_lookup_family": "V4_PREFERRED",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}]}]},
+            "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": tls.get("sni"), "common_tls_context": {"validation_context": validation}}},
+        })
+    return clusters
+
+
+def transplant(f, route_info, wasm: Path, sluice_override: dict | None = None) -> dict:
+    ef = f["ef"]
+    wasm_filter = copy.deepcopy(dig(f["ext"], "patch", "value", "typed_config"))
+    wasm_filter["config"]["vm_config"]["code"] = {"local": {"filename": str(wasm)}}
+    if sluice_override is not None:
+        wasm_filter["config"]["configuration"]["value"] = json.dumps(sluice_override)
+    router = {"name": ROUTER_NAME, "typed_config": {"@type": ROUTER_TYPE}}
+    for p in patches(ef, "HTTP_FILTER"):
+        if dig(p, "patch", "operation") == "MERGE" and dig(p, "match", "listener", "filterChain", "filter", "subFilter", "name") == ROUTER_NAME:
+            router["typed_config"].update(dig(p, "patch", "value", "typed_config", default={}))
+    hcm = {"@type": HCM_TYPE, "stat_prefix": "sluice_check", "codec_type": "AUTO",
+           "route_config": {"name": "check", "virtual_hosts": [{"name": "any", "domains": ["*"], "routes": envoy_routes(route_info)}]},
+           "http_filters": [{"name": f["name"], "typed_config": wasm_filter}, router]}
+    for p in patches(ef, "NETWORK_FILTER"):
+        if dig(p, "patch", "operation") == "MERGE":
+            extra = copy.deepcopy(dig(p, "patch", "value", "typed_config", default={}))
+            extra.pop("@type", None)
+            for k, v in extra.items():
+                hcm[k] = hcm.get(k, []) + v if isinstance(v, list) else v
+    listener = {"name": "check", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 10443}},
+                "filter_chains": [{"filters": [{"name": HCM_NAME, "typed_config": hcm}]}]}
+    for p in patches(ef, "LISTENER"):
+        if dig(p, "patch", "operation") == "MERGE":
+            listener.update(dig(p, "patch", "value", default={}))
+    bootstrap = {"node": {"id": "check-istio", "cluster": "check-istio"},
+                 "static_resources": {"listeners": [listener], "clusters": envoy_clusters(route_info)}}
+    for p in patches(ef, "BOOTSTRAP"):
+        if dig(p, "patch", "operation") == "MERGE":
+            bootstrap.update(copy.deepcopy(dig(p, "patch", "value", default={})))
+    return bootstrap
+
+
+def run_validate(envoy: str, bootstrap: dict, env_keys, workdir: Path, label: str) -> tuple[bool, str]:
+    path = workdir / f"{label}.yaml"
+    path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
+    env = dict(os.environ)
+    for k in env_keys:
+        env[k] = f"sk-check-placeholder-{k.lower()}"  # Sluice refuses a missing or empty key
+    try:
+        p = subprocess.run([envoy, "--mode", "validate", "-c", str(path), "--log-level", "warn"],
+                           env=env, cwd=workdir, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return False, "envoy --mode validate timed out"
+    log = p.stdout + p.stderr
+    return p.returncode == 0 and "OK" in log, log
+
+
+def check_envoy_validate(envoy: str, wasm: Path, f, route_info, workdir: Path) -> None:
+    w = f["ef"]["__where"]
+    label = dig(f["ef"], "metadata", "name")
+    bootstrap = transplant(f, route_info, wasm)
+    ok, log = run_validate(envoy, bootstrap, f["env_keys"], workdir, label)
+    C.ok(ok, f"{w}: transplanted into an Envoy bootstrap, `envoy --mode validate` accepts it "
+             f"(Sluice configured with the embedded JSON, {len(dig(bootstrap, 'static_resources', 'clusters'))} clusters, "
+             f"{len(dig(bootstrap, 'static_resources', 'listeners', 0, 'filter_chains', 0, 'filters', 0, 'typed_config', 'route_config', 'virtual_hosts', 0, 'routes'))} routes)",
+         next((l.split("wasm log ", 1)[-1] for l in log.splitlines() if "invalid sluice configuration" in l), "see the log")
+         + "\n" + "\n".join("        | " + l for l in log.strip().splitlines()[-25:]))
+    # Control: the same bootstrap with a Sluice configuration error must be refused, which
+    # shows validation really ran Sluice's configure step.
+    broken = copy.deepcopy(f["sluice"])
+    broken["providers"][0]["clustr"] = "typo"
+    ok_broken, log_broken = run_validate(envoy, transplant(f, route_info, wasm, broken), f["env_keys"], workdir, label + "-broken")
+    C.ok(not ok_broken and "clustr" in log_broken,
+         f"{w}: control - with an unknown field in the Sluice JSON, validation fails naming it",
+         "validation passed or did not name the field: it may not run Sluice's configure step\n" + log_broken[-2000:])
+
+
+# ---------------------------------------------------------------------------------------
+# 3. The OCI image layout from scripts/wasm_oci.py
+# ---------------------------------------------------------------------------------------
+
+def blob(layout: Path, digest: str) -> bytes | None:
+    algo, _, hexd = digest.partition(":")
+    p = layout / "blobs" / algo / hexd
+    return p.read_bytes() if p.is_file() else None
+
+
+def check_descriptor(layout: Path, desc: dict, what: str) -> bytes | None:
+    data = blob(layout, desc.get("digest", ""))
+    if not C.ok(data is not None, f"OCI: {what} blob {desc.get('digest')} exists"):
+        return None
+    C.ok("sha256:" + hashlib.sha256(data).hexdigest() == desc.get("digest"), f"OCI: {what} blob's sha256 equals its digest")
+    C.ok(len(data) == desc.get("size"), f"OCI: {what} blob's size equals the descriptor ({desc.get('size')} bytes)")
+    return data
+
+
+def check_oci(wasm: Path, workdir: Path) -> None:
+    script = ROOT / "scripts" / "wasm_oci.py"
+    wasm_bytes = wasm.read_bytes()
+    tag = "9.9.9-check"
+    results = []
+    for run in (1, 2):
+        out = workdir / f"oci-{run}"
+        p = subprocess.run([sys.executable, str(script), "--wasm", str(wasm), "--tag", tag, "--out", str(out), "--json"],
+                           capture_output=True, text=True, timeout=120)
+        if not C.ok(p.returncode == 0, f"scripts/wasm_oci.py run {run} succeeds", p.stderr[-2000:]):
+            return
+        results.append((out, json.loads(p.stdout)))
+    layout, reported = results[0]
+    C.ok(results[0][1]["manifest_digest"] == results[1][1]["manifest_digest"],
+         "OCI: two builds of the same wasm give the same manifest digest (reproducible)")
+    C.ok(json.loads((layout / "oci-layout").read_text()) == {"imageLayoutVersion": "1.0.0"}, "OCI: oci-layout is imageLayoutVersion 1.0.0")
+    index = json.loads((layout / "index.json").read_text())
+    C.ok(index.get("schemaVersion") == 2, "OCI: index.json schemaVersion 2")
+    mans = [m for m in index.get("manifests", []) if dig(m, "annotations", "org.opencontainers.image.ref.name") == tag]
+    if not C.ok(len(mans) == 1, f"OCI: index.json has one manifest tagged {tag}"):
+        return
+    mdesc = mans[0]
+    C.ok(mdesc.get("mediaType") == "application/vnd.oci.image.manifest.v1+json", "OCI: index entry is an OCI image manifest")
+    mbytes = check_descriptor(layout, mdesc, "manifest")
+    if mbytes is None:
+        return
+    manifest = json.loads(mbytes)
+    C.ok(manifest.get("schemaVersion") == 2 and manifest.get("mediaType") == "application/vnd.oci.image.manifest.v1+json",
+         "OCI: manifest is schemaVersion 2, application/vnd.oci.image.manifest.v1+json")
+    C.ok(dig(manifest, "annotations", "module.wasm.image/variant") == "compat",
+         "OCI: manifest annotation module.wasm.image/variant=compat (Wasm image spec, compat variant)")
+    C.ok(dig(manifest, "config", "mediaType") == "application/vnd.oci.image.config.v1+json", "OCI: config media type is the OCI image config")
+    cbytes = check_descriptor(layout, manifest.get("config", {}), "config")
+    layers = manifest.get("layers", [])
+    if not C.ok(len(layers) == 1, "OCI: exactly one layer (what Istio's compat fetcher requires)", f"found {len(layers)}"):
+        return
+    C.ok(layers[0].get("mediaType") == "application/vnd.oci.image.layer.v1.tar+gzip",
+         "OCI: layer media type application/vnd.oci.image.layer.v1.tar+gzip")
+    lbytes = check_descriptor(layout, layers[0], "layer")
+    if lbytes is None or cbytes is None:
+        return
+    tar_bytes = gzip.decompress(lbytes)
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        members = tar.getmembers()
+        C.ok([m.name for m in members] == ["plugin.wasm"] and members[0].isfile(),
+             "OCI: the layer holds exactly one regular file, plugin.wasm", f"{[m.name for m in members]}")
+        inner = tar.extractfile(members[0]).read() if members and members[0].isfile() else b""
+    C.ok(inner == wasm_bytes, f"OCI: plugin.wasm in the layer is byte-identical to {rel(wasm)} ({len(wasm_bytes)} bytes)")
+    config = json.loads(cbytes)
+    C.ok(dig(config, "rootfs", "diff_ids") == ["sha256:" + hashlib.sha256(tar_bytes).hexdigest()],
+         "OCI: config rootfs.diff_ids is the sha256 of the uncompressed layer")
+    C.ok(reported.get("manifest_digest") == mdesc.get("digest"), "OCI: the digest the script prints is the manifest's")
+    C.ok(reported.get("wasm_sha256") == hashlib.sha256(wasm_bytes).hexdigest(), "OCI: the wasm sha256 the script prints is correct")
+    C.ok(reported.get("layer_digest") == layers[0].get("digest"), "OCI: the layer digest the script prints is the layer's")
+
+    df = (ISTIO_DIR / "Dockerfile.wasm")
+    if C.ok(df.is_file(), "envoy/istio/Dockerfile.wasm exists"):
+        lines = [l.strip() for l in df.read_text().splitlines() if l.strip() and not l.strip().startswith("#")]
+        C.ok(lines[:1] == ["FROM scratch"], "Dockerfile.wasm: FROM scratch")
+        copies = [l for l in lines if l.upper().startswith(("COPY", "ADD", "RUN"))]
+        C.ok(len(copies) == 1 and copies[0].startswith("COPY") and copies[0].endswith("plugin.wasm"),
+             "Dockerfile.wasm: a single COPY to plugin.wasm (one layer)", f"{copies}")
+
+
+# ---------------------------------------------------------------------------------------
+# 4. Optional (--live): the gateway config serving real requests in a real Envoy
+# ---------------------------------------------------------------------------------------
+
+LIVE_KEY = "sk-sluice-istio-live-check"
+MOCK_KEYS = {"OPENAI_API_KEY": "sk-mock-openai", "ANTHROPIC_API_KEY": "sk-mock-anthropic",
+             "DEEPSEEK_API_KEY": "sk-mock-deepseek", "GEMINI_API_KEY": "sk-mock-gemini"}
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, headers=None, body=None, timeout=10.0):
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def wait_for(pred, seconds: float) -> bool:
+    import time
+    end = time.time() + seconds
+    while time.time() < end:
+        try:
+            if pred():
+                return True
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
+def ecds_file(path: Path, f, wasm: Path, sluice: dict, version: str) -> None:
+    """Writes the ECDS resource the istio-agent hands Envoy: the EnvoyFilter's Wasm config
+    with the remote code rewritten to a local file (as pkg/wasm/convert.go does)."""
+    tc = copy.deepcopy(dig(f["ext"], "patch", "value", "typed_config"))
+    tc["config"]["vm_config"]["code"] = {"local": {"filename": str(wasm)}}
+    tc["config"]["configuration"]["value"] = json.dumps(sluice)
+    doc = {"version_info": version, "resources": [{
+        "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+        "name": f["name"], "typed_config": tc}]}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+    os.replace(tmp, path)  # atomic: Envoy watches the directory for moves
+
+
+def live_bootstrap(f, route_info, ecds: Path, mock_ports: dict, port: int, admin: int, log: Path) -> dict:
+    b = transplant(f, route_info, Path("/unused"))
+    b["admin"] = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}}
+    lst = b["static_resources"]["listeners"][0]
+    lst["address"]["socket_address"]["port_value"] = port
+    hcm = lst["filter_chains"][0]["filters"][0]["typed_config"]
+    # The Sluice filter from ECDS, exactly as the HTTP_FILTER patch asks for it, but from a
+    # file instead of istiod.
+    cd = copy.deepcopy(dig(f["http"], "patch", "value", "config_discovery"))
+    cd["config_source"].pop("ads")
+    cd["config_source"]["path_config_source"] = {"path": str(ecds), "watched_directory": {"path": str(ecds.parent)}}
+    hcm["http_filters"][0] = {"name": f["name"], "config_discovery": cd}
+    for al in hcm.get("access_log", []):
+        al["typed_config"]["path"] = str(log)
+    # Provider clusters point at the mock providers, in plain HTTP.
+    clusters = []
+    for c in b["static_resources"]["clusters"]:
+        host = c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["address"]
+        clusters.append({"name": c["name"], "type": "STATIC", "connect_timeout": "1s", "load_assignment": {
+            "cluster_name": c["name"], "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "socket_address": {"address": "127.0.0.1", "port_value": mock_ports[host]}}}}]}]}})
+    b["static_resources"]["clusters"] = clusters
+    return b
+
+
+def live_check(envoy: str, wasm: Path, f, route_info, workdir: Path, mock: str) -> None:
+    import signal
+    import time
+    sluice = copy.deepcopy(f["sluice"])
+    providers = sluice["providers"]
+    host_of = {r["values"][0]: r["host"] for r in route_info["routes"]}
+    kinds = {p["cluster"]: p["api"] for p in providers}
+    prefixes = {p["cluster"]: p["path_prefix"] for p in providers}
+    keyenv = {p["cluster"]: p["api_key_env"] for p in providers}
+    mock_ports = {host_of[c]: free_port() for c in host_of}
+    # A test tenant with a known key, in the first tier that allows every model.
+    tier = next(t for t, v in sluice["tiers"].items() if v.get("models") == ["*"])
+    sluice["tenants"].append({"id": "live-check", "tier": tier,
+                              "keys": [{"id": "k", "sha256": hashlib.sha256(LIVE_KEY.encode()).hexdigest()}]})
+    env = dict(os.environ, **MOCK_KEYS)
+    args = []
+    for c, host in host_of.items():
+        args += ["--provider", f"{c},{kinds[c]},127.0.0.1:{mock_ports[host]},{prefixes[c]},{keyenv[c]}"]
+    procs = []
+    try:
+        procs.append(subprocess.Popen([mock] + args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        ecds = workdir / "ecds" / "sluice.yaml"
+        ecds.parent.mkdir()
+        ecds_file(ecds, f, wasm, sluice, "1")
+        port, admin = free_port(), free_port()
+        boot = workdir / "live.yaml"
+        boot.write_text(yaml.safe_dump(live_bootstrap(f, route_info, ecds, mock_ports, port, admin, workdir / "access.log"), sort_keys=False))
+        elog = open(workdir / "envoy.log", "w")
+        procs.append(subprocess.Popen([envoy, "-c", str(boot), "--concurrency", "2", "--disable-hot-restart",
+                                       "--use-dynamic-base-id", "--log-level", "info", "--file-flush-interval-msec", "200"],
+                                      env=env, stdout=elog, stderr=subprocess.STDOUT))
+        gw = f"http://127.0.0.1:{port}"
+        up = wait_for(lambda: http("GET", f"{gw}/v1/models", {"authorization": f"Bearer {LIVE_KEY}"})[0] == 200, 30)
+        if not C.ok(up, "live: the gateway listener serves once the ECDS extension is loaded",
+                    (workdir / "envoy.log").read_text()[-3000:]):
+            return
+
+        def mock_requests(host):
+            return json.loads(http("GET", f"http://127.0.0.1:{mock_ports[host]}/__mock/requests")[2])
+
+        def clear(host):
+            http("DELETE", f"http://127.0.0.1:{mock_ports[host]}/__mock/requests")
+
+        cases = [("openai", "/v1/chat/completions", "gpt-4.1-mini", {}),
+                 ("deepseek", "/v1/chat/completions", "deepseek-chat", {}),
+                 ("gemini", "/v1/chat/completions", "gemini-2.5-flash", {}),
+                 ("anthropic", "/v1/messages", "claude-sonnet", {"anthropic-version": "2023-06-01"})]
+        for cluster, path, model, extra in cases:
+            host = host_of[cluster]
+            clear(host)
+            body = {"model": model, "max_tokens": 16, "messages": [{"role": "user", "content": "hello"}]}
+            # The client names some public host and tries to pick a cluster itself.
+            hdrs = {"host": "llm.example.com", "authorization": f"Bearer {LIVE_KEY}", "content-type": "application/json",
+                    ROUTING_HEADER: "anthropic" if cluster != "anthropic" else "openai", **extra}
+            st, _, resp = http("POST", gw + path, hdrs, json.dumps(body).encode())
+            got = mock_requests(host)
+            seen = got[-1] if got else {}
+            h = {k: v for k, v in seen.get("headers", [])}
+            C.ok(st == 200 and len(got) == 1,
+                 f"live: {model} via {path} -> 200 from the {cluster} mock (route re-chosen on {ROUTING_HEADER})",
+                 f"status {st}, {len(got)} requests at the mock: {resp[:300]!r}")
+            if seen:
+                C.ok(h.get("host") == host, f"live: {cluster} received Host {host} (Sluice's :authority rewrite)", f"got {h.get('host')}")
+                C.ok(ROUTING_HEADER not in h, f"live: {cluster} did not receive {ROUTING_HEADER} (removed by the route)")
+                C.ok(LIVE_KEY not in json.dumps(seen), f"live: {cluster} never saw the tenant key")
+                C.ok(not any(k.startswith("x-envoy-") for k in h), f"live: {cluster} saw no x-envoy-* headers (router patch)",
+                     str([k for k in h if k.startswith("x-envoy-")]))
+        clear(host_of["openai"])
+        st, hd, _ = http("POST", gw + "/v1/chat/completions", {"authorization": "Bearer sk-wrong", "content-type": "application/json"},
+                         b'{"model":"gpt-4.1-mini","messages":[]}')
+        C.ok(st == 401 and not mock_requests(host_of["openai"]), "live: an unknown key gets 401 and reaches no provider")
+        time.sleep(0.5)
+        logged = (workdir / "access.log").read_text() if (workdir / "access.log").exists() else ""
+        C.ok('"tenant":"live-check"' in logged, "live: the access log carries Sluice's usage record")
+        stats = http("GET", f"http://127.0.0.1:{admin}/stats/prometheus")[2].decode()
+        C.ok('sluice_requests_total{tenant="live-check"' in stats, "live: Prometheus stats carry tenant labels (BOOTSTRAP stats_tags patch)")
+
+        # A bad configuration update is rejected and the working filter stays.
+        broken = copy.deepcopy(sluice)
+        broken["providers"][0]["clustr"] = "typo"
+        ecds_file(ecds, f, wasm, broken, "2")
+        time.sleep(2)
+        st, _, _ = http("POST", gw + "/v1/chat/completions", {"authorization": f"Bearer {LIVE_KEY}", "content-type": "application/json"},
+                        b'{"model":"gpt-4.1-mini","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}')
+        C.ok(st == 200, "live: an invalid Sluice update is rejected and the previous filter keeps serving", f"status {st}")
+        procs[-1].send_signal(signal.SIGTERM)
+        procs[-1].wait(10)
+
+        # Fail closed from the start: Envoy rejects the extension (the log names the field),
+        # and the listener then answers every request itself with 500, response flag NFCF
+        # ("no filter config found"); nothing reaches a provider.
+        ecds_file(ecds, f, wasm, broken, "3")
+        for h in mock_ports:
+            clear(h)
+        port2, admin2 = free_port(), free_port()
+        boot2 = workdir / "live-broken.yaml"
+        boot2.write_text(yaml.safe_dump(live_bootstrap(f, route_info, ecds, mock_ports, port2, admin2, workdir / "access2.log"), sort_keys=False))
+        elog2 = open(workdir / "envoy-broken.log", "w")
+        procs.append(subprocess.Popen([envoy, "-c", str(boot2), "--concurrency", "1", "--disable-hot-restart",
+                                       "--use-dynamic-base-id", "--log-level", "info", "--file-flush-interval-msec", "200"],
+                                      env=env, stdout=elog2, stderr=subprocess.STDOUT))
+        wait_for(lambda: http("GET", f"http://127.0.0.1:{admin2}/ready")[0] in (200, 503), 20)
+        time.sleep(2)
+        served = []
+        for _ in range(5):
+            try:
+                served.append(http("POST", f"http://127.0.0.1:{port2}/v1/chat/completions",
+                                   {"authorization": f"Bearer {LIVE_KEY}", "content-type": "application/json"},
+                                   b'{"model":"gpt-4.1-mini","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}', timeout=2)[0])
+            except OSError as e:
+                served.append(type(e).__name__)
+            time.sleep(0.2)
+        time.sleep(0.5)
+        reached = sum(len(mock_requests(h)) for h in mock_ports)
+        log2 = (workdir / "envoy-broken.log").read_text()
+        flags = (workdir / "access2.log").read_text() if (workdir / "access2.log").exists() else ""
+        C.ok("invalid sluice configuration at `providers[0].clustr`" in log2,
+             "live: an invalid Sluice config from the start is rejected, the log naming the field")
+        C.ok(reached == 0 and all(s == 500 or not isinstance(s, int) for s in served)
+             and (not any(isinstance(s, int) for s in served) or '"response_flags":"NFCF"' in flags),
+             f"live: ... and nothing is forwarded: responses {served} (500 = NFCF, no filter config), {reached} requests at the providers",
+             f"flags: {flags[:300]}")
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+# ---------------------------------------------------------------------------------------
+
+def main() -> int:
+    global ISTIO_DIR
+    args = sys.argv[1:]
+    if "--dir" in args:  # check another copy of the manifests (used to try breaking them)
+        ISTIO_DIR = Path(args[args.index("--dir") + 1]).resolve()
+    envoy = os.environ.get("SLUICE_ENVOY") or str(ROOT / ".venv/bin/envoy")
+    wasm = Path(os.environ.get("SLUICE_WASM") or ROOT / "target/wasm32-wasip1/release/sluice.wasm")
+    if not Path(envoy).is_file():
+        print(f"check_istio: Envoy not found at {envoy}; run `make envoy` or set SLUICE_ENVOY", file=sys.stderr)
+        return 2
+    if not wasm.is_file():
+        print(f"check_istio: wasm not found at {wasm}; run `make wasm` or set SLUICE_WASM", file=sys.stderr)
+        return 2
+    wasm = wasm.resolve()
+    print(f"check_istio: {rel(ISTIO_DIR)} with envoy {envoy} and wasm {rel(wasm)}")
+
+    C.section("manifests: parse, kinds, apiVersions")
+    docs = load_docs()
+
+    C.section("EnvoyFilters: ECDS wiring, FAIL_CLOSED, allow_on_headers_stop_iteration, Sluice config")
+    filters = []
+    for ef in by_kind(docs, "EnvoyFilter"):
+        f = check_envoyfilter(ef)
+        if f:
+            filters.append(f)
+    gateway_filters = [f for f in filters if f["context"] == "GATEWAY"]
+    C.ok(len(gateway_filters) == 1, "exactly one EnvoyFilter puts Sluice in a gateway", f"found {len(gateway_filters)}")
+    C.ok(all(f["ef"]["__file"].parent == ISTIO_DIR for f in gateway_filters),
+         "the gateway EnvoyFilter is at the top level (applied by kubectl apply -f envoy/istio/)")
+
+    route_infos = {}
+    for f in gateway_filters:
+        C.section(f"gateway {dig(f['ef'], 'metadata', 'namespace')}: Deployment, Secret, Gateway, routing")
+        route_infos[id(f)] = check_gateway_setup(docs, f)
+
+    keep = "--keep" in sys.argv[1:]
+    tmpdir = tempfile.mkdtemp(prefix="check-istio-")
+    try:
+        workdir = Path(tmpdir)
+        C.section("Envoy: the EnvoyFilters' Wasm config in a real Envoy (--mode validate)")
+        for f in filters:
+            check_envoy_validate(envoy, wasm, f, route_infos.get(id(f)), workdir)
+        C.section("wasm image: scripts/wasm_oci.py -> OCI image layout")
+        check_oci(wasm, workdir)
+        if "--live" in sys.argv[1:]:
+            mock = os.environ.get("SLUICE_MOCK") or str(ROOT / "target/release/sluice-mock")
+            C.section(f"live: the gateway's config serving requests (Envoy + ECDS from a file + mock providers {rel(Path(mock))})")
+            if C.ok(Path(mock).is_file(), f"mock providers binary at {mock}", "run `make mock` or set SLUICE_MOCK"):
+                for f in gateway_filters:
+                    live = workdir / "live"
+                    live.mkdir()
+                    try:
+                        live_check(envoy, wasm, f, route_infos[id(f)], live, mock)
+                    except Exception as e:  # report, don't crash: the other results stand
+                        import traceback
+                        C.ok(False, "live: the live run completed", f"{e!r}\n{traceback.format_exc()}")
+    finally:
+        if keep:
+            print(f"\n(--keep: work files left in {tmpdir})")
+        else:
+            import shutil
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+    print()
+    if C.failures:
+        print(f"check_istio: {len(C.failures)} FAILED, {C.passed} passed:")
+        for f in C.failures:
+            print(f"  - {f.splitlines()[0]}")
+        return 1
+    print(f"check_istio: all {C.passed} checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
