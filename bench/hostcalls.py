@@ -121,6 +121,7 @@ def main():
                     raise SystemExit(f"bench: variant {name} answered {r['total'] - r['ok']} non-2xx")
                 samples[name].append(r["cpu_us_per_req"])
             print(f"bench: host calls, repetition {rep + 1}/{args.reps} done", flush=True)
+        run.assert_upstream_connections_reused(up_admin)
     finally:
         for p in procs:
             p.stop()

@@ -193,6 +193,18 @@ def upstream_yaml(port, admin):
     return yaml.replace("  clusters:\n  []", "  clusters: []")
 
 
+def assert_upstream_connections_reused(admin):
+    """Fails the run if the gateways opened a connection per request to the upstream (the
+    flaw upstream_yaml avoids): that cost would be measured as every gateway's own."""
+    stats = urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats?filter=^http\\.bench\\.downstream_(cx|rq)_total$",
+                                   timeout=5).read().decode()
+    values = dict(line.split(": ") for line in stats.strip().splitlines())
+    cx, rq = int(values["http.bench.downstream_cx_total"]), int(values["http.bench.downstream_rq_total"])
+    if cx * 100 > rq:
+        sys.exit(f"bench: the upstream saw {cx} connections for {rq} requests: connections are not reused")
+    print(f"bench: upstream connections reused ({cx} connections, {rq} requests)", flush=True)
+
+
 def cluster(name, port):
     return f"""  - name: {name}
     type: STATIC
@@ -382,6 +394,7 @@ def main():
             ablation[name] = measure(gw, f"{base}/v1/chat/completions", auth, args.seconds, args.reps, {})
             gw.stop()
         results["ablation"] = ablation
+        assert_upstream_connections_reused(up_admin)
 
         # (d) streaming through (a) and (c) from the paced mock.
         stream = {}

@@ -717,13 +717,20 @@ def live_check(envoy: str, wasm: Path, f, route_info, workdir: Path, mock: str) 
         ecds = workdir / "ecds" / "sluice.yaml"
         ecds.parent.mkdir()
         ecds_file(ecds, f, wasm, sluice, "1")
-        port, admin = free_port(), free_port()
-        boot = workdir / "live.yaml"
-        boot.write_text(yaml.safe_dump(live_bootstrap(f, route_info, ecds, mock_ports, port, admin, workdir / "access.log"), sort_keys=False))
-        elog = open(workdir / "envoy.log", "w")
-        procs.append(subprocess.Popen([envoy, "-c", str(boot), "--concurrency", "2", "--disable-hot-restart",
-                                       "--use-dynamic-base-id", "--log-level", "info", "--file-flush-interval-msec", "200"],
-                                      env=env, stdout=elog, stderr=subprocess.STDOUT))
+        def start_gateway(name, access_log, concurrency):
+            """An Envoy on the live bootstrap, its log in workdir/<name>.log; returns its ports."""
+            port, admin = free_port(), free_port()
+            boot = workdir / f"{name}.yaml"
+            boot.write_text(yaml.safe_dump(live_bootstrap(f, route_info, ecds, mock_ports, port, admin,
+                                                          workdir / access_log), sort_keys=False))
+            log = open(workdir / f"{name}.log", "w")
+            procs.append(subprocess.Popen([envoy, "-c", str(boot), "--concurrency", str(concurrency),
+                                           "--disable-hot-restart", "--use-dynamic-base-id", "--log-level", "info",
+                                           "--file-flush-interval-msec", "200"],
+                                          env=env, stdout=log, stderr=subprocess.STDOUT))
+            return port, admin
+
+        port, admin = start_gateway("envoy", "access.log", 2)
         gw = f"http://127.0.0.1:{port}"
         up = wait_for(lambda: http("GET", f"{gw}/v1/models", {"authorization": f"Bearer {LIVE_KEY}"})[0] == 200, 30)
         if not C.ok(up, "live: the gateway listener serves once the ECDS extension is loaded",
@@ -787,13 +794,7 @@ def live_check(envoy: str, wasm: Path, f, route_info, workdir: Path, mock: str) 
         ecds_file(ecds, f, wasm, broken, "3")
         for h in mock_ports:
             clear(h)
-        port2, admin2 = free_port(), free_port()
-        boot2 = workdir / "live-broken.yaml"
-        boot2.write_text(yaml.safe_dump(live_bootstrap(f, route_info, ecds, mock_ports, port2, admin2, workdir / "access2.log"), sort_keys=False))
-        elog2 = open(workdir / "envoy-broken.log", "w")
-        procs.append(subprocess.Popen([envoy, "-c", str(boot2), "--concurrency", "1", "--disable-hot-restart",
-                                       "--use-dynamic-base-id", "--log-level", "info", "--file-flush-interval-msec", "200"],
-                                      env=env, stdout=elog2, stderr=subprocess.STDOUT))
+        port2, admin2 = start_gateway("envoy-broken", "access2.log", 1)
         wait_for(lambda: http("GET", f"http://127.0.0.1:{admin2}/ready")[0] in (200, 503), 20)
         time.sleep(2)
         served = []

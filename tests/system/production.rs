@@ -212,26 +212,14 @@ async fn production_config_reaches_each_provider_over_tls_with_its_sni() {
 
     let openai = g.mocks.openai.requests();
     assert_eq!(openai.len(), 1);
-    let header = |req: &sluice_mock::RecordedRequest, name: &str| {
-        req.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.clone())
-    };
     assert_eq!(
-        header(&openai[0], "authorization").as_deref(),
+        openai[0].header("authorization"),
         Some(format!("Bearer {OPENAI_KEY}").as_str())
     );
-    assert_eq!(
-        header(&openai[0], "host").as_deref(),
-        Some("api.openai.com")
-    );
+    assert_eq!(openai[0].header("host"), Some("api.openai.com"));
     let anthropic = g.mocks.anthropic.requests();
     assert_eq!(anthropic.len(), 1);
-    assert_eq!(
-        header(&anthropic[0], "x-api-key").as_deref(),
-        Some(ANTHROPIC_KEY)
-    );
+    assert_eq!(anthropic[0].header("x-api-key"), Some(ANTHROPIC_KEY));
     assert_eq!(g.mocks.deepseek.requests().len(), 1);
 
     let records = g.access_log(3).await;
