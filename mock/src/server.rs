@@ -87,6 +87,8 @@ pub(crate) struct StreamPlan {
 
 pub(crate) enum Reply {
     Json(Value),
+    /// Bytes sent as `application/json` as they are (`x-mock-body`).
+    Raw(Bytes),
     Stream {
         plan: StreamPlan,
         reset: bool,
@@ -315,7 +317,10 @@ async fn handle(
         seq,
         now: unix_now(),
     };
-    let outcome = route(&ctx, &path);
+    let mut outcome = route(&ctx, &path);
+    if outcome.status == 200 {
+        outcome.reply = crate::lies::apply(outcome.reply, knobs.usage.as_ref(), knobs.body);
+    }
 
     let id = state.recorder.push(RecordedRequest {
         provider: state.name.clone(),
@@ -372,6 +377,9 @@ async fn handle(
         Reply::Json(v) => builder
             .header(CONTENT_TYPE, "application/json")
             .body(MockBody::full(Bytes::from(v.to_string()), done)),
+        Reply::Raw(bytes) => builder
+            .header(CONTENT_TYPE, "application/json")
+            .body(MockBody::full(bytes, done)),
         Reply::Stream { plan, reset } => {
             let (tx, rx) = mpsc::channel(8);
             tokio::spawn(produce(plan, reset, knobs, tx));

@@ -1082,3 +1082,81 @@ async fn shutdown_stops_listening() {
     s.shutdown().await;
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+#[tokio::test]
+async fn lying_usage_and_broken_bodies() {
+    let s = openai().await;
+    let lie = r#"{"prompt_tokens":-5,"completion_tokens":1e30,"total_tokens":"many"}"#;
+    // JSON: the usage object is replaced, the rest of the answer is intact.
+    let r = post_openai(
+        &s,
+        "/v1/chat/completions",
+        &chat_body(),
+        &[("x-mock-usage", lie)],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["usage"], serde_json::from_str::<Value>(lie).unwrap());
+    assert!(v["choices"][0]["message"]["content"].is_string());
+    // The recording keeps the truth.
+    let rec = s.requests().pop().unwrap();
+    assert_eq!(rec.usage.unwrap().input_tokens, chat_prompt_tokens());
+
+    // SSE: the usage chunk carries the lie.
+    let mut stream = chat_body();
+    stream["stream"] = json!(true);
+    stream["stream_options"] = json!({"include_usage": true});
+    let r = post_openai(
+        &s,
+        "/v1/chat/completions",
+        &stream,
+        &[("x-mock-usage", lie)],
+    )
+    .await;
+    let text = r.text().await.unwrap();
+    assert!(text.contains(r#""prompt_tokens":-5"#), "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+
+    // Garbage and truncated bodies are still 200s.
+    let r = post_openai(
+        &s,
+        "/v1/chat/completions",
+        &chat_body(),
+        &[("x-mock-body", "garbage")],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert!(serde_json::from_slice::<Value>(&r.bytes().await.unwrap()).is_err());
+    let r = post_openai(
+        &s,
+        "/v1/chat/completions",
+        &chat_body(),
+        &[("x-mock-body", "truncate")],
+    )
+    .await;
+    let len: usize = r.headers()["content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let body = r.bytes().await.unwrap();
+    assert_eq!(body.len(), len);
+    assert!(serde_json::from_slice::<Value>(&body).is_err());
+    let r = post_openai(
+        &s,
+        "/v1/chat/completions",
+        &stream,
+        &[("x-mock-body", "truncate")],
+    )
+    .await;
+    let text = r.text().await.unwrap();
+    assert!(
+        !text.contains("[DONE]") && !text.contains("usage\":{"),
+        "{text}"
+    );
+    assert!(
+        !text.ends_with("\n\n"),
+        "the last event must be cut: {text}"
+    );
+}

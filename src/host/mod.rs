@@ -23,8 +23,8 @@ use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 use store::SharedData;
 
-/// Filter-state key of the usage record; the access log reads
-/// `%FILTER_STATE(wasm.sluice_usage:PLAIN)%`.
+/// Filter-state key of the usage record; the access log reads it as
+/// `filter_state['wasm.sluice_usage']` in a `%CEL(...)%` command.
 const USAGE_PROPERTY: &str = "sluice_usage";
 
 proxy_wasm::main! {{
@@ -93,6 +93,11 @@ impl RootContext for SluiceRoot {
                     ),
                 );
                 let policy = Rc::new(policy);
+                #[cfg(feature = "test-trap")]
+                log(
+                    LogLevel::Critical,
+                    "sluice: built with the test-trap feature, which traps on request: tests only",
+                );
                 #[cfg(feature = "vm-bench")]
                 for (name, ns) in crate::vm_bench::run(&policy, &|| {
                     hostcalls::get_current_time()
@@ -181,6 +186,8 @@ impl RootContext for SluiceRoot {
             metrics: self.metrics.clone(),
             debug: self.debug,
             exchange: Exchange::new(),
+            #[cfg(feature = "test-trap")]
+            trap_at: None,
         }))
     }
 
@@ -201,6 +208,21 @@ struct SluiceHttp {
     queue: Option<Rc<RefCell<LocalQueue>>>,
     /// Set while (or after) this request waited in a fair queue; the root writes it.
     wait: Option<Rc<Cell<WaitState>>>,
+    /// Test builds only: the callback in which to trap (`x-sluice-test-trap`).
+    #[cfg(feature = "test-trap")]
+    trap_at: Option<Vec<u8>>,
+}
+
+/// Test builds only: traps the VM (as a bug would) when the request asked for it here.
+#[cfg(feature = "test-trap")]
+fn trap_if(trap_at: &Option<Vec<u8>>, phase: &[u8]) {
+    if trap_at.as_deref() == Some(phase) {
+        log(
+            LogLevel::Warn,
+            "sluice test-trap: trapping the VM on request",
+        );
+        core::arch::wasm32::unreachable();
+    }
 }
 
 impl SluiceHttp {
@@ -279,6 +301,11 @@ impl HttpContext for SluiceHttp {
             Err(s) => return self.fail(&format!("read headers: {s:?}")),
         };
         let headers = RequestHeaders::from_pairs(pairs);
+        #[cfg(feature = "test-trap")]
+        {
+            self.trap_at = headers.get("x-sluice-test-trap").map(<[u8]>::to_vec);
+            trap_if(&self.trap_at, b"request-headers");
+        }
         let step = self
             .exchange
             .on_request_headers(&policy, &headers, end_of_stream);
@@ -289,6 +316,8 @@ impl HttpContext for SluiceHttp {
         let Some(policy) = self.policy.clone() else {
             return self.fail("no configuration");
         };
+        #[cfg(feature = "test-trap")]
+        trap_if(&self.trap_at, b"request-body");
         let read = || match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
             Ok(Some(bytes)) => Some(bytes),
             Ok(None) => Some(Vec::new()),
@@ -375,6 +404,8 @@ impl HttpContext for SluiceHttp {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        #[cfg(feature = "test-trap")]
+        trap_if(&self.trap_at, b"response-body");
         if !self.exchange.meters_response() {
             return Action::Continue;
         }

@@ -208,14 +208,24 @@ pub struct Content {
     /// The field was in the body (a `Default` stands for an absent field).
     pub present: bool,
     pub null: bool,
+    /// A number or a boolean: no API takes one as content.
+    pub scalar: bool,
 }
 
 impl Content {
+    fn scalar() -> Self {
+        Content {
+            scalar: true,
+            ..Content::of(0)
+        }
+    }
+
     fn of(tokens: u64) -> Self {
         Content {
             tokens,
             present: true,
             null: false,
+            scalar: false,
         }
     }
 }
@@ -232,16 +242,16 @@ impl<'de> Deserialize<'de> for Content {
                 Ok(Content::of(text_tokens(s)))
             }
             fn visit_bool<E>(self, _: bool) -> Result<Content, E> {
-                Ok(Content::of(0))
+                Ok(Content::scalar())
             }
             fn visit_i64<E>(self, _: i64) -> Result<Content, E> {
-                Ok(Content::of(0))
+                Ok(Content::scalar())
             }
             fn visit_u64<E>(self, _: u64) -> Result<Content, E> {
-                Ok(Content::of(0))
+                Ok(Content::scalar())
             }
             fn visit_f64<E>(self, _: f64) -> Result<Content, E> {
-                Ok(Content::of(0))
+                Ok(Content::scalar())
             }
             fn visit_unit<E>(self) -> Result<Content, E> {
                 Ok(Content {
@@ -339,6 +349,8 @@ pub struct Messages {
     pub tokens: u64,
     /// The body has a `messages` field (any value): a chat or Anthropic request.
     pub present: bool,
+    /// The field is an array of objects, as every API that has it requires.
+    pub well_formed: bool,
 }
 
 impl<'de> Deserialize<'de> for Messages {
@@ -349,6 +361,7 @@ impl<'de> Deserialize<'de> for Messages {
         Ok(Messages {
             tokens: list.items_tokens,
             present: true,
+            well_formed: matches!(list.shape, ListShape::Array) && list.all_objects,
         })
     }
 }
@@ -415,6 +428,7 @@ struct List {
     len: u64,
     all_numbers: bool,
     any_object: bool,
+    all_objects: bool,
     /// Sum over items of `Item` tokens plus the per-message overhead.
     items_tokens: u64,
     /// Sum over items of string tokens, or of the length of token-id arrays.
@@ -428,6 +442,7 @@ impl List {
             len: 0,
             all_numbers: true,
             any_object: false,
+            all_objects: true,
             items_tokens: 0,
             embedding_tokens: 0,
         }
@@ -557,6 +572,7 @@ impl<'de> Deserialize<'de> for List {
                     list.len = list.len.saturating_add(1);
                     list.all_numbers &= e.number;
                     list.any_object |= e.item.object;
+                    list.all_objects &= e.item.object;
                     list.items_tokens = list
                         .items_tokens
                         .saturating_add(e.item.tokens)

@@ -57,6 +57,15 @@ pub fn wasm_path() -> PathBuf {
     )
 }
 
+/// The test-only build that traps on `x-sluice-test-trap` (make wasm-trap).
+pub fn trap_wasm_path() -> PathBuf {
+    required_path(
+        "SLUICE_TRAP_WASM",
+        "target/trap/wasm32-wasip1/release/sluice.wasm",
+        "run `make wasm-trap` to build the test-only trapping filter",
+    )
+}
+
 pub fn python_bin() -> PathBuf {
     required_path(
         "SLUICE_PYTHON",
