@@ -801,6 +801,41 @@ mod tests {
     }
 
     #[test]
+    fn secrets_cannot_be_written_into_the_configuration() {
+        // Provider keys come only from the environment, tenant keys only as digests: a
+        // key written inline is an unknown field, and the error does not echo its value.
+        for (edit, field) in [
+            (
+                &(|v: &mut serde_json::Value| v["providers"][0]["api_key"] = "sk-inline-1".into())
+                    as &dyn Fn(&mut serde_json::Value),
+                "api_key",
+            ),
+            (
+                &|v: &mut serde_json::Value| {
+                    v["tenants"][0]["keys"][0]["key"] = "sk-inline-1".into()
+                },
+                "key",
+            ),
+        ] {
+            let mut v = base();
+            edit(&mut v);
+            let e = compile_value(&v).unwrap_err();
+            assert!(
+                e.to_string().contains(&format!("unknown field `{field}`")),
+                "{e}"
+            );
+            assert!(!e.to_string().contains("sk-inline-1"), "{e}");
+        }
+        // A digest that is not one (a plaintext key pasted into `sha256`) is refused
+        // without echoing it.
+        let mut v = base();
+        v["tenants"][0]["keys"][0]["sha256"] = "sk-inline-plaintext-key".into();
+        let e = compile_value(&v).unwrap_err();
+        assert!(e.path.ends_with("keys[0].sha256"), "{}", e.path);
+        assert!(!e.to_string().contains("sk-inline-plaintext-key"), "{e}");
+    }
+
+    #[test]
     fn unknown_top_level_field_is_named() {
         let mut v = base();
         v["tenant"] = serde_json::json!([]);

@@ -87,11 +87,19 @@ impl UsageMeter {
     }
 
     /// The usage so far: final once the provider reported it, else (partly) estimated.
+    /// A report with invalid values is not trusted at all: a provider that says -5 or
+    /// 10^30 tokens would otherwise make a request free or lock its tenant out of its
+    /// limits. It is counted as if absent (the estimate) and flagged.
     /// Call at end of stream, or when the stream is aborted.
     pub fn result(&self) -> MeterResult {
         let suspicious = self.suspicious || self.scanner.capture_overflowed();
         let text_output = estimate_tokens_from_chars(self.scanner.text_chars());
-        match self.reported {
+        let reported = if suspicious {
+            Reported::Nothing
+        } else {
+            self.reported
+        };
+        match reported {
             Reported::Final(usage) => MeterResult {
                 usage,
                 estimated: false,

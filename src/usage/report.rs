@@ -1,7 +1,8 @@
 //! Reads a captured usage object (a few hundred bytes) into normalized counts. Providers'
 //! numbers are untrusted: anything that is not a non-negative integer up to
 //! [`MAX_REPORTED_TOKENS`] is coerced (negative or non-numeric to 0, fractions truncated,
-//! huge values clamped) and flagged suspicious.
+//! huge values clamped) and flagged suspicious; the meter then counts its own estimate
+//! instead of the report.
 
 use super::{TokenUsage, MAX_REPORTED_TOKENS};
 use serde_json::{Map, Value};
