@@ -139,6 +139,8 @@ async fn a_trapped_vm_fails_closed() {
             gw.log().contains("Uncaught RuntimeError: unreachable"),
             "{phase}: Envoy logs the trap"
         );
+        // The health check every other test ends with would have caught it.
+        assert!(gw.vm_failure().await.is_some(), "{phase}");
     }
 
     // Two workers: one VM fails, the other keeps authenticating. An unauthenticated
