@@ -813,7 +813,7 @@ impl XorShift {
         let body: String = (0..len)
             .map(|_| CHARS[(self.next() % CHARS.len() as u64) as usize] as char)
             .collect();
-        if self.next() % 2 == 0 {
+        if self.next().is_multiple_of(2) {
             format!("sk-sluice-{body}")
         } else {
             body
