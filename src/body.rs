@@ -198,10 +198,16 @@ pub fn replace_model(raw: &[u8], model: &str) -> Option<Vec<u8>> {
 
 /// Returns `raw` with `stream_options.include_usage` set to true, so a stream reports usage.
 /// Without a `stream_options` key (the usual case) the field is inserted byte-exactly after
-/// the opening brace; an existing `stream_options` object is merged by re-serializing.
+/// the opening brace; an existing `stream_options` object (or any top-level key written
+/// with escapes) is merged by re-serializing.
 pub fn inject_include_usage(raw: &[u8]) -> Option<Vec<u8>> {
     const FIELD: &[u8] = br#""stream_options":{"include_usage":true}"#;
-    match top_level_value_span(raw, b"stream_options") {
+    // A key written with escapes (`"stream_option\u0073"`) may name `stream_options` too:
+    // inserting another would send a duplicate key, whose `include_usage: false` the
+    // provider may keep. Only a real parse can merge it.
+    let existing = top_level_value_span(raw, b"stream_options")
+        .or_else(|| top_level_span_where(raw, |k| k.contains(&b'\\')));
+    match existing {
         None => {
             let open = skip_ws(raw, 0);
             if raw.get(open) != Some(&b'{') {
@@ -244,6 +250,12 @@ pub fn replace_model_reserialized(raw: &[u8], model: &str) -> Option<Vec<u8>> {
 
 /// Byte range of the value of top-level `key` in a JSON object already known to be valid.
 fn top_level_value_span(raw: &[u8], key: &[u8]) -> Option<(usize, usize)> {
+    top_level_span_where(raw, |k| k == key)
+}
+
+/// Byte range of the value of the first top-level key whose bytes (as written, escapes
+/// and all) satisfy `matches`, in a JSON object already known to be valid.
+fn top_level_span_where(raw: &[u8], matches: impl Fn(&[u8]) -> bool) -> Option<(usize, usize)> {
     let mut i = skip_ws(raw, 0);
     if raw.get(i) != Some(&b'{') {
         return None;
@@ -268,7 +280,7 @@ fn top_level_value_span(raw: &[u8], key: &[u8]) -> Option<(usize, usize)> {
         }
         i = skip_ws(raw, i + 1);
         let value_end = skip_value(raw, i)?;
-        if this_key == key {
+        if matches(this_key) {
             return Some((i, value_end));
         }
         i = value_end;
@@ -556,6 +568,32 @@ mod tests {
         .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["stream_options"]["include_obfuscation"], false);
+    }
+
+    #[test]
+    fn include_usage_merges_into_an_escaped_stream_options_key() {
+        // Found writing the fuzz invariants: fuzz/regressions/request_body/
+        // escaped_stream_options_key. The byte scanner did not see the escaped key and
+        // inserted a second `stream_options`: a body parse_request refuses as a duplicate,
+        // and upstream the client's `false` could win (no usage chunk: an estimate is billed).
+        let raw = br#"{"model":"m","stream":true,"stream_option\u0073":{"include_usage":false}}"#;
+        assert!(!parse_request(raw).unwrap().include_usage);
+        let out = inject_include_usage(raw).unwrap();
+        let f = parse_request(&out).unwrap();
+        assert!(
+            f.include_usage && f.stream,
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+        assert_eq!(f.model, "m");
+        // Escapes in values (and no stream_options) keep the byte-exact insertion.
+        let raw = br#"{"model":"m","messages":[{"role":"user","content":"a\"b\n"}]}"#;
+        let out = inject_include_usage(raw).unwrap();
+        assert_eq!(
+            out[..41],
+            br#"{"stream_options":{"include_usage":true},"#[..]
+        );
+        assert_eq!(out[41..], raw[1..]);
     }
 
     #[test]
