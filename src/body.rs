@@ -69,6 +69,11 @@ pub fn parse_request(raw: &[u8]) -> Result<RequestFields, ApiError> {
         Some(b'{') => {}
         Some(_) => return Err(invalid("The request body must be a JSON object.")),
     }
+    // serde_json skips the strings it ignores without checking them; the rewrites and the
+    // provider parse them all. One pass here turns such a body into a 400, not a 500 later.
+    if std::str::from_utf8(raw).is_err() {
+        return Err(invalid("The request body is not valid UTF-8."));
+    }
     if exceeds_depth(raw, MAX_DEPTH) {
         return Err(invalid(format!(
             "The JSON body is nested deeper than {MAX_DEPTH} levels."
@@ -425,7 +430,8 @@ mod tests {
             (b"{\"model\": \"a\\nb\"}", "control"),
             (b"{\"model\": \"a\", \"model\": \"b\"}", "duplicate"),
             (b"{\"model\": \"a\", \"stream\": \"yes\"}", "'stream'"),
-            (b"{\"model\": \"\xff\"}", "parse"),
+            (b"{\"model\": \"\xff\"}", "UTF-8"),
+            (b"{\"model\": \"a\", \"skipped\": \"\xff\"}", "UTF-8"),
             (b"{\"model\": \"a\", \"messages\": \"hi\"}", "'messages'"),
             (b"{\"model\": \"a\", \"messages\": [7]}", "'messages'"),
             (
@@ -467,7 +473,7 @@ mod tests {
     fn bytes_after_the_object_are_refused() {
         // Found by fuzzing: fuzz/regressions/request_body/trailing_bytes_after_object.
         for body in [
-            &b"{\"model\":\"a\"}\xff"[..],
+            &br#"{"model":"a"} {}"#[..],
             br#"{"model":"a"} x"#,
             br#"{"model":"a"}{"model":"b"}"#,
         ] {

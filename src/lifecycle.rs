@@ -489,18 +489,14 @@ impl Exchange {
         if requested != model.upstream_name {
             let rewritten = replace_model(raw, &model.upstream_name)
                 .or_else(|| replace_model_reserialized(raw, &model.upstream_name))
-                .ok_or_else(|| {
-                    ApiError::new(ErrorKind::Internal, "could not rewrite the model name")
-                })?;
+                .ok_or_else(unrewritable_body)?;
             body = Some(rewritten);
         }
         // Meter every chat stream: ask for the usage chunk, strip it on the way back.
         let injected_usage = endpoint == Endpoint::ChatCompletions && stream && !include_usage;
         if injected_usage {
             let current = body.as_deref().unwrap_or(raw);
-            body = Some(inject_include_usage(current).ok_or_else(|| {
-                ApiError::new(ErrorKind::Internal, "could not request stream usage")
-            })?);
+            body = Some(inject_include_usage(current).ok_or_else(unrewritable_body)?);
         }
         if let Some(b) = &body {
             step.set
@@ -895,6 +891,15 @@ fn too_large(policy: &Policy) -> ApiError {
             "The request body exceeds the limit of {} bytes.",
             policy.max_body_bytes
         ),
+    )
+}
+
+/// The body passed `parse_request` but a rewrite needs a full JSON tree, which refuses it
+/// (an unpaired surrogate escape in a string the probe skipped): the client's input.
+fn unrewritable_body() -> ApiError {
+    ApiError::new(
+        ErrorKind::InvalidRequest,
+        "We could not parse the JSON body of your request: it contains an invalid string escape.",
     )
 }
 

@@ -125,7 +125,8 @@ impl UsageMeter {
         }
     }
 
-    /// The provider's final usage report has arrived (`result()` is not estimated).
+    /// The provider's final usage report has arrived; `result()` uses it unless it was
+    /// suspicious (then `result()` is the estimate).
     pub fn usage_seen(&self) -> bool {
         matches!(self.reported, Reported::Final(_))
     }

@@ -310,6 +310,22 @@ fn refused_cases() -> Vec<Case> {
             400,
         ),
         openai("binary garbage", bytes(b"\xff\xfe\x00\x01{".to_vec()), 400),
+        openai(
+            "non-UTF-8 in a value Sluice skips",
+            bytes(b"{\"model\":\"gpt-4.1-mini\",\"messages\":[],\"user\":\"\xff\"}".to_vec()),
+            400,
+        ),
+        // Accepted by the probe, refused by the full parse a rewrite needs: 400, not 500.
+        openai(
+            "an unpaired surrogate in a body whose model is rewritten",
+            bytes(r#"{"mod\u0065l":"deepseek-v3.2","messages":[],"user":"\ud800"}"#),
+            400,
+        ),
+        openai(
+            "an unpaired surrogate in a stream that needs usage",
+            bytes(r#"{"model":"gpt-4.1-mini","stream":true,"stream_option\u0073":{"include_usage":false},"messages":[],"user":"\ud800"}"#),
+            400,
+        ),
         openai("nested 10,000 deep", bytes(nested(10_000)), 400),
         openai("nested 129 deep", bytes(nested(128)), 400),
         openai("100,000 keys, no model", bytes(many_keys(100_000, "")), 400),
