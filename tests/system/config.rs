@@ -147,3 +147,41 @@ fn demo_config_holds_only_key_digests() {
         );
     }
 }
+
+/// The `local_reply_config` block of a YAML file, dedented (None if absent).
+fn local_reply_block(path: &str) -> Option<String> {
+    let text = std::fs::read_to_string(repo_root().join(path)).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.trim() == "local_reply_config:")?;
+    let indent = lines[at].len() - lines[at].trim_start().len();
+    let block: Vec<&str> = std::iter::once(lines[at])
+        .chain(
+            lines[at + 1..]
+                .iter()
+                .take_while(|l| l.len() - l.trim_start().len() > indent)
+                .copied(),
+        )
+        .map(|l| &l[indent..])
+        .collect();
+    Some(block.join("\n"))
+}
+
+/// The demo's mapping of Envoy's own errors to JSON is tested live; the other shipped
+/// configurations must carry the same one (compose is generated from the demo).
+#[test]
+fn every_shipped_config_answers_envoys_own_errors_like_the_demo() {
+    let demo = local_reply_block("envoy/demo.yaml").expect("demo.yaml has local_reply_config");
+    for other in [
+        "envoy/production.yaml",
+        "envoy/compose/envoy.yaml",
+        "envoy/istio/20-sluice-envoyfilter.yaml",
+    ] {
+        assert_eq!(
+            local_reply_block(other).as_deref(),
+            Some(demo.as_str()),
+            "{other}: local_reply_config differs from envoy/demo.yaml"
+        );
+    }
+}
