@@ -2,14 +2,14 @@
 
 use serde_json::{json, Value};
 
+use crate::exchange::{sse_event, Ctx, Flavour, Outcome, Reply, StreamPlan};
 use crate::knobs::Fault;
 use crate::record::Usage;
-use crate::server::{sse_event, Ctx, Flavor, Outcome, Reply, StreamPlan};
 use crate::tokens::{content_tokens, messages_tokens, mock_chunks, PER_MESSAGE};
 
 pub(crate) fn error(status: u16, typ: &str, message: impl Into<String>) -> Outcome {
     Outcome::json(
-        Flavor::Anthropic,
+        Flavour::Anthropic,
         status,
         json!({"type": "error", "error": {"type": typ, "message": message.into()}}),
     )
@@ -62,7 +62,7 @@ fn prompt_tokens(v: &Value, messages: &[Value]) -> u64 {
 /// `POST {prefix}/messages`
 pub(crate) fn messages(ctx: &Ctx<'_>) -> Outcome {
     match ctx.header("x-api-key") {
-        Some(k) if k == ctx.state.api_key => {}
+        Some(k) if k == ctx.api_key => {}
         _ => return error(401, "authentication_error", "invalid x-api-key"),
     }
     if ctx.header("anthropic-version").is_none() {
@@ -136,7 +136,7 @@ pub(crate) fn messages(ctx: &Ctx<'_>) -> Outcome {
             Some(stop_reason),
             usage.output_tokens,
         );
-        return Outcome::success(Flavor::Anthropic, ctx.knobs, usage, Reply::Json(body));
+        return Outcome::success(Flavour::Anthropic, ctx.knobs, usage, Reply::Json(body));
     }
 
     let mut plan = StreamPlan::default();
@@ -172,7 +172,7 @@ pub(crate) fn messages(ctx: &Ctx<'_>) -> Outcome {
     plan.epilogue
         .push(sse_event("message_stop", &json!({"type": "message_stop"})));
     Outcome::success(
-        Flavor::Anthropic,
+        Flavour::Anthropic,
         ctx.knobs,
         usage,
         Reply::Stream { plan, reset: false },

@@ -3,8 +3,6 @@
 use hyper::HeaderMap;
 use serde_json::Value;
 
-use crate::lies::BodyFault;
-
 /// Fault to inject (`x-mock-fault`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Fault {
@@ -16,6 +14,26 @@ pub(crate) enum Fault {
     Overloaded,
     /// `reset`: abort the connection (mid-stream for streams).
     Reset,
+}
+
+/// `x-mock-body`
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BodyFault {
+    /// `garbage`: the body (or every SSE `data:` payload) is not JSON.
+    Garbage,
+    /// `truncate`: JSON cut in half (with a matching length); streams end cleanly in
+    /// the middle of an event, without their closing events.
+    Truncate,
+}
+
+impl BodyFault {
+    pub(crate) fn parse(v: &str) -> Option<Self> {
+        match v.trim().to_ascii_lowercase().as_str() {
+            "garbage" => Some(BodyFault::Garbage),
+            "truncate" => Some(BodyFault::Truncate),
+            _ => None,
+        }
+    }
 }
 
 const MAX_DELAY_MS: u64 = 600_000;

@@ -23,6 +23,7 @@
 
 mod anthropic;
 mod body;
+mod exchange;
 mod knobs;
 mod lies;
 mod openai;

@@ -4,27 +4,8 @@
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::server::{Reply, StreamPlan};
-
-/// `x-mock-body`
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum BodyFault {
-    /// `garbage`: the body (or every SSE `data:` payload) is not JSON.
-    Garbage,
-    /// `truncate`: JSON cut in half (with a matching length); streams end cleanly in
-    /// the middle of an event, without their closing events.
-    Truncate,
-}
-
-impl BodyFault {
-    pub(crate) fn parse(v: &str) -> Option<Self> {
-        match v.trim().to_ascii_lowercase().as_str() {
-            "garbage" => Some(BodyFault::Garbage),
-            "truncate" => Some(BodyFault::Truncate),
-            _ => None,
-        }
-    }
-}
+use crate::exchange::{Reply, StreamPlan};
+use crate::knobs::BodyFault;
 
 const GARBAGE: &[u8] = b"{\"usage\": {\"prompt_tokens\": \xff\xfe not json ]]";
 

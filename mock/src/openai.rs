@@ -5,9 +5,9 @@ use base64::Engine as _;
 use bytes::Bytes;
 use serde_json::{json, Value};
 
+use crate::exchange::{sse_data, sse_event, Ctx, Flavour, Outcome, Reply, StreamPlan};
 use crate::knobs::Fault;
 use crate::record::Usage;
-use crate::server::{sse_data, sse_event, Ctx, Flavor, Outcome, Reply, StreamPlan};
 use crate::tokens::{
     content_tokens, count_tokens, messages_tokens, mock_chunks, PER_MESSAGE, PER_PROMPT,
 };
@@ -30,7 +30,7 @@ pub(crate) fn error(
     code: Option<&str>,
 ) -> Outcome {
     Outcome::json(
-        Flavor::OpenAi,
+        Flavour::OpenAi,
         status,
         json!({"error": {"message": message.into(), "type": typ, "param": param, "code": code}}),
     )
@@ -74,7 +74,7 @@ pub(crate) fn mask_key(key: &str) -> String {
 
 fn check_auth(ctx: &Ctx<'_>) -> Option<Outcome> {
     match ctx.bearer() {
-        Some(k) if k == ctx.state.api_key => None,
+        Some(k) if k == ctx.api_key => None,
         Some(k) => Some(error(
             401,
             format!(
@@ -209,7 +209,7 @@ fn chat_usage_json(ctx: &Ctx<'_>, u: &Usage) -> Value {
             "rejected_prediction_tokens": 0
         }
     });
-    if ctx.state.name == "deepseek" {
+    if ctx.provider == "deepseek" {
         v["prompt_cache_hit_tokens"] = json!(u.cached_tokens);
         v["prompt_cache_miss_tokens"] = json!(u.input_tokens);
     }
@@ -260,7 +260,7 @@ pub(crate) fn chat(ctx: &Ctx<'_>, compat: Compat) -> Outcome {
     let usage_json = chat_usage_json(ctx, &usage);
     let finish = if capped { "length" } else { "stop" };
     let id = format!("chatcmpl-mock-{}", ctx.seq);
-    let flavor = Flavor::OpenAi;
+    let flavour = Flavour::OpenAi;
 
     if !is_stream(&v) {
         let body = json!({
@@ -278,7 +278,7 @@ pub(crate) fn chat(ctx: &Ctx<'_>, compat: Compat) -> Outcome {
             "service_tier": "default",
             "system_fingerprint": FINGERPRINT
         });
-        return Outcome::success(flavor, ctx.knobs, usage, Reply::Json(body));
+        return Outcome::success(flavour, ctx.knobs, usage, Reply::Json(body));
     }
 
     let include_usage = v
@@ -321,7 +321,7 @@ pub(crate) fn chat(ctx: &Ctx<'_>, compat: Compat) -> Outcome {
     }
     plan.epilogue.push(Bytes::from_static(b"data: [DONE]\n\n"));
     Outcome::success(
-        flavor,
+        flavour,
         ctx.knobs,
         usage,
         Reply::Stream { plan, reset: false },
@@ -470,7 +470,7 @@ pub(crate) fn embeddings(ctx: &Ctx<'_>) -> Outcome {
         "model": model,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}
     });
-    Outcome::success(Flavor::OpenAi, ctx.knobs, usage, Reply::Json(body))
+    Outcome::success(Flavour::OpenAi, ctx.knobs, usage, Reply::Json(body))
 }
 
 /// Responses API prompt tokens: `instructions` and a string `input` each
@@ -581,7 +581,7 @@ pub(crate) fn responses(ctx: &Ctx<'_>) -> Outcome {
     let full = response(final_status, incomplete, json!([done_item]), usage_json);
 
     if !is_stream(&v) {
-        return Outcome::success(Flavor::OpenAi, ctx.knobs, usage, Reply::Json(full));
+        return Outcome::success(Flavour::OpenAi, ctx.knobs, usage, Reply::Json(full));
     }
 
     let mut seq = 0u64;
@@ -630,7 +630,7 @@ pub(crate) fn responses(ctx: &Ctx<'_>) -> Outcome {
     };
     plan.epilogue.push(ev(last, json!({"response": full})));
     Outcome::success(
-        Flavor::OpenAi,
+        Flavour::OpenAi,
         ctx.knobs,
         usage,
         Reply::Stream { plan, reset: false },
@@ -642,7 +642,7 @@ pub(crate) fn models(ctx: &Ctx<'_>) -> Outcome {
     if let Some(o) = check_auth(ctx) {
         return o;
     }
-    let ids: &[&str] = match ctx.state.name.as_str() {
+    let ids: &[&str] = match ctx.provider {
         "openai" => &["gpt-4o", "gpt-4o-mini", "o3-mini", "text-embedding-3-small"],
         "deepseek" => &["deepseek-chat", "deepseek-reasoner"],
         "gemini" => &["gemini-2.0-flash", "gemini-2.5-pro", "text-embedding-004"],
@@ -650,7 +650,11 @@ pub(crate) fn models(ctx: &Ctx<'_>) -> Outcome {
     };
     let data: Vec<Value> = ids
         .iter()
-        .map(|id| json!({"id": id, "object": "model", "created": 1_700_000_000u64, "owned_by": ctx.state.name}))
+        .map(|id| json!({"id": id, "object": "model", "created": 1_700_000_000u64, "owned_by": ctx.provider}))
         .collect();
-    Outcome::json(Flavor::OpenAi, 200, json!({"object": "list", "data": data}))
+    Outcome::json(
+        Flavour::OpenAi,
+        200,
+        json!({"object": "list", "data": data}),
+    )
 }

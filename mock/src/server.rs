@@ -11,18 +11,18 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use hyper::service::service_fn;
-use hyper::{HeaderMap, Method, Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::body::MockBody;
-use crate::knobs::{Fault, Knobs};
-use crate::record::{Completion, RecordedRequest, Recorder, Usage};
-use crate::{anthropic, openai, ProviderKind, ProviderSpec};
+use crate::exchange::{Ctx, Flavour, Outcome, Reply, StreamPlan};
+use crate::knobs::Knobs;
+use crate::record::{Completion, RecordedRequest, Recorder};
+use crate::{anthropic, lies, openai, ProviderKind, ProviderSpec};
 
 /// Reserved admin path (not recorded, no credential).
 pub(crate) const ADMIN_PATH: &str = "/__mock/requests";
@@ -36,116 +36,6 @@ pub(crate) struct State {
     seq: AtomicU64,
     /// Requests seen per `x-request-id`, for `x-mock-fault-times`.
     faults_by_request_id: std::sync::Mutex<std::collections::HashMap<String, u64>>,
-}
-
-/// Everything a handler needs to decide its answer.
-pub(crate) struct Ctx<'a> {
-    pub state: &'a State,
-    pub method: &'a Method,
-    pub headers: &'a HeaderMap,
-    pub body: &'a [u8],
-    pub knobs: &'a Knobs,
-    /// Per-server request number (1-based), used in ids.
-    pub seq: u64,
-    /// Unix seconds.
-    pub now: u64,
-}
-
-impl Ctx<'_> {
-    pub(crate) fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    /// Bearer token from `Authorization`, if any.
-    pub(crate) fn bearer(&self) -> Option<&str> {
-        let v = self.header("authorization")?.trim();
-        let (scheme, rest) = v.split_once(' ')?;
-        scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-    }
-
-    pub(crate) fn json(&self) -> Option<Value> {
-        serde_json::from_slice(self.body).ok()
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Flavor {
-    OpenAi,
-    Anthropic,
-}
-
-/// A stream's events, already serialized.
-#[derive(Default)]
-pub(crate) struct StreamPlan {
-    /// Sent (after `x-mock-ttft-ms`) together with the first content event.
-    pub preamble: Vec<Bytes>,
-    /// Content events, separated by `x-mock-chunk-delay-ms`.
-    pub content: Vec<Bytes>,
-    /// Sent right after the last content event.
-    pub epilogue: Vec<Bytes>,
-}
-
-pub(crate) enum Reply {
-    Json(Value),
-    /// Bytes sent as `application/json` as they are (`x-mock-body`).
-    Raw(Bytes),
-    Stream {
-        plan: StreamPlan,
-        reset: bool,
-    },
-    /// Drop the connection without answering.
-    Reset,
-}
-
-pub(crate) struct Outcome {
-    pub flavor: Flavor,
-    pub status: u16,
-    pub headers: Vec<(&'static str, String)>,
-    pub usage: Option<Usage>,
-    pub reply: Reply,
-}
-
-impl Outcome {
-    pub(crate) fn json(flavor: Flavor, status: u16, body: Value) -> Self {
-        Outcome {
-            flavor,
-            status,
-            headers: Vec::new(),
-            usage: None,
-            reply: Reply::Json(body),
-        }
-    }
-
-    pub(crate) fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
-        self.headers.push((name, value.into()));
-        self
-    }
-
-    /// A successful (200) answer with usage; `x-mock-fault: reset` turns it
-    /// into a reset (mid-stream for streams).
-    pub(crate) fn success(flavor: Flavor, knobs: &Knobs, usage: Usage, reply: Reply) -> Self {
-        let reset = knobs.fault == Some(Fault::Reset);
-        let (status, usage, reply) = match reply {
-            Reply::Stream { plan, .. } => (200, Some(usage), Reply::Stream { plan, reset }),
-            Reply::Json(_) | Reply::Reset if reset => (0, None, Reply::Reset),
-            other => (200, Some(usage), other),
-        };
-        Outcome {
-            flavor,
-            status,
-            headers: Vec::new(),
-            usage,
-            reply,
-        }
-    }
-}
-
-pub(crate) fn sse_data(v: &Value) -> Bytes {
-    Bytes::from(format!("data: {v}\n\n"))
-}
-
-pub(crate) fn sse_event(name: &str, v: &Value) -> Bytes {
-    Bytes::from(format!("event: {name}\ndata: {v}\n\n"))
 }
 
 pub(crate) fn unix_now() -> u64 {
@@ -309,7 +199,8 @@ async fn handle(
     }
     let seq = state.seq.fetch_add(1, Ordering::Relaxed) + 1;
     let ctx = Ctx {
-        state: &state,
+        provider: &state.name,
+        api_key: &state.api_key,
         method: &parts.method,
         headers: &parts.headers,
         body: &body,
@@ -317,9 +208,9 @@ async fn handle(
         seq,
         now: unix_now(),
     };
-    let mut outcome = route(&ctx, &path);
+    let mut outcome = route(&state, &ctx, &path);
     if outcome.status == 200 {
-        outcome.reply = crate::lies::apply(outcome.reply, knobs.usage.as_ref(), knobs.body);
+        outcome.reply = lies::apply(outcome.reply, knobs.usage.as_ref(), knobs.body);
     }
 
     let id = state.recorder.push(RecordedRequest {
@@ -359,13 +250,13 @@ async fn handle(
                 h.append(n, v);
             }
         };
-        match outcome.flavor {
-            Flavor::OpenAi => {
+        match outcome.flavour {
+            Flavour::OpenAi => {
                 add("x-request-id", &req_id);
                 add("openai-processing-ms", &knobs.latency_ms.to_string());
                 add("openai-version", "2020-10-01");
             }
-            Flavor::Anthropic => add("request-id", &req_id),
+            Flavour::Anthropic => add("request-id", &req_id),
         }
         for (k, v) in &outcome.headers {
             add(k, v);
@@ -478,8 +369,7 @@ fn admin(state: &State, method: &Method) -> Response<MockBody> {
     resp
 }
 
-fn route(ctx: &Ctx<'_>, path: &str) -> Outcome {
-    let st = ctx.state;
+fn route(st: &State, ctx: &Ctx<'_>, path: &str) -> Outcome {
     let rest = path.strip_prefix(st.prefix.as_str());
     let post = *ctx.method == Method::POST;
     match st.kind {
@@ -497,7 +387,7 @@ fn route(ctx: &Ctx<'_>, path: &str) -> Outcome {
             Some("/messages") if post => anthropic::messages(ctx),
             Some("/chat/completions") if post => Outcome {
                 // Anthropic's response headers (request-id) on its OpenAI-compatible endpoint.
-                flavor: Flavor::Anthropic,
+                flavour: Flavour::Anthropic,
                 ..openai::chat(ctx, openai::Compat::Anthropic)
             },
             Some("/messages" | "/chat/completions") => anthropic::method_not_allowed(ctx),
