@@ -1,14 +1,17 @@
 //! Which limits apply to a request, the one decision over all of them, what the client
 //! is told (rate-limit headers, 429s, quota errors), and settlement at the end.
 //!
-//! Shared-data keys use names, not policy indices, so counters survive configuration
-//! reloads that keep the VM id; one key per limit, forever.
+//! Each limit's key comes from the keyspace (`shared/keys.rs`).
 
-use crate::errors::{ApiError, ApiFlavour, ErrorKind, LimitId, LimitMeasure, LimitScope};
+use crate::errors::{ApiError, ApiFlavour, ErrorKind};
 use crate::limits::{
-    format_reset, rfc3339, Admission, Demand, LimitKind, Limiter, Snapshot, Store, Taken,
+    format_reset, rfc3339, Admission, Demand, LimitKind, Limiter, Snapshot, Taken,
 };
-use crate::policy::{Limits, ModelId, Policy, ProviderId, TenantId};
+use crate::policy::{
+    LimitId, LimitMeasure, LimitScope, Limits, ModelId, Policy, ProviderId, TenantId,
+};
+use crate::shared::keys::{self, LimitOf};
+use crate::shared::Store;
 
 /// What a request is expected to use, reserved at admission and settled at the end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -35,7 +38,7 @@ pub struct Admitted {
 fn push_limits(
     out: &mut Vec<(LimitId, Demand)>,
     scope: LimitScope,
-    prefix: &str,
+    of: LimitOf<'_>,
     limits: &Limits,
     reservation: Reservation,
 ) {
@@ -43,51 +46,42 @@ fn push_limits(
         per_minute,
         burst_milli: limits.burst_milli,
     };
-    let mut add = |measure, suffix: &str, kind: LimitKind, amount: u64| {
-        out.push((
-            LimitId { scope, measure },
-            Demand {
-                key: format!("{prefix}:{suffix}"),
-                kind,
-                amount,
-            },
-        ));
-    };
+    let monthly = |limit| LimitKind::Monthly { limit };
     // Concurrency first: the scarcest and cheapest to roll back.
-    if let Some(max) = limits.concurrent_requests {
-        add(
+    let configured = [
+        (
             LimitMeasure::ConcurrentRequests,
-            "conc",
-            LimitKind::Concurrency { max },
+            limits
+                .concurrent_requests
+                .map(|max| LimitKind::Concurrency { max }),
             1,
-        );
-    }
-    if let Some(rpm) = limits.requests_per_minute {
-        add(LimitMeasure::RequestsPerMinute, "rpm", rate(rpm), 1);
-    }
-    if let Some(tpm) = limits.tokens_per_minute {
-        add(
+        ),
+        (
+            LimitMeasure::RequestsPerMinute,
+            limits.requests_per_minute.map(rate),
+            1,
+        ),
+        (
             LimitMeasure::TokensPerMinute,
-            "tpm",
-            rate(tpm),
+            limits.tokens_per_minute.map(rate),
             reservation.tokens,
-        );
-    }
-    if let Some(limit) = limits.monthly_tokens {
-        add(
+        ),
+        (
             LimitMeasure::MonthlyTokens,
-            "mtok",
-            LimitKind::Monthly { limit },
+            limits.monthly_tokens.map(monthly),
             reservation.tokens,
-        );
-    }
-    if let Some(limit) = limits.monthly_budget_micro_usd {
-        add(
+        ),
+        (
             LimitMeasure::MonthlyBudget,
-            "musd",
-            LimitKind::Monthly { limit },
+            limits.monthly_budget_micro_usd.map(monthly),
             reservation.cost_micro_usd,
-        );
+        ),
+    ];
+    for (measure, kind, amount) in configured {
+        if let Some(kind) = kind {
+            let key = keys::limit(of, measure);
+            out.push((LimitId { scope, measure }, Demand { key, kind, amount }));
+        }
     }
 }
 
@@ -103,25 +97,24 @@ pub fn demands(
     let Some(t) = policy.tenant(tenant) else {
         return out;
     };
+    let tenant = t.id.as_str();
     push_limits(
         &mut out,
         LimitScope::Tenant,
-        &format!("sluice:t:{}", t.id),
+        LimitOf::Tenant(tenant),
         &t.limits,
         reservation,
     );
     if let (Some(l), Some(m)) = (t.model_limits.get(&model), policy.model(model)) {
-        let prefix = format!("sluice:tm:{}:{}", t.id, m.name);
-        push_limits(&mut out, LimitScope::TenantModel, &prefix, l, reservation);
+        let of = LimitOf::TenantModel {
+            tenant,
+            model: &m.name,
+        };
+        push_limits(&mut out, LimitScope::TenantModel, of, l, reservation);
     }
     if let Some(p) = policy.provider(provider) {
-        push_limits(
-            &mut out,
-            LimitScope::Provider,
-            &format!("sluice:p:{}", p.name),
-            &p.limits,
-            reservation,
-        );
+        let of = LimitOf::Provider(&p.name);
+        push_limits(&mut out, LimitScope::Provider, of, &p.limits, reservation);
     }
     out
 }
@@ -184,16 +177,8 @@ pub fn admit(
                 now_ms,
             ))
         }
-        Admission::Contended => Err(ApiError::new(
-            ErrorKind::LimiterBusy,
-            "The gateway's limit state is busy; please retry shortly.",
-        )
-        .retry_after_ms(1000)),
         // Fail closed: without the shared counters no limit can be enforced.
-        Admission::StoreFailed(e) => Err(ApiError::new(
-            ErrorKind::Internal,
-            format!("The gateway could not read its limit state ({e})."),
-        )),
+        Admission::Failed(failure) => Err(ApiError::shared_state("limit", failure)),
     }
 }
 
@@ -365,7 +350,7 @@ mod tests {
     use super::*;
     use crate::auth::sha256_hex;
     use crate::config::compile;
-    use crate::limits::MemoryStore;
+    use crate::shared::MemoryStore;
     use serde_json::json;
 
     fn policy(tenant_limits: serde_json::Value, provider_limits: serde_json::Value) -> Policy {

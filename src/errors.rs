@@ -1,5 +1,7 @@
 //! Error replies in each API's own format, so official SDKs raise the right exception.
 
+use crate::policy::{LimitId, LimitMeasure};
+use crate::shared::CasFailure;
 use serde_json::json;
 
 /// Which API dialect a client speaks; decides error shapes and header names.
@@ -37,62 +39,6 @@ pub enum ErrorKind {
     QueueFull,
     /// The provider stayed full for longer than the tier's maximum wait.
     QueueTimeout,
-}
-
-/// Whose limit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum LimitScope {
-    Tenant,
-    TenantModel,
-    Provider,
-}
-
-/// What a limit counts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum LimitMeasure {
-    RequestsPerMinute,
-    TokensPerMinute,
-    ConcurrentRequests,
-    MonthlyTokens,
-    MonthlyBudget,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct LimitId {
-    pub scope: LimitScope,
-    pub measure: LimitMeasure,
-}
-
-impl LimitId {
-    /// Monthly limits are quotas: exhausted until the month ends, not worth retrying.
-    pub fn is_quota(self) -> bool {
-        matches!(
-            self.measure,
-            LimitMeasure::MonthlyTokens | LimitMeasure::MonthlyBudget
-        )
-    }
-
-    pub fn reason(self) -> &'static str {
-        use LimitMeasure::*;
-        use LimitScope::*;
-        match (self.scope, self.measure) {
-            (Tenant, RequestsPerMinute) => "requests_per_minute",
-            (Tenant, TokensPerMinute) => "tokens_per_minute",
-            (Tenant, ConcurrentRequests) => "concurrent_requests",
-            (Tenant, MonthlyTokens) => "monthly_tokens",
-            (Tenant, MonthlyBudget) => "monthly_budget",
-            (TenantModel, RequestsPerMinute) => "model_requests_per_minute",
-            (TenantModel, TokensPerMinute) => "model_tokens_per_minute",
-            (TenantModel, ConcurrentRequests) => "model_concurrent_requests",
-            (TenantModel, MonthlyTokens) => "model_monthly_tokens",
-            (TenantModel, MonthlyBudget) => "model_monthly_budget",
-            (Provider, RequestsPerMinute) => "provider_requests_per_minute",
-            (Provider, TokensPerMinute) => "provider_tokens_per_minute",
-            (Provider, ConcurrentRequests) => "provider_concurrent_requests",
-            (Provider, MonthlyTokens) => "provider_monthly_tokens",
-            (Provider, MonthlyBudget) => "provider_monthly_budget",
-        }
-    }
 }
 
 impl ErrorKind {
@@ -215,6 +161,22 @@ impl ApiError {
         self
     }
 
+    /// Shared state (`what`: "limit", "queue") that could not decide: too contended (busy,
+    /// retry shortly) or unreadable (an internal error: fail closed, never admit blind).
+    pub fn shared_state(what: &str, failure: CasFailure) -> Self {
+        match failure {
+            CasFailure::Contended => ApiError::new(
+                ErrorKind::LimiterBusy,
+                format!("The gateway's {what} state is busy; please retry shortly."),
+            )
+            .retry_after_ms(1000),
+            CasFailure::Host(e) => ApiError::new(
+                ErrorKind::Internal,
+                format!("The gateway could not read its {what} state ({e})."),
+            ),
+        }
+    }
+
     pub fn with_param(mut self, param: &'static str) -> Self {
         self.param = Some(param);
         self
@@ -272,6 +234,7 @@ impl LocalReply {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::LimitScope;
     use serde_json::Value;
 
     fn body(r: &LocalReply) -> Value {
@@ -309,6 +272,26 @@ mod tests {
         assert_eq!(b["type"], "error");
         assert_eq!(b["error"]["type"], "authentication_error");
         assert_eq!(r.header("x-sluice-reason"), Some("invalid_api_key"));
+    }
+
+    #[test]
+    fn shared_state_failures_are_busy_or_internal() {
+        let busy = ApiError::shared_state("queue", CasFailure::Contended);
+        assert_eq!(busy.kind, ErrorKind::LimiterBusy);
+        assert_eq!(
+            busy.message,
+            "The gateway's queue state is busy; please retry shortly."
+        );
+        assert_eq!(
+            busy.reply(ApiFlavour::OpenAi).header("retry-after"),
+            Some("1")
+        );
+        let down = ApiError::shared_state("limit", CasFailure::Host("down".into()));
+        assert_eq!(down.kind, ErrorKind::Internal);
+        assert_eq!(
+            down.message,
+            "The gateway could not read its limit state (down)."
+        );
     }
 
     #[test]

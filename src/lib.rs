@@ -16,6 +16,7 @@ pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod routing;
+pub mod shared;
 pub mod usage;
 #[cfg(feature = "vm-bench")]
 pub mod vm_bench;

@@ -13,10 +13,10 @@ use crate::body::{
 use crate::errors::{ApiError, ApiFlavour, ErrorKind, LocalReply};
 use crate::fairness::{tenant_hash, Arrival, FairQueue, Owner, Ticket};
 use crate::headers::{RequestHeaders, CLUSTER_HEADER};
-use crate::limits::Store;
 use crate::metrics::{usage_labels, Counter, Histogram, Labels, MetricKey, Metrics, Outcome};
 use crate::policy::{ModelId, Policy, ProviderId};
 use crate::routing::{split_path, upstream_path, Endpoint};
+use crate::shared::Store;
 use crate::usage::{MeterResult, Passthrough, ResponseShape, TokenUsage, UsageMeter};
 use serde_json::json;
 
@@ -544,7 +544,7 @@ impl Exchange {
                 "queue for an unknown tenant or provider",
             ));
         };
-        let key = queue_key(&p.name);
+        let key = crate::shared::keys::queue(&p.name);
         let q = t.queueing;
         let owner = Owner {
             worker: env.worker,
@@ -581,15 +581,7 @@ impl Exchange {
                 ),
             )
             .retry_after_ms(1000)),
-            Arrival::Contended => Err(ApiError::new(
-                ErrorKind::LimiterBusy,
-                "The gateway's queue state is busy; please retry shortly.",
-            )
-            .retry_after_ms(1000)),
-            Arrival::StoreFailed(e) => Err(ApiError::new(
-                ErrorKind::Internal,
-                format!("The gateway could not read its queue state ({e})."),
-            )),
+            Arrival::Failed(failure) => Err(ApiError::shared_state("queue", failure)),
         }
     }
 
@@ -879,11 +871,6 @@ fn response_shape(endpoint: &Endpoint) -> ResponseShape {
     }
 }
 
-/// Shared-data key of a provider's fair queue.
-pub fn queue_key(provider: &str) -> String {
-    format!("sluice:q:{provider}")
-}
-
 fn too_large(policy: &Policy) -> ApiError {
     ApiError::new(
         ErrorKind::PayloadTooLarge,
@@ -966,7 +953,7 @@ mod tests {
     use crate::auth::sha256_hex;
     use crate::config::compile;
     use crate::fairness::{FairQueue, Owner};
-    use crate::limits::MemoryStore;
+    use crate::shared::MemoryStore;
 
     fn test_env(store: &MemoryStore) -> BodyEnv<'_> {
         BodyEnv {

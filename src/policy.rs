@@ -170,3 +170,59 @@ impl fmt::Debug for Credential {
         write!(f, "Credential({}: <redacted>)", self.header)
     }
 }
+
+/// Whose limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LimitScope {
+    Tenant,
+    TenantModel,
+    Provider,
+}
+
+/// What a limit counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LimitMeasure {
+    RequestsPerMinute,
+    TokensPerMinute,
+    ConcurrentRequests,
+    MonthlyTokens,
+    MonthlyBudget,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LimitId {
+    pub scope: LimitScope,
+    pub measure: LimitMeasure,
+}
+
+impl LimitId {
+    /// Monthly limits are quotas: exhausted until the month ends, not worth retrying.
+    pub fn is_quota(self) -> bool {
+        matches!(
+            self.measure,
+            LimitMeasure::MonthlyTokens | LimitMeasure::MonthlyBudget
+        )
+    }
+
+    pub fn reason(self) -> &'static str {
+        use LimitMeasure::*;
+        use LimitScope::*;
+        match (self.scope, self.measure) {
+            (Tenant, RequestsPerMinute) => "requests_per_minute",
+            (Tenant, TokensPerMinute) => "tokens_per_minute",
+            (Tenant, ConcurrentRequests) => "concurrent_requests",
+            (Tenant, MonthlyTokens) => "monthly_tokens",
+            (Tenant, MonthlyBudget) => "monthly_budget",
+            (TenantModel, RequestsPerMinute) => "model_requests_per_minute",
+            (TenantModel, TokensPerMinute) => "model_tokens_per_minute",
+            (TenantModel, ConcurrentRequests) => "model_concurrent_requests",
+            (TenantModel, MonthlyTokens) => "model_monthly_tokens",
+            (TenantModel, MonthlyBudget) => "model_monthly_budget",
+            (Provider, RequestsPerMinute) => "provider_requests_per_minute",
+            (Provider, TokensPerMinute) => "provider_tokens_per_minute",
+            (Provider, ConcurrentRequests) => "provider_concurrent_requests",
+            (Provider, MonthlyTokens) => "provider_monthly_tokens",
+            (Provider, MonthlyBudget) => "provider_monthly_budget",
+        }
+    }
+}

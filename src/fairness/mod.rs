@@ -3,8 +3,8 @@
 //! freed slot goes to the next waiter by strict tier priority, then by start-time fair
 //! queuing between tenants, by weight (see `state.rs` for the exact rules and encoding).
 //!
-//! Cross-worker protocol. All state is one [`Store`] key per provider, changed only by
-//! compare-and-set (bounded retries, creation with cas `u32::MAX`, as in the limits). A
+//! Cross-worker protocol. All state is one [`Store`] key per provider, changed only through
+//! the shared compare-and-set loop (`shared/cas.rs`), as the limits are. A
 //! waiter belongs to the worker holding its paused stream ([`Owner`]); only that worker
 //! resumes it. A worker claims slots only for its own waiters, and only those within the
 //! first `capacity - in_flight` waiters in service order (the global head when one slot
@@ -25,24 +25,16 @@
 mod state;
 
 #[cfg(test)]
-mod sim;
-#[cfg(test)]
 mod tests;
 
-use crate::limits::{cas_update, CasFailure as Failure, Change as StoredChange, Store, StoreError};
+use crate::shared::codec::{self, Writer};
+use crate::shared::keys::{self, tag};
+use crate::shared::{
+    cas_update, CasFailure, Change as StoredChange, Store, StoreError, CREATE_CAS,
+    GIVE_BACK_ATTEMPTS, TAKE_ATTEMPTS,
+};
 use state::State;
 pub use state::{COST, GRACE_MS, MAX_IDLE_FLOWS, MAX_WAITING};
-
-/// Attempts for arrivals and claims before giving up (the caller may retry later).
-const TAKE_ATTEMPTS: u32 = 64;
-/// Attempts for releases and cancellations, which must not be lost: a lost release leaks
-/// a slot of the provider forever.
-const GIVE_BACK_ATTEMPTS: u32 = 1024;
-/// The cas that creates a missing key yet fails if another worker created it first.
-const CREATE_CAS: u32 = u32::MAX;
-/// The key of the worker-id counter.
-pub const WORKERS_KEY: &str = "sluice:workers";
-const WORKERS_TAG: u8 = b'W';
 
 /// Who holds a waiting stream: a worker (from [`allocate_worker_id`]) and the stream's
 /// context id in that worker's VM.
@@ -76,10 +68,9 @@ pub enum Arrival {
     /// The tenant already has `max_queue_length` waiters here, or the queue holds
     /// [`MAX_WAITING`]. Nothing was taken.
     QueueFull,
-    /// Compare-and-set retries ran out. Nothing was taken.
-    Contended,
-    /// The store failed. Nothing was taken; fail closed.
-    StoreFailed(String),
+    /// Compare-and-set retries ran out (`Contended`) or the store failed (`Host`: fail
+    /// closed). Nothing was taken.
+    Failed(CasFailure),
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -152,11 +143,7 @@ impl<'a, S: Store + ?Sized> FairQueue<'a, S> {
             let position = state.position_of(owner).unwrap_or(0);
             Change::Write(state, Arrival::Queued { position })
         });
-        match result {
-            Ok(arrival) => arrival,
-            Err(Failure::Contended) => Arrival::Contended,
-            Err(Failure::Host(message)) => Arrival::StoreFailed(message),
-        }
+        result.unwrap_or_else(Arrival::Failed)
     }
 
     /// Takes slots for this worker's waiters that are within the first free slots in
@@ -237,7 +224,7 @@ impl<'a, S: Store + ?Sized> FairQueue<'a, S> {
         &self,
         attempts: u32,
         mut apply: impl FnMut(State) -> Change<T>,
-    ) -> Result<T, Failure> {
+    ) -> Result<T, CasFailure> {
         cas_update(
             self.store,
             self.key,
@@ -261,34 +248,26 @@ pub fn tenant_hash(name: &str) -> u32 {
     })
 }
 
-/// Allocates a worker id unique in this Envoy process (counter in [`WORKERS_KEY`], value
-/// `[1, b'W', last id u32 LE]`): call once per root context (one per worker VM). Ids start
-/// at 1 and never repeat until the counter wraps.
+/// Allocates a worker id unique in this Envoy process (counter in [`keys::WORKERS`], value
+/// tag `W`, the last id as u32): call once per root context (one per worker VM). Ids start
+/// at 1 and never repeat until the counter wraps; a value that does not decode restarts
+/// the count.
 pub fn allocate_worker_id<S: Store + ?Sized>(store: &S) -> Result<u32, StoreError> {
-    for _ in 0..GIVE_BACK_ATTEMPTS {
-        let (last, cas) = match store.get(WORKERS_KEY) {
-            Ok(Some((value, cas))) => {
-                let last = match value.as_slice() {
-                    [1, WORKERS_TAG, a, b, c, d] => u32::from_le_bytes([*a, *b, *c, *d]),
-                    _ => 0,
-                };
-                (last, cas)
-            }
-            Ok(None) => (0, CREATE_CAS),
-            Err(StoreError::CasMismatch) => continue,
-            Err(error) => return Err(error),
-        };
-        let id = match last.wrapping_add(1) {
-            0 => 1,
-            id => id,
-        };
-        let mut value = vec![1, WORKERS_TAG];
-        value.extend_from_slice(&id.to_le_bytes());
-        match store.set(WORKERS_KEY, &value, cas) {
-            Ok(()) => return Ok(id),
-            Err(StoreError::CasMismatch) => continue,
-            Err(error) => return Err(error),
-        }
-    }
-    Err(StoreError::CasMismatch)
+    cas_update(
+        store,
+        keys::WORKERS,
+        CREATE_CAS,
+        GIVE_BACK_ATTEMPTS,
+        |stored| {
+            let last = stored
+                .and_then(|value| codec::decode(value, tag::WORKERS, |r| r.u32()))
+                .unwrap_or(0);
+            let id = match last.wrapping_add(1) {
+                0 => 1,
+                id => id,
+            };
+            StoredChange::Write(Writer::new(tag::WORKERS, 6).u32(id).finish(), id)
+        },
+    )
+    .map_err(StoreError::from)
 }

@@ -15,7 +15,7 @@
 //! which is exactly the tag it will get if those ahead are served; the service order is
 //! `(class priority desc, projected start, seq)`.
 //!
-//! Encoding (version 1, tag `b'Q'`, little-endian, exact length):
+//! Encoding (`shared/codec.rs`, tag `Q`, exact length):
 //!
 //! ```text
 //! [1, b'Q'] in_flight u32, seq u64, classes u16
@@ -30,6 +30,8 @@
 use std::collections::VecDeque;
 
 use super::{Owner, Ticket};
+use crate::shared::codec::{self, Reader, Writer};
+use crate::shared::keys::tag;
 
 /// The virtual cost of one request at weight 1; a waiter's cost is `COST / weight`.
 pub const COST: u64 = 1_000_000;
@@ -42,8 +44,6 @@ pub const MAX_IDLE_FLOWS: usize = 1024;
 /// the deadline (on its tick), so only a waiter whose worker VM died lives this long.
 pub const GRACE_MS: u64 = 5_000;
 
-const FORMAT_VERSION: u8 = 1;
-const TAG: u8 = b'Q';
 const HEADER_LEN: usize = 2 + 4 + 8 + 2;
 const CLASS_LEN: usize = 1 + 8 + 2;
 const FLOW_LEN: usize = 4 + 8 + 8 + 2;
@@ -104,38 +104,41 @@ pub(crate) fn cost_of(weight: u32) -> u32 {
 impl State {
     /// The stored value's state; empty if nothing (decodable) is stored.
     pub(crate) fn decode(stored: Option<&[u8]>) -> State {
-        stored.and_then(decode).unwrap_or_default()
+        stored
+            .and_then(|value| codec::decode(value, tag::QUEUE, read))
+            .unwrap_or_default()
     }
 
     pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.encoded_len());
-        out.push(FORMAT_VERSION);
-        out.push(TAG);
-        out.extend_from_slice(&self.in_flight.to_le_bytes());
-        out.extend_from_slice(&self.seq.to_le_bytes());
         let classes = capped(&self.classes);
-        out.extend_from_slice(&count(classes.len()).to_le_bytes());
+        let mut out = Writer::new(tag::QUEUE, self.encoded_len())
+            .u32(self.in_flight)
+            .u64(self.seq)
+            .u16(count(classes.len()));
         for class in classes {
-            out.push(class.priority);
-            out.extend_from_slice(&class.vtime.to_le_bytes());
             let flows = capped(&class.flows);
-            out.extend_from_slice(&count(flows.len()).to_le_bytes());
+            out = out
+                .u8(class.priority)
+                .u64(class.vtime)
+                .u16(count(flows.len()));
             for flow in flows {
-                out.extend_from_slice(&flow.tenant.to_le_bytes());
-                out.extend_from_slice(&flow.finish.to_le_bytes());
-                out.extend_from_slice(&flow.head_start.to_le_bytes());
                 let waiters = flow.waiters.len().min(usize::from(u16::MAX));
-                out.extend_from_slice(&count(waiters).to_le_bytes());
+                out = out
+                    .u32(flow.tenant)
+                    .u64(flow.finish)
+                    .u64(flow.head_start)
+                    .u16(count(waiters));
                 for waiter in flow.waiters.iter().take(waiters) {
-                    out.extend_from_slice(&waiter.owner.worker.to_le_bytes());
-                    out.extend_from_slice(&waiter.owner.context.to_le_bytes());
-                    out.extend_from_slice(&waiter.seq.to_le_bytes());
-                    out.extend_from_slice(&waiter.cost.to_le_bytes());
-                    out.extend_from_slice(&waiter.deadline_ms.to_le_bytes());
+                    out = out
+                        .u32(waiter.owner.worker)
+                        .u32(waiter.owner.context)
+                        .u64(waiter.seq)
+                        .u32(waiter.cost)
+                        .u64(waiter.deadline_ms);
                 }
             }
         }
-        out
+        out.finish()
     }
 
     fn encoded_len(&self) -> usize {
@@ -399,44 +402,8 @@ fn count(len: usize) -> u16 {
     u16::try_from(len).unwrap_or(u16::MAX)
 }
 
-struct Reader<'a> {
-    rest: &'a [u8],
-}
-
-impl Reader<'_> {
-    fn bytes<const N: usize>(&mut self) -> Option<[u8; N]> {
-        let (head, rest) = self.rest.split_first_chunk::<N>()?;
-        self.rest = rest;
-        Some(*head)
-    }
-
-    fn u8(&mut self) -> Option<u8> {
-        self.bytes::<1>().map(|[b]| b)
-    }
-
-    fn u16(&mut self) -> Option<u16> {
-        self.bytes().map(u16::from_le_bytes)
-    }
-
-    fn u32(&mut self) -> Option<u32> {
-        self.bytes().map(u32::from_le_bytes)
-    }
-
-    fn u64(&mut self) -> Option<u64> {
-        self.bytes().map(u64::from_le_bytes)
-    }
-
-    /// Capacity for `n` items of `size` bytes, never more than the bytes left allow.
-    fn room(&self, n: u16, size: usize) -> usize {
-        usize::from(n).min(self.rest.len() / size)
-    }
-}
-
-fn decode(value: &[u8]) -> Option<State> {
-    let mut r = match value {
-        [FORMAT_VERSION, TAG, rest @ ..] => Reader { rest },
-        _ => return None,
-    };
+/// The state's fields, after the header; `None` if they are cut short or out of order.
+fn read(r: &mut Reader<'_>) -> Option<State> {
     let in_flight = r.u32()?;
     let seq = r.u64()?;
     let class_count = r.u16()?;
@@ -480,10 +447,7 @@ fn decode(value: &[u8]) -> Option<State> {
         [a, b] => a.priority > b.priority,
         _ => true,
     });
-    if !r.rest.is_empty() || !ordered {
-        return None;
-    }
-    Some(State {
+    ordered.then_some(State {
         in_flight,
         seq,
         classes,

@@ -10,7 +10,7 @@ mod store;
 
 use crate::config;
 use crate::headers::RequestHeaders;
-use crate::lifecycle::{queue_key, BodyEnv, Exchange, Next, Step, WaitState};
+use crate::lifecycle::{BodyEnv, Exchange, Next, Step, WaitState};
 use crate::policy::Policy;
 use crate::usage::Passthrough;
 use metrics::HostMetrics;
@@ -111,7 +111,10 @@ impl RootContext for SluiceRoot {
                     .providers
                     .iter()
                     .enumerate()
-                    .filter_map(|(id, p)| p.max_in_flight.map(|cap| (id, queue_key(&p.name), cap)))
+                    .filter_map(|(id, p)| {
+                        p.max_in_flight
+                            .map(|cap| (id, crate::shared::keys::queue(&p.name), cap))
+                    })
                     .collect();
                 self.queue = None;
                 if !capped.is_empty() {

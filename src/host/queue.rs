@@ -5,9 +5,9 @@
 use crate::errors::ApiFlavour;
 use crate::fairness::{FairQueue, Owner};
 use crate::lifecycle::{queue_timeout_reply, WaitState};
-use crate::limits::Store;
 use crate::metrics::{MetricKey, Metrics};
 use crate::policy::ProviderId;
+use crate::shared::Store;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::LogLevel;
 use std::cell::Cell;

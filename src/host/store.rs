@@ -1,7 +1,7 @@
 //! Envoy shared data as the limits engine's [`Store`]: one map per `vm_id`, shared by
 //! every worker's VM, with compare-and-set.
 
-use crate::limits::{Store, StoreError};
+use crate::shared::{Store, StoreError};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::Status;
 

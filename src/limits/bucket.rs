@@ -10,11 +10,11 @@
 //! Value (18 bytes): `[1, b'R']`, level in parts (i64 LE, negative = debt), last refill
 //! (u64 LE, ms since the Unix epoch).
 
-use super::encoding::{self, Fields};
 use super::Snapshot;
+use crate::shared::codec::{self, Writer};
+use crate::shared::keys::tag;
 
 pub(crate) const PARTS_PER_UNIT: i64 = 60_000;
-const TAG: u8 = b'R';
 const LEN: usize = 18;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,18 +48,17 @@ fn ceil_div(numerator: i128, denominator: u64) -> u64 {
 
 impl BucketState {
     pub(crate) fn decode(value: &[u8]) -> Option<Self> {
-        let mut fields: Fields = encoding::open(value, TAG, LEN)?;
-        Some(BucketState {
-            level: fields.i64()?,
-            last_ms: fields.u64()?,
+        codec::decode(value, tag::RATE, |r| {
+            Some(BucketState {
+                level: r.i64()?,
+                last_ms: r.u64()?,
+            })
         })
     }
 
     pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut value = encoding::header(TAG, LEN);
-        value.extend_from_slice(&self.level.to_le_bytes());
-        value.extend_from_slice(&self.last_ms.to_le_bytes());
-        value
+        let value = Writer::new(tag::RATE, LEN).i64(self.level);
+        value.u64(self.last_ms).finish()
     }
 }
 

@@ -6,12 +6,11 @@
 //! - monthly (14 bytes): `[1, b'M']`, month (u32 LE, [`month_index`]), total (u64 LE).
 
 use super::calendar::{month_index, month_start_ms};
-use super::encoding::{self, Fields};
 use super::Snapshot;
+use crate::shared::codec::{self, Writer};
+use crate::shared::keys::tag;
 
-const SLOTS_TAG: u8 = b'C';
 const SLOTS_LEN: usize = 10;
-const MONTH_TAG: u8 = b'M';
 const MONTH_LEN: usize = 14;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,15 +26,12 @@ impl Slots {
     /// Slots in use; 0 if nothing (decodable) is stored.
     pub(crate) fn current(stored: Option<&[u8]>) -> u64 {
         stored
-            .and_then(|value| encoding::open(value, SLOTS_TAG, SLOTS_LEN))
-            .and_then(|mut fields| fields.u64())
+            .and_then(|value| codec::decode(value, tag::SLOTS, |r| r.u64()))
             .unwrap_or(0)
     }
 
     pub(crate) fn encode(in_use: u64) -> Vec<u8> {
-        let mut value = encoding::header(SLOTS_TAG, SLOTS_LEN);
-        value.extend_from_slice(&in_use.to_le_bytes());
-        value
+        Writer::new(tag::SLOTS, SLOTS_LEN).u64(in_use).finish()
     }
 
     /// Slots in use after taking `amount`, if they fit under `max`.
@@ -62,18 +58,17 @@ pub(crate) struct MonthTotal {
 
 impl MonthTotal {
     fn decode(value: &[u8]) -> Option<Self> {
-        let mut fields: Fields = encoding::open(value, MONTH_TAG, MONTH_LEN)?;
-        Some(MonthTotal {
-            month: fields.u32()?,
-            total: fields.u64()?,
+        codec::decode(value, tag::MONTH, |r| {
+            Some(MonthTotal {
+                month: r.u32()?,
+                total: r.u64()?,
+            })
         })
     }
 
     pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut value = encoding::header(MONTH_TAG, MONTH_LEN);
-        value.extend_from_slice(&self.month.to_le_bytes());
-        value.extend_from_slice(&self.total.to_le_bytes());
-        value
+        let value = Writer::new(tag::MONTH, MONTH_LEN).u32(self.month);
+        value.u64(self.total).finish()
     }
 }
 

@@ -1,27 +1,14 @@
-//! Decisions over the [`Store`]: every change is read, computed, then written back with the
-//! cas that was read, and retried (a bounded number of times) when another worker wrote
-//! in between.
-//!
-//! Creating a key is the trap: Envoy ignores the cas of a `set` on a missing key, so two
-//! workers that both read "missing" would both create it and one update would be lost.
-//! We create with cas `u32::MAX` instead: if another worker created the key meanwhile, its
-//! cas is almost surely not `u32::MAX`, our `set` fails with `CasMismatch`, and we re-read.
-//! (It fails to protect only if the other worker's write happened to draw cas `u32::MAX`
-//! from Envoy's process-wide counter in that window: once per 2^32 writes, in a window of
-//! microseconds.)
+//! Decisions over the [`Store`]: every change goes through the one compare-and-set loop
+//! (`shared/cas.rs`): read, compute, write back with the cas that was read, retried a
+//! bounded number of times when another worker wrote in between.
 
 use super::bucket::Bucket;
 use super::counter::{Quota, Slots};
-use super::store::{cas_update, CasFailure as Failure, Change, Store, StoreError};
 use super::{Admission, Demand, LimitKind, Snapshot, Taken};
-
-/// Attempts to take one demand before giving up with [`Admission::Contended`].
-const TAKE_ATTEMPTS: u32 = 64;
-/// Attempts for give-backs and settlements, which always succeed logically: a failure
-/// would leak what was taken (a concurrency slot, forever), so they try much harder.
-const GIVE_BACK_ATTEMPTS: u32 = 1024;
-/// The cas that creates a missing key yet fails if someone else created it first.
-const CREATE_CAS: u32 = u32::MAX;
+use crate::shared::{
+    cas_update, CasFailure as Failure, Change, Store, StoreError, CREATE_CAS, GIVE_BACK_ATTEMPTS,
+    TAKE_ATTEMPTS,
+};
 
 pub struct Limiter<'a, S: Store + ?Sized> {
     store: &'a S,
@@ -82,8 +69,7 @@ impl<'a, S: Store + ?Sized> Limiter<'a, S> {
                     retry_after_ms,
                     snapshot,
                 },
-                Err(Failure::Contended) => Admission::Contended,
-                Err(Failure::Host(message)) => Admission::StoreFailed(message),
+                Err(failure) => Admission::Failed(failure),
             };
             self.give_back(&taken, now_ms);
             return outcome;

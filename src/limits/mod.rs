@@ -1,26 +1,24 @@
 //! Limits shared by every Envoy worker: token buckets, in-flight slots and calendar-month
-//! quotas, as pure logic over a compare-and-set [`Store`] (Envoy shared data in the wasm
-//! build, [`MemoryStore`] in tests).
+//! quotas, as pure logic over a compare-and-set [`Store`](crate::shared::Store) (Envoy
+//! shared data in the wasm build, [`MemoryStore`](crate::shared::MemoryStore) in tests).
 //!
-//! Each limit is one key, forever (shared data has no delete): timestamps and months live
-//! in the value, never in the key. A request's demands are decided together by
+//! Each limit is one key, forever (see `shared/keys.rs`): timestamps and months live in the
+//! value, never in the key. A request's demands are decided together by
 //! [`Limiter::admit`]: each is taken with a conditional compare-and-set, and a refusal gives
 //! back everything already taken, so a rejected request consumes nothing.
 
 mod bucket;
 mod calendar;
 mod counter;
-mod encoding;
 mod limiter;
-mod store;
 
 #[cfg(test)]
 mod tests;
 
 pub use calendar::{format_reset, month_index, month_start_ms, ms_until_next_month, rfc3339};
 pub use limiter::Limiter;
-pub(crate) use store::{cas_update, CasFailure, Change};
-pub use store::{MemoryStore, Store, StoreError};
+
+use crate::shared::CasFailure;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LimitKind {
@@ -82,8 +80,7 @@ pub enum Admission {
         retry_after_ms: Option<u64>,
         snapshot: Snapshot,
     },
-    /// Compare-and-set retries ran out on some key; everything taken was given back.
-    Contended,
-    /// The store failed; everything taken was given back. The caller fails closed.
-    StoreFailed(String),
+    /// Compare-and-set retries ran out on some key (`Contended`), or the store failed
+    /// (`Host`: the caller fails closed); everything taken was given back.
+    Failed(CasFailure),
 }

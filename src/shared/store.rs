@@ -1,4 +1,4 @@
-//! The shared-data store the limits live in, and an in-memory copy of Envoy's rules.
+//! The store every shared counter lives in, and an in-memory copy of Envoy's rules.
 //!
 //! Envoy keeps one map per `vm_id`, shared by every worker. Its compare-and-set rules,
 //! which [`MemoryStore`] reproduces exactly:
@@ -214,56 +214,4 @@ mod tests {
         cas.dedup();
         assert_eq!(cas.len(), 400);
     }
-}
-
-/// What a compare-and-set update does with the value it read.
-pub(crate) enum Change<T> {
-    Write(Vec<u8>, T),
-    Keep(T),
-}
-
-/// Why a compare-and-set update gave up.
-#[derive(Debug)]
-pub(crate) enum CasFailure {
-    /// Every attempt met a concurrent writer.
-    Contended,
-    Host(String),
-}
-
-impl From<CasFailure> for StoreError {
-    fn from(failure: CasFailure) -> Self {
-        match failure {
-            CasFailure::Contended => StoreError::CasMismatch,
-            CasFailure::Host(message) => StoreError::Host(message),
-        }
-    }
-}
-
-/// The compare-and-set loop every shared counter uses: read, `apply`, write with the cas
-/// read (or `create_cas` for a missing key, so a concurrent creation fails instead of
-/// being overwritten), retry on `CasMismatch`, at most `attempts` times.
-pub(crate) fn cas_update<S: Store + ?Sized, T>(
-    store: &S,
-    key: &str,
-    create_cas: u32,
-    attempts: u32,
-    mut apply: impl FnMut(Option<&[u8]>) -> Change<T>,
-) -> Result<T, CasFailure> {
-    for _ in 0..attempts {
-        let (stored, cas) = match store.get(key) {
-            Ok(Some((value, cas))) => (Some(value), cas),
-            Ok(None) => (None, create_cas),
-            Err(StoreError::CasMismatch) => continue,
-            Err(StoreError::Host(message)) => return Err(CasFailure::Host(message)),
-        };
-        match apply(stored.as_deref()) {
-            Change::Keep(result) => return Ok(result),
-            Change::Write(value, result) => match store.set(key, &value, cas) {
-                Ok(()) => return Ok(result),
-                Err(StoreError::CasMismatch) => continue,
-                Err(StoreError::Host(message)) => return Err(CasFailure::Host(message)),
-            },
-        }
-    }
-    Err(CasFailure::Contended)
 }

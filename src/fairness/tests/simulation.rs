@@ -2,9 +2,10 @@
 //! queue through one [`MemoryStore`]: each worker claims on its own 10 ms tick and after
 //! each completion on it, and cancels its waiters when they reach their tier's max wait.
 
-use super::tests::{assert_idle, Rng};
+use super::assert_idle;
 use super::*;
-use crate::limits::MemoryStore;
+use crate::shared::testing::Rng;
+use crate::shared::MemoryStore;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 
