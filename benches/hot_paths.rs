@@ -18,7 +18,7 @@ use sluice::limits::{Admission, Demand, LimitKind, Limiter};
 use sluice::policy::Policy;
 use sluice::shared::MemoryStore;
 use sluice::usage::{Passthrough, ResponseShape, UsageMeter};
-use sluice::vm_bench::{self, CountingMetrics, REQUEST, RESPONSE};
+use sluice::vm_bench::{self, CountingMetrics, FIRST, REQUEST, RESPONSE};
 use std::time::Duration;
 
 /// Envoy delivers response bodies in pieces of about this size.
@@ -234,7 +234,7 @@ fn admission(c: &mut Criterion) {
     ] {
         let policy = limited_policy(extra);
         let store = MemoryStore::new();
-        let first = admit(&policy, &store, 0, 0, 0, RES, ApiFlavour::OpenAi, NOW_MS).unwrap();
+        let first = admit(&policy, &store, FIRST, RES, ApiFlavour::OpenAi, NOW_MS).unwrap();
         assert_eq!(first.held.items.len(), limits);
         assert!(settle(&store, &first.held, 1_722, 5_000, NOW_MS).is_empty());
         let mut now = NOW_MS;
@@ -244,9 +244,7 @@ fn admission(c: &mut Criterion) {
                 let admitted = admit(
                     black_box(&policy),
                     &store,
-                    0,
-                    0,
-                    0,
+                    FIRST,
                     RES,
                     ApiFlavour::OpenAi,
                     now,
@@ -315,7 +313,10 @@ fn key_lookup(c: &mut Criterion) {
         let found = tenant_key(n / 2);
         // Same length as a real key, never issued.
         let missing = tenant_key(n + 7);
-        assert_eq!(policy.keys.lookup(found.as_bytes()).unwrap().tenant, n / 2);
+        assert_eq!(
+            policy.keys.lookup(found.as_bytes()).unwrap().tenant.index(),
+            n / 2
+        );
         assert!(policy.keys.lookup(missing.as_bytes()).is_none());
         group.bench_with_input(BenchmarkId::new("found", n), &found, |b, key| {
             b.iter(|| policy.keys.lookup(black_box(key.as_bytes())))

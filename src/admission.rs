@@ -85,14 +85,25 @@ fn push_limits(
     }
 }
 
+/// Whose limits apply to a request: its tenant, the tenant on its model, its provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parties {
+    pub tenant: TenantId,
+    pub model: ModelId,
+    pub provider: ProviderId,
+}
+
 /// Every limit that applies to this request: tenant, tenant+model, provider.
 pub fn demands(
     policy: &Policy,
-    tenant: TenantId,
-    model: ModelId,
-    provider: ProviderId,
+    parties: Parties,
     reservation: Reservation,
 ) -> Vec<(LimitId, Demand)> {
+    let Parties {
+        tenant,
+        model,
+        provider,
+    } = parties;
     let mut out = Vec::new();
     let Some(t) = policy.tenant(tenant) else {
         return out;
@@ -120,18 +131,15 @@ pub fn demands(
 }
 
 /// One decision over every applicable limit. A refusal holds nothing.
-#[allow(clippy::too_many_arguments)]
 pub fn admit(
     policy: &Policy,
     store: &dyn Store,
-    tenant: TenantId,
-    model: ModelId,
-    provider: ProviderId,
+    parties: Parties,
     reservation: Reservation,
     flavour: ApiFlavour,
     now_ms: u64,
 ) -> Result<Admitted, ApiError> {
-    let wanted = demands(policy, tenant, model, provider, reservation);
+    let wanted = demands(policy, parties, reservation);
     if wanted.is_empty() {
         return Ok(Admitted {
             held: Held {
@@ -166,7 +174,7 @@ pub fn admit(
                     "limit index out of range",
                 ));
             };
-            let whose = scope_text(policy, id.scope, tenant, model, provider);
+            let whose = scope_text(policy, id.scope, parties);
             Err(refusal(
                 *id,
                 demand,
@@ -193,13 +201,12 @@ fn measure_text(m: LimitMeasure) -> &'static str {
 }
 
 /// Whose limit it is, for messages: names from the policy, never parsed back from keys.
-fn scope_text(
-    policy: &Policy,
-    scope: LimitScope,
-    tenant: TenantId,
-    model: ModelId,
-    provider: ProviderId,
-) -> String {
+fn scope_text(policy: &Policy, scope: LimitScope, parties: Parties) -> String {
+    let Parties {
+        tenant,
+        model,
+        provider,
+    } = parties;
     let tenant = policy.tenant(tenant).map_or("?", |t| t.id.as_str());
     match scope {
         LimitScope::Tenant => format!("tenant `{tenant}`"),
@@ -368,6 +375,16 @@ mod tests {
         compile(cfg.to_string().as_bytes(), &|_| Some("key".into())).unwrap()
     }
 
+    const ACME: Parties = Parties {
+        tenant: TenantId::new(0),
+        model: ModelId::new(0),
+        provider: ProviderId::new(0),
+    };
+    const BETA: Parties = Parties {
+        tenant: TenantId::new(1),
+        ..ACME
+    };
+
     const RES: Reservation = Reservation {
         tokens: 500,
         cost_micro_usd: 1000,
@@ -380,7 +397,7 @@ mod tests {
                    "monthly_tokens": 100000, "monthly_budget_usd": 1}),
             json!({"requests_per_minute": 100}),
         );
-        let keys: Vec<(String, u64)> = demands(&p, 0, 0, 0, RES)
+        let keys: Vec<(String, u64)> = demands(&p, ACME, RES)
             .into_iter()
             .map(|(_, d)| (d.key, d.amount))
             .collect();
@@ -405,8 +422,8 @@ mod tests {
             json!({"requests_per_minute": 1}),
         );
         let store = MemoryStore::new();
-        assert!(admit(&p, &store, 1, 0, 0, RES, ApiFlavour::OpenAi, 0).is_ok());
-        let err = admit(&p, &store, 1, 0, 0, RES, ApiFlavour::OpenAi, 1).unwrap_err();
+        assert!(admit(&p, &store, BETA, RES, ApiFlavour::OpenAi, 0).is_ok());
+        let err = admit(&p, &store, BETA, RES, ApiFlavour::OpenAi, 1).unwrap_err();
         assert_eq!(err.kind.reason(), "provider_requests_per_minute");
         assert!(err.message.contains("provider `openai`"), "{}", err.message);
         // beta's own bucket gave back what it took for the refused request: 9 left, not 8.
@@ -427,7 +444,7 @@ mod tests {
             json!({}),
         );
         let store = MemoryStore::new();
-        let first = admit(&p, &store, 1, 0, 0, RES, ApiFlavour::OpenAi, 0).unwrap();
+        let first = admit(&p, &store, BETA, RES, ApiFlavour::OpenAi, 0).unwrap();
         let header = |a: &Admitted, n: &str| {
             a.headers
                 .iter()
@@ -439,10 +456,10 @@ mod tests {
             Some("500")
         );
         // The single slot is taken until settlement.
-        let busy = admit(&p, &store, 1, 0, 0, RES, ApiFlavour::OpenAi, 0).unwrap_err();
+        let busy = admit(&p, &store, BETA, RES, ApiFlavour::OpenAi, 0).unwrap_err();
         assert_eq!(busy.kind.reason(), "concurrent_requests");
         assert!(settle(&store, &first.held, 100, 0, 0).is_empty());
-        let second = admit(&p, &store, 1, 0, 0, RES, ApiFlavour::OpenAi, 0).unwrap();
+        let second = admit(&p, &store, BETA, RES, ApiFlavour::OpenAi, 0).unwrap();
         assert_eq!(
             header(&second, "x-ratelimit-remaining-tokens").as_deref(),
             Some("400"),
@@ -454,11 +471,11 @@ mod tests {
     fn exhausted_quota_gives_no_retry_hint() {
         let p = policy(json!({"monthly_tokens": 800}), json!({}));
         let store = MemoryStore::new();
-        let held = admit(&p, &store, 1, 0, 0, RES, ApiFlavour::OpenAi, 0)
+        let held = admit(&p, &store, BETA, RES, ApiFlavour::OpenAi, 0)
             .unwrap()
             .held;
         assert!(settle(&store, &held, 500, 0, 0).is_empty());
-        let err = admit(&p, &store, 1, 0, 0, RES, ApiFlavour::OpenAi, 0).unwrap_err();
+        let err = admit(&p, &store, BETA, RES, ApiFlavour::OpenAi, 0).unwrap_err();
         let reply = err.reply(ApiFlavour::OpenAi);
         assert_eq!(reply.status, 429);
         assert_eq!(reply.header("x-should-retry"), Some("false"));
@@ -477,17 +494,7 @@ mod tests {
             json!({"requests_per_minute": 10, "tokens_per_minute": 1000}),
             json!({}),
         );
-        let ok = admit(
-            &p,
-            &MemoryStore::new(),
-            1,
-            0,
-            0,
-            RES,
-            ApiFlavour::Anthropic,
-            0,
-        )
-        .unwrap();
+        let ok = admit(&p, &MemoryStore::new(), BETA, RES, ApiFlavour::Anthropic, 0).unwrap();
         let names: Vec<&str> = ok.headers.iter().map(|(n, _)| n.as_str()).collect();
         assert!(
             names.contains(&"anthropic-ratelimit-requests-remaining"),

@@ -7,7 +7,7 @@
 
 use crate::errors::{ApiError, ErrorKind};
 use crate::headers::RequestHeaders;
-use crate::policy::TenantId;
+use crate::policy::{KeyId, TenantId};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
@@ -89,7 +89,7 @@ impl Hasher for DigestHasher {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyOwner {
     pub tenant: TenantId,
-    pub key: usize,
+    pub key: KeyId,
 }
 
 #[derive(Debug, Default)]
@@ -99,7 +99,7 @@ pub struct KeyIndex {
 
 impl KeyIndex {
     /// Returns false if the digest is already taken.
-    pub fn insert(&mut self, digest: KeyDigest, tenant: TenantId, key: usize) -> bool {
+    pub fn insert(&mut self, digest: KeyDigest, tenant: TenantId, key: KeyId) -> bool {
         if self.map.contains_key(&digest) {
             return false;
         }
@@ -240,10 +240,15 @@ mod tests {
     #[test]
     fn lookup_finds_only_exact_keys() {
         let mut idx = KeyIndex::default();
-        assert!(idx.insert(KeyDigest::of(b"sk-a"), 0, 0));
-        assert!(idx.insert(KeyDigest::of(b"sk-b"), 1, 0));
-        assert!(!idx.insert(KeyDigest::of(b"sk-a"), 2, 0));
-        assert_eq!(idx.lookup(b"sk-b"), Some(KeyOwner { tenant: 1, key: 0 }));
+        let (t, k) = (TenantId::new, KeyId::new);
+        assert!(idx.insert(KeyDigest::of(b"sk-a"), t(0), k(0)));
+        assert!(idx.insert(KeyDigest::of(b"sk-b"), t(1), k(0)));
+        assert!(!idx.insert(KeyDigest::of(b"sk-a"), t(2), k(0)));
+        let owner = KeyOwner {
+            tenant: t(1),
+            key: k(0),
+        };
+        assert_eq!(idx.lookup(b"sk-b"), Some(owner));
         assert_eq!(idx.lookup(b"sk-"), None);
         assert_eq!(idx.lookup(b"sk-aa"), None);
     }

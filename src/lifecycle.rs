@@ -468,16 +468,12 @@ impl Exchange {
             tokens: expected.total(),
             cost_micro_usd: cost_micro_usd(&expected, &model.price),
         };
-        let admitted = admission::admit(
-            policy,
-            store,
-            owner.tenant,
-            model_id,
-            provider_id,
-            reservation,
-            self.flavour,
-            now_ms,
-        )?;
+        let parties = admission::Parties {
+            tenant: owner.tenant,
+            model: model_id,
+            provider: provider_id,
+        };
+        let admitted = admission::admit(policy, store, parties, reservation, self.flavour, now_ms)?;
         self.held = Some(admitted.held);
         self.ratelimit_headers = admitted.headers;
 
@@ -828,8 +824,7 @@ impl Exchange {
             tenant: tenant_ref.map(|t| t.id.as_str()),
             key_id: self
                 .owner
-                .and_then(|o| tenant_ref.and_then(|t| t.key_ids.get(o.key)))
-                .map(String::as_str),
+                .and_then(|o| tenant_ref.and_then(|t| t.key_id(o.key))),
             model: model.and_then(|m| policy.model(m)).map(|m| m.name.as_str()),
             provider: provider
                 .and_then(|p| policy.provider(p))
@@ -1060,7 +1055,7 @@ mod tests {
                 && b.remove.contains(&"x-api-key".to_string())
         );
         assert_eq!(b.body, None, "no rewrite when the name is unchanged");
-        assert_eq!(ex.owner().unwrap().tenant, 0);
+        assert_eq!(ex.owner().unwrap().tenant, crate::policy::TenantId::new(0));
         assert!(!ex.route().unwrap().stream);
     }
 

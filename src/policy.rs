@@ -6,9 +6,48 @@ use crate::routing::Pattern;
 use std::collections::HashMap;
 use std::fmt;
 
-pub type TenantId = usize;
-pub type ModelId = usize;
-pub type ProviderId = usize;
+/// Defines an id type: the position of an entry in one of the policy's tables, so that an
+/// index into one table can never be used for another.
+macro_rules! policy_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(u32);
+
+        impl $name {
+            pub const fn new(index: u32) -> Self {
+                $name(index)
+            }
+
+            /// The id of the entry at `index`; `None` past `u32::MAX` entries.
+            pub fn from_index(index: usize) -> Option<Self> {
+                u32::try_from(index).ok().map($name)
+            }
+
+            /// The entry's position in its table.
+            pub fn index(self) -> usize {
+                usize::try_from(self.0).unwrap_or(usize::MAX)
+            }
+        }
+    };
+}
+
+policy_id!(
+    /// A tenant, by its position in the configuration's `tenants`.
+    TenantId
+);
+policy_id!(
+    /// A model of the catalogue, by its position in the configuration's `models`.
+    ModelId
+);
+policy_id!(
+    /// A provider account, by its position in the configuration's `providers`.
+    ProviderId
+);
+policy_id!(
+    /// One of a tenant's keys, by its position in that tenant's `keys`.
+    KeyId
+);
 
 #[derive(Debug)]
 pub struct Policy {
@@ -24,22 +63,29 @@ pub struct Policy {
 
 impl Policy {
     pub fn tenant(&self, id: TenantId) -> Option<&Tenant> {
-        self.tenants.get(id)
+        self.tenants.get(id.index())
     }
 
     pub fn model(&self, id: ModelId) -> Option<&Model> {
-        self.catalog.models.get(id)
+        self.catalog.models.get(id.index())
     }
 
     pub fn provider(&self, id: ProviderId) -> Option<&Provider> {
-        self.providers.get(id)
+        self.providers.get(id.index())
+    }
+
+    /// Every provider with its id, in configuration order.
+    pub fn providers_by_id(&self) -> impl Iterator<Item = (ProviderId, &Provider)> {
+        self.providers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| Some((ProviderId::from_index(i)?, p)))
     }
 
     pub fn may_use(&self, tenant: TenantId, model: ModelId) -> bool {
-        self.tenants
-            .get(tenant)
+        self.tenant(tenant)
             .and_then(|t| self.allow_sets.get(t.allow_set))
-            .and_then(|set| set.get(model))
+            .and_then(|set| set.get(model.index()))
             .copied()
             .unwrap_or(false)
     }
@@ -50,7 +96,7 @@ impl Policy {
             .models
             .iter()
             .enumerate()
-            .filter(move |(id, _)| self.may_use(tenant, *id))
+            .filter(move |(i, _)| ModelId::from_index(*i).is_some_and(|m| self.may_use(tenant, m)))
             .map(|(_, m)| m)
     }
 
@@ -64,10 +110,17 @@ impl Policy {
     }
 }
 
+impl Tenant {
+    pub fn key_id(&self, key: KeyId) -> Option<&str> {
+        self.key_ids.get(key.index()).map(String::as_str)
+    }
+}
+
 #[derive(Debug)]
 pub struct Tenant {
     pub id: String,
     pub tier: String,
+    /// Key ids (never the keys), by [`KeyId`].
     pub key_ids: Vec<String>,
     pub allow_set: usize,
     pub limits: Limits,

@@ -3,13 +3,14 @@
 //! set beside the native Criterion figures. `make bench-vm` builds it and reads the result
 //! from Envoy's log at configure time. The Criterion bench uses the same request.
 
-use crate::admission::{admit, settle, Reservation};
+use crate::admission::{admit, settle, Parties, Reservation};
 use crate::body::parse_request;
 use crate::errors::ApiFlavour;
 use crate::headers::RequestHeaders;
 use crate::lifecycle::{BodyEnv, Exchange};
 use crate::metrics::{MetricKey, Metrics};
 use crate::policy::Policy;
+use crate::policy::{ModelId, ProviderId, TenantId};
 use crate::shared::MemoryStore;
 use crate::usage::{ResponseShape, UsageMeter};
 use sha2::{Digest, Sha256};
@@ -20,6 +21,12 @@ pub const REQUEST: &[u8] = br#"{"model": "gpt-4.1-mini", "max_tokens": 64, "mess
 pub const RESPONSE: &[u8] = br#"{"id": "chatcmpl-bench", "object": "chat.completion", "created": 1, "model": "gpt-4.1-mini", "choices": [{"index": 0, "message": {"role": "assistant", "content": "Envoy gateways are fast. Envoy gateways are fast. Envoy gateways are fast. Envoy gateways are fast. Envoy gateways are fast. Envoy gateways are fast. Envoy gateways are fast. Envoy gateways are fast. "}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 31, "completion_tokens": 48, "total_tokens": 79, "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}}}"#;
 const KEY: &[u8] = b"sk-sluice-demo-acme";
 const NOW_MS: u64 = 1_752_157_911_000;
+/// The first tenant, on the first model and its first provider.
+pub const FIRST: Parties = Parties {
+    tenant: TenantId::new(0),
+    model: ModelId::new(0),
+    provider: ProviderId::new(0),
+};
 
 /// Counts metric updates, as the host's metrics would take them.
 pub struct CountingMetrics(pub u64);
@@ -98,9 +105,7 @@ pub fn run(policy: &Policy, clock_ns: &dyn Fn() -> u64) -> Vec<(&'static str, u6
         if let Ok(a) = admit(
             policy,
             &store,
-            0,
-            0,
-            0,
+            FIRST,
             reservation,
             ApiFlavour::OpenAi,
             NOW_MS + i,

@@ -108,9 +108,7 @@ impl RootContext for SluiceRoot {
                     log(LogLevel::Warn, &format!("sluice vm-bench: {name}: {ns} ns"));
                 }
                 let capped: Vec<_> = policy
-                    .providers
-                    .iter()
-                    .enumerate()
+                    .providers_by_id()
                     .filter_map(|(id, p)| {
                         p.max_in_flight
                             .map(|cap| (id, crate::shared::keys::queue(&p.name), cap))
@@ -365,7 +363,7 @@ impl HttpContext for SluiceHttp {
                     &format!(
                         "sluice: routed tenant={} key={} model={} provider={} stream={} injected_usage={} prompt_estimate={}",
                         tenant.map_or("?", |t| t.id.as_str()),
-                        tenant.and_then(|t| t.key_ids.get(owner.key)).map_or("?", String::as_str),
+                        tenant.and_then(|t| t.key_id(owner.key)).unwrap_or("?"),
                         policy.model(route.model).map_or("?", |m| m.name.as_str()),
                         policy.provider(route.provider).map_or("?", |p| p.name.as_str()),
                         route.stream,

@@ -1,0 +1,505 @@
+//! A parsed configuration compiled into the immutable [`Policy`]: every cross-reference
+//! resolved to a typed id, every value checked, names that reach headers and stat names
+//! kept clean.
+
+use super::{ConfigError, RawApi, RawConfig, RawLimits, RawModel, RawPrice, RawProvider};
+use crate::auth::{KeyDigest, KeyIndex};
+use crate::errors::ApiFlavour;
+use crate::policy::{
+    Credential, KeyId, Limits, Model, ModelCatalog, ModelId, Policy, Price, Provider, ProviderId,
+    Queueing, Tenant, TenantId,
+};
+use crate::routing::Pattern;
+use std::collections::{HashMap, HashSet};
+
+pub(super) fn policy(
+    raw: RawConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Policy, ConfigError> {
+    if raw.max_body_bytes == 0 || raw.max_body_bytes > 64 * 1024 * 1024 {
+        return Err(ConfigError::at(
+            "max_body_bytes",
+            "must be between 1 and 67108864 (64 MiB)",
+        ));
+    }
+
+    let providers = compile_providers(&raw.providers, env)?;
+    let provider_ids: HashMap<&str, ProviderId> = raw
+        .providers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| Some((p.name.as_str(), ProviderId::from_index(i)?)))
+        .collect();
+    let catalog = compile_models(&raw.models, &provider_ids)?;
+
+    if raw.tiers.is_empty() {
+        return Err(ConfigError::at("tiers", "at least one tier is required"));
+    }
+    let mut allow_sets: Vec<Vec<bool>> = Vec::new();
+    let mut tier_sets: HashMap<&str, usize> = HashMap::new();
+    for (name, tier) in &raw.tiers {
+        check_name(&format!("tiers.{name}"), name)?;
+        compile_limits(&format!("tiers.{name}.limits"), &tier.limits)?;
+        if tier.weight == 0 || tier.weight > 1000 {
+            return Err(ConfigError::at(
+                format!("tiers.{name}.weight"),
+                "must be between 1 and 1000",
+            ));
+        }
+        if tier.max_queue_wait_ms == 0 || tier.max_queue_wait_ms > 600_000 {
+            return Err(ConfigError::at(
+                format!("tiers.{name}.max_queue_wait_ms"),
+                "must be between 1 and 600000 (10 minutes)",
+            ));
+        }
+        let set = compile_allow_list(&format!("tiers.{name}.models"), &tier.models, &catalog)?;
+        tier_sets.insert(name.as_str(), allow_sets.len());
+        allow_sets.push(set);
+    }
+
+    let mut tenants = Vec::with_capacity(raw.tenants.len());
+    let mut keys = KeyIndex::default();
+    let mut tenant_ids = HashSet::new();
+    for (t, rt) in raw.tenants.iter().enumerate() {
+        let at = format!("tenants[{t}]");
+        let tenant = id_of(&at, TenantId::from_index(t))?;
+        check_name(&format!("{at}.id"), &rt.id)?;
+        if !tenant_ids.insert(rt.id.as_str()) {
+            return Err(ConfigError::at(
+                format!("{at}.id"),
+                format!("duplicate tenant id `{}`", rt.id),
+            ));
+        }
+        let Some(&tier_set) = tier_sets.get(rt.tier.as_str()) else {
+            return Err(ConfigError::at(
+                format!("{at}.tier"),
+                format!("unknown tier `{}`", rt.tier),
+            ));
+        };
+        let allow_set = match &rt.models {
+            None => tier_set,
+            Some(list) => {
+                allow_sets.push(compile_allow_list(&format!("{at}.models"), list, &catalog)?);
+                allow_sets.len() - 1
+            }
+        };
+        if rt.keys.is_empty() {
+            return Err(ConfigError::at(
+                format!("{at}.keys"),
+                "a tenant needs at least one key",
+            ));
+        }
+        let mut key_ids = Vec::with_capacity(rt.keys.len());
+        for (k, key) in rt.keys.iter().enumerate() {
+            check_name(&format!("{at}.keys[{k}].id"), &key.id)?;
+            let digest = KeyDigest::from_hex(&key.sha256).ok_or_else(|| {
+                ConfigError::at(
+                    format!("{at}.keys[{k}].sha256"),
+                    "must be 64 hex characters (the SHA-256 of the key; see `make key`)",
+                )
+            })?;
+            let key_id = id_of(&format!("{at}.keys[{k}]"), KeyId::from_index(k))?;
+            if !keys.insert(digest, tenant, key_id) {
+                return Err(ConfigError::at(
+                    format!("{at}.keys[{k}].sha256"),
+                    "this key digest is already used by another key",
+                ));
+            }
+            key_ids.push(key.id.clone());
+        }
+        let tier_limits = raw
+            .tiers
+            .get(&rt.tier)
+            .map(|t| t.limits.clone())
+            .unwrap_or_default();
+        let limits = compile_limits(
+            &format!("{at}.limits"),
+            &tier_limits.overridden_by(&rt.limits),
+        )?;
+        let mut model_limits = HashMap::new();
+        for (name, l) in &rt.model_limits {
+            let here = format!("{at}.model_limits.{name}");
+            let Some(&model) = catalog.exact.get(name.as_str()) else {
+                return Err(ConfigError::at(here, format!("unknown model `{name}`")));
+            };
+            model_limits.insert(model, compile_limits(&here, l)?);
+        }
+        let Some(tier) = raw.tiers.get(&rt.tier) else {
+            return Err(ConfigError::at(
+                format!("{at}.tier"),
+                format!("unknown tier `{}`", rt.tier),
+            ));
+        };
+        if rt.max_queue_length == 0 || rt.max_queue_length > 4096 {
+            return Err(ConfigError::at(
+                format!("{at}.max_queue_length"),
+                "must be between 1 and 4096",
+            ));
+        }
+        tenants.push(Tenant {
+            id: rt.id.clone(),
+            tier: rt.tier.clone(),
+            key_ids,
+            allow_set,
+            limits,
+            model_limits,
+            queueing: Queueing {
+                priority: tier.priority,
+                weight: tier.weight,
+                max_wait_ms: tier.max_queue_wait_ms,
+                max_queue_length: rt.max_queue_length,
+            },
+        });
+    }
+
+    if raw.default_max_output_tokens == 0 || raw.default_max_output_tokens > 10_000_000 {
+        return Err(ConfigError::at(
+            "default_max_output_tokens",
+            "must be between 1 and 10000000",
+        ));
+    }
+    Ok(Policy {
+        max_body_bytes: raw.max_body_bytes,
+        default_max_output_tokens: raw.default_max_output_tokens,
+        providers,
+        catalog,
+        tenants,
+        keys,
+        allow_sets,
+    })
+}
+
+fn compile_providers(
+    raw: &[RawProvider],
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<Provider>, ConfigError> {
+    if raw.is_empty() {
+        return Err(ConfigError::at(
+            "providers",
+            "at least one provider is required",
+        ));
+    }
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, p) in raw.iter().enumerate() {
+        let at = format!("providers[{i}]");
+        check_name(&format!("{at}.name"), &p.name)?;
+        if !seen.insert(p.name.as_str()) {
+            return Err(ConfigError::at(
+                format!("{at}.name"),
+                format!("duplicate provider `{}`", p.name),
+            ));
+        }
+        check_header_value(&format!("{at}.cluster"), &p.cluster)?;
+        if p.cluster.is_empty() {
+            return Err(ConfigError::at(
+                format!("{at}.cluster"),
+                "must not be empty",
+            ));
+        }
+        let prefix = &p.path_prefix;
+        if !prefix.is_empty() && (!prefix.starts_with('/') || prefix.ends_with('/')) {
+            return Err(ConfigError::at(
+                format!("{at}.path_prefix"),
+                "must be empty or start with `/` and not end with `/` (e.g. `/v1`)",
+            ));
+        }
+        check_header_value(&format!("{at}.path_prefix"), prefix)?;
+        if prefix.contains(['?', '#', ' ']) {
+            return Err(ConfigError::at(
+                format!("{at}.path_prefix"),
+                "must be a plain path",
+            ));
+        }
+        if let Some(a) = &p.authority {
+            check_header_value(&format!("{at}.authority"), a)?;
+            if a.is_empty() || a.contains(['/', ' ']) {
+                return Err(ConfigError::at(
+                    format!("{at}.authority"),
+                    "must be a host[:port]",
+                ));
+            }
+        }
+        let api = match p.api {
+            RawApi::Openai => ApiFlavour::OpenAi,
+            RawApi::Anthropic => ApiFlavour::Anthropic,
+        };
+        let header = p
+            .api_key_header
+            .clone()
+            .unwrap_or_else(|| match api {
+                ApiFlavour::OpenAi => "authorization".into(),
+                ApiFlavour::Anthropic => "x-api-key".into(),
+            })
+            .to_ascii_lowercase();
+        if header.is_empty()
+            || !header
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(ConfigError::at(
+                format!("{at}.api_key_header"),
+                "must be a header name",
+            ));
+        }
+        let Some(key) = env(&p.api_key_env).filter(|k| !k.is_empty()) else {
+            return Err(ConfigError::at(
+                format!("{at}.api_key_env"),
+                format!(
+                    "environment variable `{}` is not set for the VM (list it in vm_config.environment_variables.host_env_keys)",
+                    p.api_key_env
+                ),
+            ));
+        };
+        if key.bytes().any(|b| b < 0x20 || b == 0x7f) {
+            return Err(ConfigError::at(
+                format!("{at}.api_key_env"),
+                format!(
+                    "environment variable `{}` holds control characters",
+                    p.api_key_env
+                ),
+            ));
+        }
+        let value = if header == "authorization" {
+            format!("Bearer {key}")
+        } else {
+            key
+        };
+        let limits = compile_limits(&format!("{at}.limits"), &p.limits)?;
+        if p.max_in_flight == Some(0) {
+            return Err(ConfigError::at(
+                format!("{at}.max_in_flight"),
+                "must be at least 1 (leave it out for no cap)",
+            ));
+        }
+        out.push(Provider {
+            limits,
+            max_in_flight: p.max_in_flight,
+            name: p.name.clone(),
+            api,
+            cluster: p.cluster.clone(),
+            path_prefix: p.path_prefix.clone(),
+            authority: p.authority.clone(),
+            credential: Credential::new(header, value),
+        });
+    }
+    Ok(out)
+}
+
+fn compile_models(
+    raw: &[RawModel],
+    provider_ids: &HashMap<&str, ProviderId>,
+) -> Result<ModelCatalog, ConfigError> {
+    if raw.is_empty() {
+        return Err(ConfigError::at("models", "at least one model is required"));
+    }
+    let mut catalog = ModelCatalog::default();
+    for (i, m) in raw.iter().enumerate() {
+        let at = format!("models[{i}]");
+        let id = id_of(&at, ModelId::from_index(i))?;
+        check_model_name(&format!("{at}.name"), &m.name)?;
+        if m.name.contains('*') {
+            return Err(ConfigError::at(
+                format!("{at}.name"),
+                "a model name cannot be a pattern; put patterns in `aliases`",
+            ));
+        }
+        if m.providers.is_empty() {
+            return Err(ConfigError::at(
+                format!("{at}.providers"),
+                "at least one provider is required",
+            ));
+        }
+        let mut providers = Vec::with_capacity(m.providers.len());
+        for (j, p) in m.providers.iter().enumerate() {
+            let Some(&id) = provider_ids.get(p.as_str()) else {
+                return Err(ConfigError::at(
+                    format!("{at}.providers[{j}]"),
+                    format!("unknown provider `{p}`"),
+                ));
+            };
+            providers.push(id);
+        }
+        let upstream = m.upstream_model.clone().unwrap_or_else(|| m.name.clone());
+        check_model_name(&format!("{at}.upstream_model"), &upstream)?;
+        let price = compile_price(&format!("{at}.price"), &m.price)?;
+        catalog.models.push(Model {
+            name: m.name.clone(),
+            upstream_name: upstream,
+            providers,
+            price,
+        });
+        if catalog.exact.insert(m.name.clone(), id).is_some() {
+            return Err(ConfigError::at(
+                format!("{at}.name"),
+                format!("`{}` is defined twice", m.name),
+            ));
+        }
+        for (j, alias) in m.aliases.iter().enumerate() {
+            let here = format!("{at}.aliases[{j}]");
+            check_model_name(&here, alias)?;
+            if alias.contains('*') {
+                catalog.patterns.push((Pattern::new(alias), id));
+            } else if catalog.exact.insert(alias.clone(), id).is_some() {
+                return Err(ConfigError::at(
+                    here,
+                    format!("`{alias}` already names another model"),
+                ));
+            }
+        }
+    }
+    // Aliases may be listed before the model they would shadow; check the end state.
+    for (i, m) in raw.iter().enumerate() {
+        for (j, alias) in m.aliases.iter().enumerate() {
+            if let Some(&owner) = catalog.exact.get(alias) {
+                if catalog.models.get(owner.index()).map(|o| o.name.as_str())
+                    == Some(alias.as_str())
+                {
+                    return Err(ConfigError::at(
+                        format!("models[{i}].aliases[{j}]"),
+                        format!("`{alias}` is the name of a model"),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(catalog)
+}
+
+fn compile_limits(at: &str, l: &RawLimits) -> Result<Limits, ConfigError> {
+    let budget = match l.monthly_budget_usd {
+        None => None,
+        Some(usd) if usd.is_finite() && usd > 0.0 && usd <= 1e9 => {
+            Some((usd * 1_000_000.0).round() as u64)
+        }
+        Some(_) => {
+            return Err(ConfigError::at(
+                format!("{at}.monthly_budget_usd"),
+                "must be a USD amount above 0 and at most 1e9",
+            ))
+        }
+    };
+    Ok(Limits {
+        requests_per_minute: positive(&format!("{at}.requests_per_minute"), l.requests_per_minute)?,
+        tokens_per_minute: positive(&format!("{at}.tokens_per_minute"), l.tokens_per_minute)?,
+        burst_milli: burst_milli(&format!("{at}.burst"), l.burst)?,
+        concurrent_requests: positive(&format!("{at}.concurrent_requests"), l.concurrent_requests)?,
+        monthly_tokens: positive(&format!("{at}.monthly_tokens"), l.monthly_tokens)?,
+        monthly_budget_micro_usd: budget,
+    })
+}
+
+/// A limit of 0 would refuse everything: almost always a mistake, so it is refused.
+fn positive(at: &str, v: Option<u64>) -> Result<Option<u64>, ConfigError> {
+    match v {
+        Some(0) => Err(ConfigError::at(
+            at,
+            "must be at least 1 (leave it out for no limit)",
+        )),
+        Some(n) if n > 1_000_000_000_000 => Err(ConfigError::at(at, "must be at most 1e12")),
+        other => Ok(other),
+    }
+}
+
+fn burst_milli(at: &str, burst: Option<f64>) -> Result<u64, ConfigError> {
+    match burst {
+        None => Ok(1000),
+        Some(b) if b.is_finite() && (1.0..=1000.0).contains(&b) => Ok((b * 1000.0).round() as u64),
+        Some(_) => Err(ConfigError::at(at, "must be between 1.0 and 1000.0")),
+    }
+}
+
+fn compile_price(at: &str, p: &RawPrice) -> Result<Price, ConfigError> {
+    let micro = |field: &str, usd: f64| -> Result<u64, ConfigError> {
+        if !usd.is_finite() || !(0.0..=1_000_000.0).contains(&usd) {
+            return Err(ConfigError::at(
+                format!("{at}.{field}"),
+                "must be a USD amount per million tokens between 0 and 1000000",
+            ));
+        }
+        // Rounded to whole micro-USD per million tokens; exact for any price written in cents.
+        Ok((usd * 1_000_000.0).round() as u64)
+    };
+    let input = micro("input", p.input)?;
+    Ok(Price {
+        input_micro_usd_per_mtok: input,
+        cached_input_micro_usd_per_mtok: match p.cached_input {
+            Some(c) => micro("cached_input", c)?,
+            None => input,
+        },
+        cache_write_micro_usd_per_mtok: match p.cache_write {
+            Some(c) => micro("cache_write", c)?,
+            None => input,
+        },
+        output_micro_usd_per_mtok: micro("output", p.output)?,
+    })
+}
+
+fn compile_allow_list(
+    at: &str,
+    patterns: &[String],
+    catalog: &ModelCatalog,
+) -> Result<Vec<bool>, ConfigError> {
+    let mut allowed = vec![false; catalog.models.len()];
+    for (i, p) in patterns.iter().enumerate() {
+        let pattern = Pattern::new(p);
+        let mut matched = false;
+        for (m, model) in catalog.models.iter().enumerate() {
+            if pattern.matches(&model.name) {
+                if let Some(slot) = allowed.get_mut(m) {
+                    *slot = true;
+                }
+                matched = true;
+            }
+        }
+        if !matched {
+            // A pattern that matches nothing is almost always a typo that silently denies.
+            return Err(ConfigError::at(
+                format!("{at}[{i}]"),
+                format!("`{p}` matches no model"),
+            ));
+        }
+    }
+    Ok(allowed)
+}
+
+/// The id of entry `at`; a table past `u32::MAX` entries cannot be addressed.
+fn id_of<T>(at: &str, id: Option<T>) -> Result<T, ConfigError> {
+    id.ok_or_else(|| ConfigError::at(at, "too many entries (at most 4294967295)"))
+}
+
+/// `name` is 1 to `max_len` bytes, each allowed by `byte_ok`; else `rule` says why not.
+fn check_bytes(
+    at: &str,
+    name: &str,
+    max_len: usize,
+    byte_ok: impl Fn(u8) -> bool,
+    rule: &str,
+) -> Result<(), ConfigError> {
+    if !name.is_empty() && name.len() <= max_len && name.bytes().all(byte_ok) {
+        Ok(())
+    } else {
+        Err(ConfigError::at(at, format!("`{name}` must be {rule}")))
+    }
+}
+
+fn check_name(at: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.');
+    let rule = "1-64 characters of letters, digits, `-`, `_` or `.`";
+    check_bytes(at, name, 64, ok, rule)
+}
+
+fn check_model_name(at: &str, name: &str) -> Result<(), ConfigError> {
+    // `;` and `=` would break the label encoding of stat names (see metrics.rs).
+    let ok = |b: u8| b.is_ascii_graphic() && !matches!(b, b'"' | b'\\' | b';' | b'=');
+    let rule = "1-256 printable ASCII characters without spaces, quotes, `\\`, `;` or `=`";
+    check_bytes(at, name, 256, ok, rule)
+}
+
+fn check_header_value(at: &str, v: &str) -> Result<(), ConfigError> {
+    if v.bytes().any(|b| b < 0x20 || b == 0x7f) {
+        Err(ConfigError::at(at, "must not contain control characters"))
+    } else {
+        Ok(())
+    }
+}

@@ -1,0 +1,245 @@
+//! The plugin configuration as users write it, parsed strictly and compiled into a [`Policy`].
+//!
+//! Every struct denies unknown fields, and every error names the field at fault
+//! (`tenants[1].tier: ...`), because Envoy shows our log line and nothing else.
+
+mod compile;
+#[cfg(test)]
+mod tests;
+
+use crate::policy::Policy;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Default request body limit: 1 MiB, Envoy's default connection buffer limit.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 1024 * 1024;
+/// Output tokens reserved for a request that sets no maximum.
+pub const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 4096;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: u64,
+    /// Output tokens reserved at admission when a request sets no `max_tokens`
+    /// (`max_completion_tokens`, `max_output_tokens`).
+    #[serde(default = "default_max_output_tokens")]
+    pub default_max_output_tokens: u64,
+    pub providers: Vec<RawProvider>,
+    pub models: Vec<RawModel>,
+    pub tiers: BTreeMap<String, RawTier>,
+    pub tenants: Vec<RawTenant>,
+}
+
+fn default_max_body_bytes() -> u64 {
+    DEFAULT_MAX_BODY_BYTES
+}
+
+fn default_max_output_tokens() -> u64 {
+    DEFAULT_MAX_OUTPUT_TOKENS
+}
+
+/// Limits of a tier, a tenant (overriding its tier field by field) or a tenant+model.
+/// An absent field means no limit (or, in an override, the tier's value).
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    #[serde(default)]
+    pub requests_per_minute: Option<u64>,
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
+    /// Bucket capacity = rate x burst (default 1.0: at most one minute's worth at once).
+    #[serde(default)]
+    pub burst: Option<f64>,
+    #[serde(default)]
+    pub concurrent_requests: Option<u64>,
+    /// Per calendar month (UTC), input + output tokens.
+    #[serde(default)]
+    pub monthly_tokens: Option<u64>,
+    /// Per calendar month (UTC), priced from the model table.
+    #[serde(default)]
+    pub monthly_budget_usd: Option<f64>,
+}
+
+impl RawLimits {
+    /// `self` with every field `over` sets replaced.
+    pub(crate) fn overridden_by(&self, over: &RawLimits) -> RawLimits {
+        RawLimits {
+            requests_per_minute: over.requests_per_minute.or(self.requests_per_minute),
+            tokens_per_minute: over.tokens_per_minute.or(self.tokens_per_minute),
+            burst: over.burst.or(self.burst),
+            concurrent_requests: over.concurrent_requests.or(self.concurrent_requests),
+            monthly_tokens: over.monthly_tokens.or(self.monthly_tokens),
+            monthly_budget_usd: over.monthly_budget_usd.or(self.monthly_budget_usd),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RawApi {
+    Openai,
+    Anthropic,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProvider {
+    pub name: String,
+    pub api: RawApi,
+    /// Envoy cluster that reaches this provider.
+    pub cluster: String,
+    /// Prepended to the endpoint (`/chat/completions`, `/messages`, ...). `"/v1"` for OpenAI.
+    #[serde(default)]
+    pub path_prefix: String,
+    /// Host sent upstream; the client's is kept when absent.
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// Environment variable (exposed to the VM) holding the provider key.
+    pub api_key_env: String,
+    /// Header that carries the key. Default: `authorization` (as `Bearer <key>`) for
+    /// `openai`, `x-api-key` for `anthropic`.
+    #[serde(default)]
+    pub api_key_header: Option<String>,
+    /// The provider account's own limits, so the gateway never trips the provider's 429.
+    #[serde(default)]
+    pub limits: RawLimits,
+    /// Most requests in flight to this provider, across all workers; more wait in a fair
+    /// queue (by tier priority, then weight) instead of failing.
+    #[serde(default)]
+    pub max_in_flight: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    pub name: String,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// Providers serving this model; a request goes to the first that speaks its API.
+    pub providers: Vec<String>,
+    /// Name the provider knows the model by; defaults to `name`.
+    #[serde(default)]
+    pub upstream_model: Option<String>,
+    pub price: RawPrice,
+}
+
+/// USD per million tokens.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrice {
+    pub input: f64,
+    #[serde(default)]
+    pub cached_input: Option<f64>,
+    /// Cache creation (Anthropic cache writes); defaults to `input`.
+    #[serde(default)]
+    pub cache_write: Option<f64>,
+    #[serde(default)]
+    pub output: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTier {
+    /// Model names or `*` patterns this tier may use.
+    pub models: Vec<String>,
+    #[serde(default)]
+    pub limits: RawLimits,
+    /// When a provider is full: higher priority is served first (default 0).
+    #[serde(default)]
+    pub priority: u8,
+    /// Share of the provider among tenants of equal priority (default 1).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Longest a request of this tier waits for a full provider (default 30 s).
+    #[serde(default = "default_max_queue_wait_ms")]
+    pub max_queue_wait_ms: u64,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+fn default_max_queue_wait_ms() -> u64 {
+    30_000
+}
+
+fn default_max_queue_length() -> u32 {
+    100
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTenant {
+    pub id: String,
+    pub tier: String,
+    pub keys: Vec<RawKey>,
+    /// Replaces the tier's model allow-list for this tenant.
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+    /// Overrides the tier's limits, field by field.
+    #[serde(default)]
+    pub limits: RawLimits,
+    /// Extra limits for this tenant on one model (by model name), checked with the others.
+    #[serde(default)]
+    pub model_limits: BTreeMap<String, RawLimits>,
+    /// Most requests this tenant may have waiting for one full provider (default 100).
+    #[serde(default = "default_max_queue_length")]
+    pub max_queue_length: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKey {
+    /// Names the key in logs and metrics; never the key itself.
+    pub id: String,
+    /// Lowercase hex SHA-256 of the key.
+    pub sha256: String,
+}
+
+/// A configuration the filter refuses, with the place it refers to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub(crate) fn at(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() || self.path == "." {
+            write!(f, "invalid sluice configuration: {}", self.message)
+        } else {
+            write!(
+                f,
+                "invalid sluice configuration at `{}`: {}",
+                self.path, self.message
+            )
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Parses and compiles a configuration. `env` resolves provider key variables.
+pub fn compile(json: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Policy, ConfigError> {
+    let raw = parse(json)?;
+    compile::policy(raw, env)
+}
+
+pub fn parse(json: &[u8]) -> Result<RawConfig, ConfigError> {
+    let de = &mut serde_json::Deserializer::from_slice(json);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        ConfigError::at(path, e.into_inner().to_string())
+    })
+}
