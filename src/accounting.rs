@@ -1,8 +1,11 @@
-//! What a finished request cost, and the record it leaves for the access log.
+//! What a finished request cost, how it ended ([`Ending`], what its metrics and record are
+//! made of), and the record it leaves for the access log.
 
+use crate::auth::KeyOwner;
 use crate::metrics::Outcome;
-use crate::policy::Price;
-use crate::usage::TokenUsage;
+use crate::policy::{ModelId, Policy, Price, ProviderId};
+use crate::routing::Api;
+use crate::usage::{MeterResult, TokenUsage};
 use serde::Serialize;
 
 /// Cost in integer micro-USD, rounded to nearest (half up) once per request:
@@ -16,6 +19,93 @@ pub fn cost_micro_usd(usage: &TokenUsage, price: &Price) -> u64 {
             * u128::from(price.cache_write_micro_usd_per_mtok)
         + u128::from(usage.output_tokens) * u128::from(price.output_micro_usd_per_mtok);
     u64::try_from((micro_per_mtok + 500_000) / 1_000_000).unwrap_or(u64::MAX)
+}
+
+/// How a request ended, with what was known of it by then: its metrics and its usage
+/// record are made of this.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ending {
+    pub owner: Option<KeyOwner>,
+    pub api: Option<Api>,
+    pub model: Option<ModelId>,
+    pub provider: Option<ProviderId>,
+    pub stream: bool,
+    pub outcome: Outcome,
+    /// Why the gateway refused the request, when it did.
+    pub reason: Option<&'static str>,
+    /// Status the client got (the provider's, or the gateway's own); 0 if none.
+    pub status: u16,
+    pub usage: MeterResult,
+    pub cost_micro_usd: u64,
+    /// Time spent waiting for a full provider, when the request had to wait.
+    pub queue_wait_ms: Option<u64>,
+    /// Timings of a response that came back from upstream.
+    pub latency: Option<Latency>,
+}
+
+/// Times from sending a request upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Latency {
+    /// To the response headers.
+    pub upstream_ms: u64,
+    /// To the first response body byte, if one came.
+    pub first_byte_ms: Option<u64>,
+}
+
+impl Ending {
+    /// An ending that knows nothing of the request yet.
+    pub fn new(outcome: Outcome, status: u16, usage: MeterResult) -> Self {
+        Ending {
+            owner: None,
+            api: None,
+            model: None,
+            provider: None,
+            stream: false,
+            outcome,
+            reason: None,
+            status,
+            usage,
+            cost_micro_usd: 0,
+            queue_wait_ms: None,
+            latency: None,
+        }
+    }
+}
+
+/// The usage record of a request that ended, as one JSON line.
+pub fn usage_record(policy: &Policy, request_id: Option<&str>, ending: &Ending) -> String {
+    let tenant = ending.owner.and_then(|o| policy.tenant(o.tenant));
+    let usage = ending.usage.usage;
+    let record = UsageRecord {
+        request_id,
+        tenant: tenant.map(|t| t.id.as_str()),
+        key_id: ending
+            .owner
+            .and_then(|o| tenant.and_then(|t| t.key_id(o.key))),
+        model: ending
+            .model
+            .and_then(|m| policy.model(m))
+            .map(|m| m.name.as_str()),
+        provider: ending
+            .provider
+            .and_then(|p| policy.provider(p))
+            .map(|p| p.name.as_str()),
+        endpoint: ending.api.map(Api::name),
+        stream: ending.stream,
+        outcome: ending.outcome,
+        reason: ending.reason,
+        status: ending.status,
+        input_tokens: usage.input_tokens,
+        cached_input_tokens: usage.cached_input_tokens,
+        cache_creation_tokens: usage.cache_creation_tokens,
+        output_tokens: usage.output_tokens,
+        reasoning_tokens: usage.reasoning_tokens,
+        cost_micro_usd: ending.cost_micro_usd,
+        estimated: ending.usage.estimated,
+        usage_suspicious: ending.usage.suspicious,
+        queue_wait_ms: ending.queue_wait_ms,
+    };
+    serde_json::to_string(&record).unwrap_or_else(|_| "{}".into())
 }
 
 /// One request's usage record: the billing trail, written to Envoy's access log.

@@ -5,6 +5,7 @@
 //! The host caches one metric id per [`MetricKey`] (small integers, no strings), so a
 //! name is built only the first time a label combination is seen in a VM.
 
+use crate::accounting::Ending;
 use crate::policy::{ModelId, Policy, ProviderId, TenantId};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -174,7 +175,7 @@ pub fn stat_name(policy: &Policy, key: &MetricKey) -> String {
 
 /// Labels the series for token and cost counters: only tenant/model/provider vary, so
 /// outcome and reason are fixed to keep one series per tenant/model/provider.
-pub fn usage_labels(
+fn usage_labels(
     tenant: Option<TenantId>,
     model: Option<ModelId>,
     provider: Option<ProviderId>,
@@ -185,6 +186,47 @@ pub fn usage_labels(
         provider,
         outcome: Outcome::Success,
         reason: NONE,
+    }
+}
+
+/// Every metric of a request that ended: the request counter, its tokens and cost, the
+/// upstream timings and its wait for a full provider.
+pub fn record_ending(metrics: &mut impl Metrics, ending: &Ending) {
+    let tenant = ending.owner.map(|o| o.tenant);
+    let (model, provider) = (ending.model, ending.provider);
+    if let (Some(wait), Some(p)) = (ending.queue_wait_ms, provider) {
+        metrics.add(MetricKey::QueueWait(p, tenant), wait);
+    }
+    let labels = Labels {
+        tenant,
+        model,
+        provider,
+        outcome: ending.outcome,
+        reason: ending.reason.unwrap_or(NONE),
+    };
+    metrics.add(MetricKey::Counter(Counter::Requests, labels), 1);
+    let usage = ending.usage.usage;
+    let labels = usage_labels(tenant, model, provider);
+    for (counter, value) in [
+        (Counter::InputTokens, usage.input_tokens),
+        (Counter::CachedInputTokens, usage.cached_input_tokens),
+        (Counter::CacheCreationTokens, usage.cache_creation_tokens),
+        (Counter::OutputTokens, usage.output_tokens),
+        (Counter::ReasoningTokens, usage.reasoning_tokens),
+        (Counter::CostMicroUsd, ending.cost_micro_usd),
+        (Counter::EstimatedUsage, u64::from(ending.usage.estimated)),
+    ] {
+        if value > 0 {
+            metrics.add(MetricKey::Counter(counter, labels), value);
+        }
+    }
+    if let Some(latency) = ending.latency {
+        let key = MetricKey::Histogram(Histogram::UpstreamLatencyMs, provider, model);
+        metrics.add(key, latency.upstream_ms);
+        if let Some(first) = latency.first_byte_ms {
+            let key = MetricKey::Histogram(Histogram::TimeToFirstTokenMs, provider, model);
+            metrics.add(key, first);
+        }
     }
 }
 

@@ -62,6 +62,17 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// One line for the log when a configuration is taken.
+    pub fn summary(&self) -> String {
+        format!(
+            "sluice: configured {} tenants, {} keys, {} models, {} providers",
+            self.tenants.len(),
+            self.keys.len(),
+            self.catalog.models.len(),
+            self.providers.len()
+        )
+    }
+
     pub fn tenant(&self, id: TenantId) -> Option<&Tenant> {
         self.tenants.get(id.index())
     }
@@ -190,14 +201,22 @@ impl ModelCatalog {
 #[derive(Debug)]
 pub struct Provider {
     pub limits: Limits,
-    /// Requests in flight across all workers before new ones queue.
-    pub max_in_flight: Option<u32>,
+    /// The provider's fair queue, when it has a capacity (`max_in_flight`).
+    pub queue: Option<QueueSpec>,
     pub name: String,
     pub api: ApiFlavour,
     pub cluster: String,
     pub path_prefix: String,
     pub authority: Option<String>,
     pub credential: Credential,
+}
+
+/// A provider's fair queue: requests in flight across all workers before new ones wait.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSpec {
+    /// Its shared-data key (`shared/keys.rs`).
+    pub key: String,
+    pub capacity: u32,
 }
 
 /// The provider key as the header to send; its value never prints.

@@ -3,80 +3,109 @@
 use crate::auth::KeyPlacement;
 use crate::errors::ApiFlavour;
 use crate::policy::Provider;
+use crate::usage::ResponseShape;
 
-/// The API operations the gateway serves.
+/// The operations the gateway serves: an API call it forwards, or a models query it
+/// answers itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Endpoint {
+    Api(Api),
+    Models(ModelsQuery),
+}
+
+/// `GET /v1/models` (every model the tenant may use) or `GET /v1/models/{id}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelsQuery {
+    List,
+    Get(String),
+}
+
+/// An API call forwarded to a provider.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Api {
     ChatCompletions,
     Embeddings,
     Responses,
     Messages,
-    ListModels,
-    GetModel(String),
 }
 
 impl Endpoint {
     /// Matches the path without its query string.
     pub fn from_path(path: &str) -> Option<Endpoint> {
         match path {
-            "/v1/chat/completions" => Some(Endpoint::ChatCompletions),
-            "/v1/embeddings" => Some(Endpoint::Embeddings),
-            "/v1/responses" => Some(Endpoint::Responses),
-            "/v1/messages" => Some(Endpoint::Messages),
-            "/v1/models" => Some(Endpoint::ListModels),
+            "/v1/chat/completions" => Some(Endpoint::Api(Api::ChatCompletions)),
+            "/v1/embeddings" => Some(Endpoint::Api(Api::Embeddings)),
+            "/v1/responses" => Some(Endpoint::Api(Api::Responses)),
+            "/v1/messages" => Some(Endpoint::Api(Api::Messages)),
+            "/v1/models" => Some(Endpoint::Models(ModelsQuery::List)),
             _ => {
                 let id = path.strip_prefix("/v1/models/")?;
-                (!id.is_empty() && !id.contains('/')).then(|| Endpoint::GetModel(id.to_string()))
+                (!id.is_empty() && !id.contains('/'))
+                    .then(|| Endpoint::Models(ModelsQuery::Get(id.to_string())))
             }
-        }
-    }
-
-    /// Short name for records and logs.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Endpoint::ChatCompletions => "chat_completions",
-            Endpoint::Embeddings => "embeddings",
-            Endpoint::Responses => "responses",
-            Endpoint::Messages => "messages",
-            Endpoint::ListModels => "list_models",
-            Endpoint::GetModel(_) => "get_model",
         }
     }
 
     /// The API whose conventions (errors, headers, credentials) the client expects.
     pub fn flavour(&self) -> ApiFlavour {
         match self {
-            Endpoint::Messages => ApiFlavour::Anthropic,
-            _ => ApiFlavour::OpenAi,
+            Endpoint::Api(api) => api.flavour(),
+            Endpoint::Models(_) => ApiFlavour::OpenAi,
         }
     }
 
     pub fn method(&self) -> &'static str {
         match self {
-            Endpoint::ListModels | Endpoint::GetModel(_) => "GET",
-            _ => "POST",
+            Endpoint::Api(_) => "POST",
+            Endpoint::Models(_) => "GET",
         }
     }
 
     pub fn key_placement(&self) -> KeyPlacement {
         match self {
-            Endpoint::ChatCompletions | Endpoint::Embeddings | Endpoint::Responses => {
+            Endpoint::Api(Api::ChatCompletions | Api::Embeddings | Api::Responses) => {
                 KeyPlacement::Bearer
             }
-            Endpoint::Messages | Endpoint::ListModels | Endpoint::GetModel(_) => {
-                KeyPlacement::BearerOrApiKey
-            }
+            Endpoint::Api(Api::Messages) | Endpoint::Models(_) => KeyPlacement::BearerOrApiKey,
+        }
+    }
+}
+
+impl Api {
+    /// Short name for records and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Api::ChatCompletions => "chat_completions",
+            Api::Embeddings => "embeddings",
+            Api::Responses => "responses",
+            Api::Messages => "messages",
         }
     }
 
-    /// Path after the provider's prefix, for endpoints that are forwarded.
-    pub fn upstream_suffix(&self) -> Option<&'static str> {
+    pub fn flavour(self) -> ApiFlavour {
         match self {
-            Endpoint::ChatCompletions => Some("/chat/completions"),
-            Endpoint::Embeddings => Some("/embeddings"),
-            Endpoint::Responses => Some("/responses"),
-            Endpoint::Messages => Some("/messages"),
-            Endpoint::ListModels | Endpoint::GetModel(_) => None,
+            Api::Messages => ApiFlavour::Anthropic,
+            Api::ChatCompletions | Api::Embeddings | Api::Responses => ApiFlavour::OpenAi,
+        }
+    }
+
+    /// Path after the provider's prefix.
+    pub fn upstream_suffix(self) -> &'static str {
+        match self {
+            Api::ChatCompletions => "/chat/completions",
+            Api::Embeddings => "/embeddings",
+            Api::Responses => "/responses",
+            Api::Messages => "/messages",
+        }
+    }
+
+    /// How the provider reports usage in its responses.
+    pub fn response_shape(self) -> ResponseShape {
+        match self {
+            Api::ChatCompletions => ResponseShape::ChatCompletions,
+            Api::Embeddings => ResponseShape::Embeddings,
+            Api::Responses => ResponseShape::Responses,
+            Api::Messages => ResponseShape::AnthropicMessages,
         }
     }
 }
@@ -144,21 +173,24 @@ mod tests {
     fn endpoints_from_paths() {
         assert_eq!(
             Endpoint::from_path("/v1/chat/completions"),
-            Some(Endpoint::ChatCompletions)
+            Some(Endpoint::Api(Api::ChatCompletions))
         );
         assert_eq!(
             Endpoint::from_path("/v1/messages"),
-            Some(Endpoint::Messages)
+            Some(Endpoint::Api(Api::Messages))
         );
         assert_eq!(
             Endpoint::from_path("/v1/models/gpt-4.1"),
-            Some(Endpoint::GetModel("gpt-4.1".into()))
+            Some(Endpoint::Models(ModelsQuery::Get("gpt-4.1".into())))
         );
         assert_eq!(Endpoint::from_path("/v1/models/"), None);
         assert_eq!(Endpoint::from_path("/v1/chat/completions/"), None);
         assert_eq!(Endpoint::from_path("/v2/chat/completions"), None);
         assert_eq!(Endpoint::from_path("/"), None);
-        assert_eq!(Endpoint::Messages.flavour(), ApiFlavour::Anthropic);
+        assert_eq!(
+            Endpoint::Api(Api::Messages).flavour(),
+            ApiFlavour::Anthropic
+        );
     }
 
     #[test]

@@ -7,21 +7,22 @@ use crate::auth::{KeyDigest, KeyIndex};
 use crate::errors::ApiFlavour;
 use crate::policy::{
     Credential, KeyId, Limits, Model, ModelCatalog, ModelId, Policy, Price, Provider, ProviderId,
-    Queueing, Tenant, TenantId,
+    QueueSpec, Queueing, Tenant, TenantId,
 };
 use crate::routing::Pattern;
+use crate::shared::keys;
 use std::collections::{HashMap, HashSet};
 
 pub(super) fn policy(
     raw: RawConfig,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Policy, ConfigError> {
-    if raw.max_body_bytes == 0 || raw.max_body_bytes > 64 * 1024 * 1024 {
-        return Err(ConfigError::at(
-            "max_body_bytes",
-            "must be between 1 and 67108864 (64 MiB)",
-        ));
-    }
+    within(
+        "max_body_bytes",
+        raw.max_body_bytes,
+        64 * 1024 * 1024,
+        " (64 MiB)",
+    )?;
 
     let providers = compile_providers(&raw.providers, env)?;
     let provider_ids: HashMap<&str, ProviderId> = raw
@@ -32,26 +33,25 @@ pub(super) fn policy(
         .collect();
     let catalog = compile_models(&raw.models, &provider_ids)?;
 
-    if raw.tiers.is_empty() {
-        return Err(ConfigError::at("tiers", "at least one tier is required"));
-    }
+    require(
+        !raw.tiers.is_empty(),
+        "tiers",
+        "at least one tier is required",
+    )?;
     let mut allow_sets: Vec<Vec<bool>> = Vec::new();
     let mut tier_sets: HashMap<&str, usize> = HashMap::new();
     for (name, tier) in &raw.tiers {
         check_name(&format!("tiers.{name}"), name)?;
         compile_limits(&format!("tiers.{name}.limits"), &tier.limits)?;
-        if tier.weight == 0 || tier.weight > 1000 {
-            return Err(ConfigError::at(
-                format!("tiers.{name}.weight"),
-                "must be between 1 and 1000",
-            ));
-        }
-        if tier.max_queue_wait_ms == 0 || tier.max_queue_wait_ms > 600_000 {
-            return Err(ConfigError::at(
-                format!("tiers.{name}.max_queue_wait_ms"),
-                "must be between 1 and 600000 (10 minutes)",
-            ));
-        }
+        let weight = u64::from(tier.weight);
+        within(format!("tiers.{name}.weight"), weight, 1000, "")?;
+        let wait = tier.max_queue_wait_ms;
+        within(
+            format!("tiers.{name}.max_queue_wait_ms"),
+            wait,
+            600_000,
+            " (10 minutes)",
+        )?;
         let set = compile_allow_list(&format!("tiers.{name}.models"), &tier.models, &catalog)?;
         tier_sets.insert(name.as_str(), allow_sets.len());
         allow_sets.push(set);
@@ -83,12 +83,12 @@ pub(super) fn policy(
                 allow_sets.len() - 1
             }
         };
-        if rt.keys.is_empty() {
-            return Err(ConfigError::at(
-                format!("{at}.keys"),
-                "a tenant needs at least one key",
-            ));
-        }
+        let has_keys = !rt.keys.is_empty();
+        require(
+            has_keys,
+            format!("{at}.keys"),
+            "a tenant needs at least one key",
+        )?;
         let mut key_ids = Vec::with_capacity(rt.keys.len());
         for (k, key) in rt.keys.iter().enumerate() {
             check_name(&format!("{at}.keys[{k}].id"), &key.id)?;
@@ -130,12 +130,8 @@ pub(super) fn policy(
                 format!("unknown tier `{}`", rt.tier),
             ));
         };
-        if rt.max_queue_length == 0 || rt.max_queue_length > 4096 {
-            return Err(ConfigError::at(
-                format!("{at}.max_queue_length"),
-                "must be between 1 and 4096",
-            ));
-        }
+        let queue_length = u64::from(rt.max_queue_length);
+        within(format!("{at}.max_queue_length"), queue_length, 4096, "")?;
         tenants.push(Tenant {
             id: rt.id.clone(),
             tier: rt.tier.clone(),
@@ -152,12 +148,8 @@ pub(super) fn policy(
         });
     }
 
-    if raw.default_max_output_tokens == 0 || raw.default_max_output_tokens > 10_000_000 {
-        return Err(ConfigError::at(
-            "default_max_output_tokens",
-            "must be between 1 and 10000000",
-        ));
-    }
+    let output_tokens = raw.default_max_output_tokens;
+    within("default_max_output_tokens", output_tokens, 10_000_000, "")?;
     Ok(Policy {
         max_body_bytes: raw.max_body_bytes,
         default_max_output_tokens: raw.default_max_output_tokens,
@@ -173,12 +165,11 @@ fn compile_providers(
     raw: &[RawProvider],
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Vec<Provider>, ConfigError> {
-    if raw.is_empty() {
-        return Err(ConfigError::at(
-            "providers",
-            "at least one provider is required",
-        ));
-    }
+    require(
+        !raw.is_empty(),
+        "providers",
+        "at least one provider is required",
+    )?;
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity(raw.len());
     for (i, p) in raw.iter().enumerate() {
@@ -191,12 +182,11 @@ fn compile_providers(
             ));
         }
         check_header_value(&format!("{at}.cluster"), &p.cluster)?;
-        if p.cluster.is_empty() {
-            return Err(ConfigError::at(
-                format!("{at}.cluster"),
-                "must not be empty",
-            ));
-        }
+        require(
+            !p.cluster.is_empty(),
+            format!("{at}.cluster"),
+            "must not be empty",
+        )?;
         let prefix = &p.path_prefix;
         if !prefix.is_empty() && (!prefix.starts_with('/') || prefix.ends_with('/')) {
             return Err(ConfigError::at(
@@ -274,7 +264,10 @@ fn compile_providers(
         }
         out.push(Provider {
             limits,
-            max_in_flight: p.max_in_flight,
+            queue: p.max_in_flight.map(|capacity| QueueSpec {
+                key: keys::queue(&p.name),
+                capacity,
+            }),
             name: p.name.clone(),
             api,
             cluster: p.cluster.clone(),
@@ -290,9 +283,7 @@ fn compile_models(
     raw: &[RawModel],
     provider_ids: &HashMap<&str, ProviderId>,
 ) -> Result<ModelCatalog, ConfigError> {
-    if raw.is_empty() {
-        return Err(ConfigError::at("models", "at least one model is required"));
-    }
+    require(!raw.is_empty(), "models", "at least one model is required")?;
     let mut catalog = ModelCatalog::default();
     for (i, m) in raw.iter().enumerate() {
         let at = format!("models[{i}]");
@@ -304,12 +295,12 @@ fn compile_models(
                 "a model name cannot be a pattern; put patterns in `aliases`",
             ));
         }
-        if m.providers.is_empty() {
-            return Err(ConfigError::at(
-                format!("{at}.providers"),
-                "at least one provider is required",
-            ));
-        }
+        let served = !m.providers.is_empty();
+        require(
+            served,
+            format!("{at}.providers"),
+            "at least one provider is required",
+        )?;
         let mut providers = Vec::with_capacity(m.providers.len());
         for (j, p) in m.providers.iter().enumerate() {
             let Some(&id) = provider_ids.get(p.as_str()) else {
@@ -461,6 +452,21 @@ fn compile_allow_list(
         }
     }
     Ok(allowed)
+}
+
+/// `Err` at `at` with `message` unless `ok`.
+fn require(ok: bool, at: impl Into<String>, message: &str) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::at(at, message))
+    }
+}
+
+/// `value` must be between 1 and `max`; `note` explains `max` in the message.
+fn within(at: impl Into<String>, value: u64, max: u64, note: &str) -> Result<(), ConfigError> {
+    let ok = (1..=max).contains(&value);
+    require(ok, at, &format!("must be between 1 and {max}{note}"))
 }
 
 /// The id of entry `at`; a table past `u32::MAX` entries cannot be addressed.

@@ -43,22 +43,16 @@ fn default_max_output_tokens() -> u64 {
 /// Limits of a tier, a tenant (overriding its tier field by field) or a tenant+model.
 /// An absent field means no limit (or, in an override, the tier's value).
 #[derive(Debug, Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct RawLimits {
-    #[serde(default)]
     pub requests_per_minute: Option<u64>,
-    #[serde(default)]
     pub tokens_per_minute: Option<u64>,
     /// Bucket capacity = rate x burst (default 1.0: at most one minute's worth at once).
-    #[serde(default)]
     pub burst: Option<f64>,
-    #[serde(default)]
     pub concurrent_requests: Option<u64>,
     /// Per calendar month (UTC), input + output tokens.
-    #[serde(default)]
     pub monthly_tokens: Option<u64>,
     /// Per calendar month (UTC), priced from the model table.
-    #[serde(default)]
     pub monthly_budget_usd: Option<f64>,
 }
 

@@ -11,11 +11,10 @@
 //! (u64 LE, ms since the Unix epoch).
 
 use super::Snapshot;
-use crate::shared::codec::{self, Writer};
+use crate::shared::codec::fixed_value;
 use crate::shared::keys::tag;
 
 pub(crate) const PARTS_PER_UNIT: i64 = 60_000;
-const LEN: usize = 18;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Bucket {
@@ -46,21 +45,7 @@ fn ceil_div(numerator: i128, denominator: u64) -> u64 {
     u64::try_from(ms).unwrap_or(u64::MAX)
 }
 
-impl BucketState {
-    pub(crate) fn decode(value: &[u8]) -> Option<Self> {
-        codec::decode(value, tag::RATE, |r| {
-            Some(BucketState {
-                level: r.i64()?,
-                last_ms: r.u64()?,
-            })
-        })
-    }
-
-    pub(crate) fn encode(&self) -> Vec<u8> {
-        let value = Writer::new(tag::RATE, LEN).i64(self.level);
-        value.u64(self.last_ms).finish()
-    }
-}
+fixed_value!(BucketState, tag::RATE, { level: i64, last_ms: u64 });
 
 impl Bucket {
     pub(crate) fn new(per_minute: u64, burst_milli: u64) -> Self {
@@ -177,7 +162,7 @@ mod tests {
             last_ms: 1_769_904_000_000,
         };
         assert_eq!(BucketState::decode(&state.encode()), Some(state));
-        assert_eq!(state.encode().len(), LEN);
+        assert_eq!(state.encode().len(), 18, "the documented length");
         let bucket = Bucket::new(60, 1000);
         assert_eq!(bucket.current(Some(b"garbage"), 5), at(60, 5));
         assert_eq!(bucket.current(None, 5), at(60, 5));

@@ -7,11 +7,10 @@
 
 use super::calendar::{month_index, month_start_ms};
 use super::Snapshot;
-use crate::shared::codec::{self, Writer};
+use crate::shared::codec::{self, fixed_value, Writer};
 use crate::shared::keys::tag;
 
 const SLOTS_LEN: usize = 10;
-const MONTH_LEN: usize = 14;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Slots {
@@ -56,21 +55,7 @@ pub(crate) struct MonthTotal {
     pub(crate) total: u64,
 }
 
-impl MonthTotal {
-    fn decode(value: &[u8]) -> Option<Self> {
-        codec::decode(value, tag::MONTH, |r| {
-            Some(MonthTotal {
-                month: r.u32()?,
-                total: r.u64()?,
-            })
-        })
-    }
-
-    pub(crate) fn encode(&self) -> Vec<u8> {
-        let value = Writer::new(tag::MONTH, MONTH_LEN).u32(self.month);
-        value.u64(self.total).finish()
-    }
-}
+fixed_value!(MonthTotal, tag::MONTH, { month: u32, total: u64 });
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Quota {

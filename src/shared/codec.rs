@@ -39,26 +39,6 @@ impl Reader<'_> {
         Some(*head)
     }
 
-    pub(crate) fn u8(&mut self) -> Option<u8> {
-        self.bytes::<1>().map(|[b]| b)
-    }
-
-    pub(crate) fn u16(&mut self) -> Option<u16> {
-        self.bytes().map(u16::from_le_bytes)
-    }
-
-    pub(crate) fn u32(&mut self) -> Option<u32> {
-        self.bytes().map(u32::from_le_bytes)
-    }
-
-    pub(crate) fn u64(&mut self) -> Option<u64> {
-        self.bytes().map(u64::from_le_bytes)
-    }
-
-    pub(crate) fn i64(&mut self) -> Option<i64> {
-        self.bytes().map(i64::from_le_bytes)
-    }
-
     /// Capacity for `n` items of `size` bytes, never more than the bytes left allow (a
     /// corrupt count must not allocate much).
     pub(crate) fn room(&self, n: u16, size: usize) -> usize {
@@ -80,35 +60,52 @@ impl Writer {
         Writer { out }
     }
 
-    pub(crate) fn u8(mut self, v: u8) -> Self {
-        self.out.push(v);
-        self
-    }
-
-    pub(crate) fn u16(mut self, v: u16) -> Self {
-        self.out.extend_from_slice(&v.to_le_bytes());
-        self
-    }
-
-    pub(crate) fn u32(mut self, v: u32) -> Self {
-        self.out.extend_from_slice(&v.to_le_bytes());
-        self
-    }
-
-    pub(crate) fn u64(mut self, v: u64) -> Self {
-        self.out.extend_from_slice(&v.to_le_bytes());
-        self
-    }
-
-    pub(crate) fn i64(mut self, v: i64) -> Self {
-        self.out.extend_from_slice(&v.to_le_bytes());
-        self
-    }
-
     pub(crate) fn finish(self) -> Vec<u8> {
         self.out
     }
 }
+
+/// Reading and writing one little-endian field of each integer type, named after it.
+macro_rules! fields {
+    ($($ty:ident),*) => {
+        impl Reader<'_> {
+            $(pub(crate) fn $ty(&mut self) -> Option<$ty> {
+                self.bytes().map($ty::from_le_bytes)
+            })*
+        }
+
+        impl Writer {
+            $(pub(crate) fn $ty(mut self, value: $ty) -> Self {
+                self.out.extend_from_slice(&value.to_le_bytes());
+                self
+            })*
+        }
+    };
+}
+
+fields!(u8, u16, u32, u64, i64);
+
+/// Gives a struct of integer fields `decode` and `encode` in this format: the `tag`, then
+/// the listed fields in order (the length is exact).
+macro_rules! fixed_value {
+    ($name:ident, $tag:expr, { $($field:ident: $ty:ident),* $(,)? }) => {
+        impl $name {
+            pub(crate) fn decode(value: &[u8]) -> Option<Self> {
+                $crate::shared::codec::decode(value, $tag, |r| {
+                    Some($name { $($field: r.$ty()?),* })
+                })
+            }
+
+            pub(crate) fn encode(&self) -> Vec<u8> {
+                let len = 2 $(+ std::mem::size_of::<$ty>())*;
+                $crate::shared::codec::Writer::new($tag, len)
+                    $(.$ty(self.$field))*
+                    .finish()
+            }
+        }
+    };
+}
+pub(crate) use fixed_value;
 
 #[cfg(test)]
 mod tests {

@@ -19,10 +19,7 @@ mod sse;
 #[cfg(test)]
 mod tests;
 
-pub use estimate::{
-    estimate_prompt_tokens, estimate_prompt_tokens_for, estimate_tokens_from_chars, Content, Input,
-    Messages, PromptParts, TextOnly,
-};
+pub use estimate::estimate_tokens_from_chars;
 pub use meter::UsageMeter;
 
 /// Largest token count accepted from a provider; larger values are clamped and flagged.

@@ -1,0 +1,292 @@
+//! One HTTP stream: Envoy's callbacks in, the [`Exchange`]'s steps out.
+
+use super::metrics::NoMetrics;
+use super::store::SharedData;
+use super::{log, now_ms, run_queue_actions, send_reply, Configured};
+use crate::headers::RequestHeaders;
+use crate::lifecycle::{BodyEnv, Exchange, Next, Step};
+use crate::usage::Passthrough;
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
+
+/// Filter-state key of the usage record; the access log reads it as
+/// `filter_state['wasm.sluice_usage']` in a `%CEL(...)%` command.
+const USAGE_PROPERTY: &str = "sluice_usage";
+
+pub(super) struct SluiceHttp {
+    context_id: u32,
+    /// `None` only if Envoy created a stream without a successful configure; refuse all.
+    configured: Option<Configured>,
+    exchange: Exchange,
+    /// Test builds only: the callback in which to trap (`x-sluice-test-trap`).
+    #[cfg(feature = "test-trap")]
+    trap_at: Option<Vec<u8>>,
+}
+
+/// Test builds only: traps the VM (as a bug would) when the request asked for it here.
+#[cfg(feature = "test-trap")]
+fn trap_if(trap_at: &Option<Vec<u8>>, phase: &[u8]) {
+    if trap_at.as_deref() == Some(phase) {
+        log(
+            LogLevel::Warn,
+            "sluice test-trap: trapping the VM on request",
+        );
+        core::arch::wasm32::unreachable();
+    }
+}
+
+/// Applies a step's request edits: removals, the body, then the headers to set.
+fn apply_edits(step: &Step, body_size: usize) -> Result<(), String> {
+    for name in &step.remove {
+        hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None)
+            .map_err(|s| format!("remove header {name}: {s:?}"))?;
+    }
+    if let Some(body) = &step.body {
+        hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body_size, body)
+            .map_err(|s| format!("replace body: {s:?}"))?;
+    }
+    for (name, value) in &step.set {
+        hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value))
+            .map_err(|s| format!("set header {name}: {s:?}"))?;
+    }
+    Ok(())
+}
+
+impl SluiceHttp {
+    pub(super) fn new(context_id: u32, configured: Option<Configured>) -> Self {
+        SluiceHttp {
+            context_id,
+            configured,
+            exchange: Exchange::new(),
+            #[cfg(feature = "test-trap")]
+            trap_at: None,
+        }
+    }
+
+    /// This worker's id in providers' queues (0 when no provider has a capacity).
+    fn worker(&self) -> u32 {
+        self.configured
+            .as_ref()
+            .and_then(|c| c.queue.as_ref())
+            .and_then(|q| q.try_borrow().ok().map(|q| q.worker()))
+            .unwrap_or(0)
+    }
+
+    /// Carries out a step: the edits, then what comes next.
+    fn apply(&mut self, step: Step, body_size: usize) -> Action {
+        if let Err(what) = apply_edits(&step, body_size) {
+            return self.fail(&what);
+        }
+        if let Some(c) = self.configured.as_ref().filter(|c| c.debug && step.routed) {
+            if let Some(line) = self.exchange.describe_route(&c.policy) {
+                log(LogLevel::Debug, &line);
+            }
+        }
+        match step.next {
+            Next::Continue => Action::Continue,
+            Next::Pause => Action::Pause,
+            Next::Wait(waiter) => {
+                // This worker resumes it when it wins a slot, or answers it in time.
+                let queue = self.configured.as_ref().and_then(|c| c.queue.as_ref());
+                let registered = match queue.map(|q| q.try_borrow_mut()) {
+                    Some(Ok(mut q)) => {
+                        q.add(waiter);
+                        true
+                    }
+                    _ => false,
+                };
+                if registered {
+                    Action::Pause
+                } else {
+                    self.fail("register the waiting request")
+                }
+            }
+            Next::Reply(reply) => {
+                send_reply(&reply);
+                Action::Pause
+            }
+        }
+    }
+
+    /// A host call failed mid-edit: answer 500 instead of sending the request upstream
+    /// half-rewritten.
+    fn fail(&mut self, what: &str) -> Action {
+        log(
+            LogLevel::Error,
+            &format!("sluice: host call failed ({what}); answering 500"),
+        );
+        let failed = self.exchange.fail(&SharedData, now_ms());
+        for failure in &failed.settle_failures {
+            log(
+                LogLevel::Warn,
+                &format!("sluice: could not settle limit {failure}"),
+            );
+        }
+        send_reply(&failed.reply);
+        Action::Pause
+    }
+}
+
+impl Context for SluiceHttp {}
+
+impl HttpContext for SluiceHttp {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let Some(policy) = self.configured.as_ref().map(|c| c.policy.clone()) else {
+            return self.fail("no configuration");
+        };
+        let pairs = match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
+            Ok(pairs) => pairs,
+            Err(s) => return self.fail(&format!("read headers: {s:?}")),
+        };
+        let headers = RequestHeaders::from_pairs(pairs);
+        #[cfg(feature = "test-trap")]
+        {
+            self.trap_at = headers.get("x-sluice-test-trap").map(<[u8]>::to_vec);
+            trap_if(&self.trap_at, b"request-headers");
+        }
+        let step = self
+            .exchange
+            .on_request_headers(&policy, &headers, end_of_stream);
+        self.apply(step, 0)
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Some(policy) = self.configured.as_ref().map(|c| c.policy.clone()) else {
+            return self.fail("no configuration");
+        };
+        #[cfg(feature = "test-trap")]
+        trap_if(&self.trap_at, b"request-body");
+        let read = || match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
+            Ok(Some(bytes)) => Some(bytes),
+            Ok(None) => Some(Vec::new()),
+            Err(_) => None,
+        };
+        let env = BodyEnv {
+            store: &SharedData,
+            now_ms: now_ms(),
+            worker: self.worker(),
+            context: self.context_id,
+        };
+        let step = self
+            .exchange
+            .on_request_body(&policy, &env, body_size, end_of_stream, read);
+        self.apply(step, body_size)
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let header = |name: &str| {
+            hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
+                .ok()
+                .flatten()
+                .and_then(|v| String::from_utf8(v).ok())
+        };
+        let status = header(":status")
+            .and_then(|s| s.parse::<u16>().ok())
+            .unwrap_or(0);
+        let content_type = header("content-type");
+        let edits = self.exchange.on_response_headers(
+            status,
+            content_type.as_deref(),
+            end_of_stream,
+            now_ms(),
+        );
+        if edits.remove_content_length {
+            // The body will lose the injected usage chunk: its length is no longer known.
+            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, "content-length", None);
+        }
+        for (name, value) in &edits.set {
+            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        #[cfg(feature = "test-trap")]
+        trap_if(&self.trap_at, b"response-body");
+        if !self.exchange.meters_response() {
+            return Action::Continue;
+        }
+        let chunk = match hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size) {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => Vec::new(),
+            Err(s) => {
+                log(
+                    LogLevel::Warn,
+                    &format!("sluice: cannot read response body: {s:?}"),
+                );
+                return Action::Continue;
+            }
+        };
+        if let Passthrough::Replace(out) =
+            self.exchange
+                .on_response_body(&chunk, end_of_stream, now_ms())
+        {
+            if let Err(s) = hostcalls::set_buffer(BufferType::HttpResponseBody, 0, body_size, &out)
+            {
+                log(
+                    LogLevel::Error,
+                    &format!("sluice: cannot rewrite response body: {s:?}"),
+                );
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        let Some(c) = self.configured.clone() else {
+            return;
+        };
+        // One host call fewer for the usual request: only an unfinished stream needs it.
+        let details = if self.exchange.needs_end_details() {
+            hostcalls::get_property(vec!["response", "code_details"])
+                .ok()
+                .flatten()
+                .and_then(|v| String::from_utf8(v).ok())
+        } else {
+            None
+        };
+        if let Some(Ok(mut q)) = c.queue.as_ref().map(|q| q.try_borrow_mut()) {
+            q.forget(self.context_id);
+        }
+        let (store, details, now) = (&SharedData, details.as_deref(), now_ms());
+        // Never lose the record or the settlement: count without metrics if must be.
+        let finished = match c.metrics.try_borrow_mut() {
+            Ok(mut m) => self
+                .exchange
+                .finish(&c.policy, store, details, now, &mut *m),
+            Err(_) => self
+                .exchange
+                .finish(&c.policy, store, details, now, &mut NoMetrics),
+        };
+        let Some(done) = finished else {
+            return;
+        };
+        // The record first: claiming below switches the effective context to other streams.
+        if let Err(s) = hostcalls::set_property(vec![USAGE_PROPERTY], Some(done.record.as_bytes()))
+        {
+            log(
+                LogLevel::Warn,
+                &format!("sluice: cannot store the usage record: {s:?}"),
+            );
+        }
+        for failure in &done.settle_failures {
+            log(
+                LogLevel::Warn,
+                &format!("sluice: could not settle limit {failure}"),
+            );
+        }
+        if c.debug {
+            log(LogLevel::Debug, &format!("sluice: usage {}", done.record));
+        }
+        if done.released_slot {
+            // A provider slot just freed: let this worker's waiters claim it now.
+            let actions = match c.queue.as_ref().map(|q| q.try_borrow_mut()) {
+                Some(Ok(mut q)) => q.claim(&SharedData, now_ms()),
+                _ => Vec::new(),
+            };
+            run_queue_actions(actions);
+            let _ = hostcalls::set_effective_context(self.context_id);
+        }
+    }
+}

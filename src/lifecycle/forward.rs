@@ -1,0 +1,179 @@
+//! Routing an authenticated request by its body: parse it, resolve the model, check the
+//! tenant may use it, pick the provider, plan the upstream edits (path, authority,
+//! credential, model name, usage option), then admit it against every limit in one
+//! decision. Bad input is refused before any limit is touched.
+
+use super::{Admitted, BodyEnv, Caller, Known, Route, Step};
+use crate::accounting::cost_micro_usd;
+use crate::admission::{self, Parties, Reservation};
+use crate::body::{inject_include_usage, parse_request, replace_model, replace_model_reserialized};
+use crate::errors::{ApiError, ApiFlavour, ErrorKind};
+use crate::headers::CLUSTER_HEADER;
+use crate::policy::{Policy, Provider};
+use crate::routing::{upstream_path, Api};
+use crate::usage::TokenUsage;
+
+/// A request ready to go upstream: what it holds, the edits that send it, and its
+/// provider (whose queue it enters if the provider has a capacity).
+pub(super) struct Forwarding<'p> {
+    pub(super) admitted: Admitted,
+    pub(super) ratelimit_headers: Vec<(String, String)>,
+    pub(super) step: Step,
+    pub(super) provider: &'p Provider,
+}
+
+/// Why the request is refused, and what was known by then.
+pub(super) struct Refused {
+    pub(super) error: ApiError,
+    pub(super) known: Known,
+}
+
+pub(super) fn route<'p>(
+    policy: &'p Policy,
+    env: &BodyEnv,
+    caller: Caller,
+    query: &str,
+    raw: &[u8],
+) -> Result<Forwarding<'p>, Refused> {
+    let refused = |known| move |error| Refused { error, known };
+    let fields = parse_request(raw).map_err(refused(Known::Request(caller)))?;
+    let model_id = policy
+        .catalog
+        .resolve(&fields.model)
+        .ok_or_else(|| model_not_found(&fields.model))
+        .map_err(refused(Known::Request(caller)))?;
+    let refused = refused(Known::Model(caller, model_id));
+    let model = policy
+        .model(model_id)
+        .ok_or_else(|| ApiError::new(ErrorKind::Internal, "model table out of range"))
+        .map_err(refused)?;
+    let tenant = caller.owner.tenant;
+    if !policy.may_use(tenant, model_id) {
+        let name = policy.tenant(tenant).map_or("?", |t| t.id.as_str());
+        let message = format!(
+            "Tenant `{name}` is not allowed to use the model `{}`.",
+            model.name
+        );
+        let error = ApiError::new(ErrorKind::ModelNotAllowed, message).with_param("model");
+        return Err(refused(error));
+    }
+    let api = caller.api;
+    let (provider_id, provider) = policy
+        .provider_for(model_id, api.flavour())
+        .ok_or_else(|| not_served(&model.name, api))
+        .map_err(refused)?;
+
+    // The upstream edits first: a body that cannot be rewritten is bad input, refused
+    // before any limit is touched.
+    let mut body: Option<Vec<u8>> = None;
+    if fields.model != model.upstream_name {
+        let rewritten = replace_model(raw, &model.upstream_name)
+            .or_else(|| replace_model_reserialized(raw, &model.upstream_name))
+            .ok_or_else(unrewritable_body)
+            .map_err(refused)?;
+        body = Some(rewritten);
+    }
+    // Meter every chat stream: ask for the usage chunk, strip it on the way back.
+    let injected_usage = api == Api::ChatCompletions && fields.stream && !fields.include_usage;
+    if injected_usage {
+        let current = body.as_deref().unwrap_or(raw);
+        body = Some(
+            inject_include_usage(current)
+                .ok_or_else(unrewritable_body)
+                .map_err(refused)?,
+        );
+    }
+    let mut step = Step {
+        remove: vec!["authorization".into(), "x-api-key".into()],
+        ..Step::default()
+    };
+    if let Some(b) = &body {
+        step.set
+            .push(("content-length".into(), b.len().to_string()));
+    }
+    step.body = body;
+    step.set.push((
+        ":path".into(),
+        upstream_path(provider, api.upstream_suffix(), query),
+    ));
+    if let Some(authority) = &provider.authority {
+        step.set.push((":authority".into(), authority.clone()));
+    }
+    step.set
+        .push((CLUSTER_HEADER.into(), provider.cluster.clone()));
+    step.set.push((
+        provider.credential.header().to_string(),
+        provider.credential.value().to_string(),
+    ));
+
+    // Reserve what the request may use, in one decision over every limit.
+    let prompt_estimate = fields.prompt.tokens(api);
+    let output_cap = match api {
+        Api::Embeddings => 0,
+        _ => fields
+            .max_output_tokens
+            .unwrap_or(policy.default_max_output_tokens),
+    };
+    let expected = TokenUsage {
+        input_tokens: prompt_estimate,
+        output_tokens: output_cap,
+        ..TokenUsage::default()
+    };
+    let reservation = Reservation {
+        tokens: expected.total(),
+        cost_micro_usd: cost_micro_usd(&expected, &model.price),
+    };
+    let parties = Parties {
+        tenant,
+        model: model_id,
+        provider: provider_id,
+    };
+    let flavour = api.flavour();
+    let admitted = admission::admit(policy, env.store, parties, reservation, flavour, env.now_ms)
+        .map_err(refused)?;
+    Ok(Forwarding {
+        admitted: Admitted {
+            caller,
+            route: Route {
+                model: model_id,
+                provider: provider_id,
+                stream: fields.stream,
+                injected_usage,
+                prompt_estimate,
+            },
+            held: admitted.held,
+        },
+        ratelimit_headers: admitted.headers,
+        step,
+        provider,
+    })
+}
+
+pub(super) fn model_not_found(name: &str) -> ApiError {
+    ApiError::new(
+        ErrorKind::ModelNotFound,
+        format!("The model `{name}` does not exist or you do not have access to it."),
+    )
+    .with_param("model")
+}
+
+fn not_served(model: &str, api: Api) -> ApiError {
+    let through = match api.flavour() {
+        ApiFlavour::OpenAi => "OpenAI",
+        ApiFlavour::Anthropic => "Anthropic Messages",
+    };
+    ApiError::new(
+        ErrorKind::ModelNotFound,
+        format!("The model `{model}` is not served through the {through} API on this gateway."),
+    )
+    .with_param("model")
+}
+
+/// The body passed `parse_request` but a rewrite needs a full JSON tree, which refuses it
+/// (an unpaired surrogate escape in a string the probe skipped): the client's input.
+fn unrewritable_body() -> ApiError {
+    ApiError::new(
+        ErrorKind::InvalidRequest,
+        "We could not parse the JSON body of your request: it contains an invalid string escape.",
+    )
+}

@@ -1,0 +1,719 @@
+//! One request's journey through the gateway, as a pure state machine whose stages carry
+//! the data that exists at that stage.
+//!
+//! The host layer feeds it what Envoy reports (headers, body, response chunks, the end of
+//! the stream) and carries out the [`Step`] it returns: header edits, a body replacement,
+//! and whether to continue, keep buffering, wait for a provider slot, or answer locally.
+//! Nothing here calls the host, so all of it runs natively.
+//!
+//! ```text
+//! Headers ──> AwaitingBody ──> Forwarded ──> Responding ──> Finished
+//!    │             │    └───> Queued ──┘ (resumed)             ^
+//!    └─────────────┴──────> Replied (the gateway answered) ────┘
+//! ```
+//!
+//! `finish` (Envoy's `on_log`, once per stream however it ended) decides how the request
+//! ended ([`ending`]), gives back what it held (limits, a provider slot or queue place),
+//! records the metrics and builds the usage record.
+
+mod ending;
+mod forward;
+mod models;
+pub mod queue;
+#[cfg(test)]
+mod tests;
+
+use crate::admission::Held;
+use crate::auth::{presented_key, KeyOwner};
+use crate::errors::{ApiError, ApiFlavour, ErrorKind, LocalReply};
+use crate::headers::RequestHeaders;
+use crate::metrics::{Metrics, Outcome};
+use crate::policy::{ModelId, Policy, ProviderId};
+use crate::routing::{split_path, Api, Endpoint};
+use crate::shared::Store;
+use crate::usage::{Passthrough, TokenUsage, UsageMeter};
+use ending::Claims;
+use queue::{Entered, Place, Slot, Wait, WaitState, Waiter};
+
+/// What the host must do after a callback.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Step {
+    /// Request headers to delete (all values), applied before `set`.
+    pub remove: Vec<String>,
+    /// Request headers to set (replacing any value).
+    pub set: Vec<(String, String)>,
+    /// Replaces the whole buffered request body.
+    pub body: Option<Vec<u8>>,
+    pub next: Next,
+    /// This step sends the request on to its provider (or into the provider's queue): the
+    /// host may log the route ([`Exchange::describe_route`]).
+    pub routed: bool,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub enum Next {
+    /// Let the request go on (to the next filter and the router).
+    #[default]
+    Continue,
+    /// Hold the request; for the headers callback this buffers the body.
+    Pause,
+    /// Hold the request until this worker's queue resumes or times out the [`Waiter`],
+    /// which the host hands to it.
+    Wait(Waiter),
+    /// Answer the client directly; the host sends it and then pauses for good.
+    Reply(LocalReply),
+}
+
+/// What the host hands to the request body callback.
+pub struct BodyEnv<'a> {
+    /// Limits and queues shared by all workers.
+    pub store: &'a dyn Store,
+    pub now_ms: u64,
+    /// This worker's id and this stream's context id: who owns a queued request.
+    pub worker: u32,
+    pub context: u32,
+}
+
+/// Who asks, through which API: known once the request headers pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub owner: KeyOwner,
+    pub api: Api,
+}
+
+/// What the gateway decided about a routed request (used by accounting and limits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub model: ModelId,
+    pub provider: ProviderId,
+    pub stream: bool,
+    /// The gateway added `stream_options.include_usage` and strips the usage chunk.
+    pub injected_usage: bool,
+    /// Prompt tokens estimated from the request body.
+    pub prompt_estimate: u64,
+}
+
+/// A request routed and admitted by every limit that applies: the limits it holds until
+/// the end, given back exactly once.
+#[derive(Debug)]
+struct Admitted {
+    caller: Caller,
+    route: Route,
+    held: Held,
+}
+
+/// Sent upstream: when, after how long a wait for the provider, holding which slot.
+#[derive(Debug)]
+struct Upstream {
+    admitted: Admitted,
+    /// The provider's in-flight slot, when the provider has a capacity.
+    slot: Option<Slot>,
+    sent_at_ms: u64,
+    /// How long the request waited for a full provider, when it had to.
+    waited_ms: Option<u64>,
+}
+
+/// What came back from upstream (or from Envoy on its behalf: 503, 504).
+struct UpstreamResponse {
+    status: u16,
+    /// Reads usage from a 2xx body.
+    meter: Option<UsageMeter>,
+    complete: bool,
+    headers_at_ms: u64,
+    first_byte_at_ms: Option<u64>,
+}
+
+/// What the gateway knew when it answered a request itself.
+#[derive(Debug, Clone, Copy)]
+enum Known {
+    /// Refused before the key was known.
+    Nobody,
+    /// Answered from the headers: the models endpoint, an unknown path, an empty body.
+    Tenant(KeyOwner),
+    /// Refused while reading the body, before its model was resolved.
+    Request(Caller),
+    /// Refused once its model was resolved (not allowed, not served, over a limit).
+    Model(Caller, ModelId),
+    /// Refused after routing and admission: the provider's queue is full, or the host
+    /// failed.
+    Routed(Caller, Route),
+}
+
+#[derive(Debug)]
+struct Replied {
+    status: u16,
+    /// Why the gateway refused the request; `None` for an answer (the models endpoint).
+    refusal: Option<&'static str>,
+    known: Known,
+    /// What a request refused after admission still holds, given back at the end.
+    claims: Claims,
+}
+
+/// The response's meter makes `Responding` the largest stage by far; the whole exchange
+/// already lives in one heap allocation per stream (its context), so it stays inline rather
+/// than costing each response another allocation.
+#[allow(clippy::large_enum_variant)]
+#[derive(Default)]
+enum Stage {
+    #[default]
+    Headers,
+    AwaitingBody {
+        caller: Caller,
+        /// The client's query string (`?` included), kept for the upstream path.
+        query: String,
+    },
+    /// Waiting for a slot of a full provider.
+    Queued {
+        admitted: Admitted,
+        wait: Wait,
+        ratelimit_headers: Vec<(String, String)>,
+    },
+    Forwarded {
+        upstream: Upstream,
+        /// Rate-limit headers for the response.
+        ratelimit_headers: Vec<(String, String)>,
+    },
+    Responding {
+        upstream: Upstream,
+        response: UpstreamResponse,
+    },
+    Replied(Replied),
+    /// `finish` ran: nothing more happens.
+    Finished,
+}
+
+/// One request, from its headers to the end of its stream.
+#[derive(Default)]
+pub struct Exchange {
+    /// The API dialect of the client (errors, headers), known from the path.
+    flavour: ApiFlavour,
+    /// The client's `x-request-id`, for the usage record.
+    request_id: Option<String>,
+    stage: Stage,
+}
+
+impl std::fmt::Debug for Exchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exchange")
+            .field("flavour", &self.flavour)
+            .field("owner", &self.owner())
+            .field("route", &self.route())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything `on_log` must hand to the host, once per request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    /// The usage record as one JSON line, for the access log.
+    pub record: String,
+    pub outcome: Outcome,
+    pub usage: TokenUsage,
+    pub estimated: bool,
+    /// Limit keys that could not be settled (logged by the host).
+    pub settle_failures: Vec<String>,
+    /// A provider slot was freed: the host should let its waiters claim it now.
+    pub released_slot: bool,
+}
+
+/// Changes to the response headers of a forwarded request.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ResponseEdits {
+    /// The body will be rewritten (usage chunk stripped): its length is no longer known.
+    pub remove_content_length: bool,
+    /// Rate-limit headers for the client.
+    pub set: Vec<(String, String)>,
+}
+
+/// The host failed mid-edit and the request is answered with a 500 instead.
+#[derive(Debug)]
+pub struct Failed {
+    pub reply: LocalReply,
+    /// Limit keys that could not be given back (logged by the host).
+    pub settle_failures: Vec<String>,
+}
+
+impl Exchange {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The API dialect of the client (errors, headers).
+    pub fn flavour(&self) -> ApiFlavour {
+        self.flavour
+    }
+
+    pub fn owner(&self) -> Option<KeyOwner> {
+        match &self.stage {
+            Stage::Headers | Stage::Finished => None,
+            Stage::AwaitingBody { caller, .. } => Some(caller.owner),
+            Stage::Queued { admitted, .. } => Some(admitted.caller.owner),
+            Stage::Forwarded { upstream, .. } | Stage::Responding { upstream, .. } => {
+                Some(upstream.admitted.caller.owner)
+            }
+            Stage::Replied(r) => r.known.owner(),
+        }
+    }
+
+    pub fn route(&self) -> Option<Route> {
+        self.routed().map(|(_, route)| route)
+    }
+
+    fn routed(&self) -> Option<(Caller, Route)> {
+        match &self.stage {
+            Stage::Queued { admitted, .. } => Some((admitted.caller, admitted.route)),
+            Stage::Forwarded { upstream, .. } | Stage::Responding { upstream, .. } => {
+                Some((upstream.admitted.caller, upstream.admitted.route))
+            }
+            Stage::Replied(Replied {
+                known: Known::Routed(caller, route),
+                ..
+            }) => Some((*caller, *route)),
+            _ => None,
+        }
+    }
+
+    /// True when `finish` needs Envoy's `response.code_details` to tell how the stream
+    /// ended (a client disconnect from an upstream failure): only while the request is
+    /// with a provider, or waiting for one, and its response did not complete.
+    pub fn needs_end_details(&self) -> bool {
+        match &self.stage {
+            Stage::Queued { wait, .. } => wait.state() == WaitState::Waiting,
+            Stage::Forwarded { .. } => true,
+            Stage::Responding { response, .. } => !response.complete,
+            _ => false,
+        }
+    }
+
+    /// True while response chunks must be read (a usage meter is running).
+    pub fn meters_response(&self) -> bool {
+        matches!(&self.stage, Stage::Responding { response, .. } if response.meter.is_some())
+    }
+
+    /// True once the gateway answered this request itself.
+    pub fn replied_locally(&self) -> bool {
+        matches!(self.stage, Stage::Replied(_))
+    }
+
+    /// Names and ids of a routed request, for a debug log line: keys and credentials
+    /// never appear.
+    pub fn describe_route(&self, policy: &Policy) -> Option<String> {
+        let (caller, route) = self.routed()?;
+        let owner = caller.owner;
+        let tenant = policy.tenant(owner.tenant);
+        Some(format!(
+            "sluice: routed tenant={} key={} model={} provider={} stream={} injected_usage={} prompt_estimate={}",
+            tenant.map_or("?", |t| t.id.as_str()),
+            tenant.and_then(|t| t.key_id(owner.key)).unwrap_or("?"),
+            policy.model(route.model).map_or("?", |m| m.name.as_str()),
+            policy.provider(route.provider).map_or("?", |p| p.name.as_str()),
+            route.stream,
+            route.injected_usage,
+            route.prompt_estimate,
+        ))
+    }
+
+    /// The gateway answers; `refusal` says why it refused, if it did.
+    fn answer(
+        &mut self,
+        mut step: Step,
+        reply: LocalReply,
+        refusal: Option<&'static str>,
+        known: Known,
+    ) -> Step {
+        self.stage = Stage::Replied(Replied {
+            status: reply.status,
+            refusal,
+            known,
+            claims: Claims::default(),
+        });
+        step.next = Next::Reply(reply);
+        step
+    }
+
+    fn refuse(&mut self, step: Step, err: ApiError, known: Known) -> Step {
+        let reply = err.reply(self.flavour);
+        self.answer(step, reply, Some(err.kind.reason()), known)
+    }
+
+    /// Refuses a request that was admitted: what it holds is given back at the end.
+    fn refuse_admitted(&mut self, err: ApiError, admitted: Admitted, place: Place) -> Step {
+        let (known, claims) = admitted.refused(place);
+        let step = self.refuse(Step::default(), err, known);
+        if let Stage::Replied(replied) = &mut self.stage {
+            replied.claims = claims;
+        }
+        step
+    }
+
+    pub fn on_request_headers(
+        &mut self,
+        policy: &Policy,
+        headers: &RequestHeaders,
+        end_of_stream: bool,
+    ) -> Step {
+        if !matches!(self.stage, Stage::Headers) {
+            return Step::default();
+        }
+        // Internal headers go first, whatever happens next: no client can pick a
+        // cluster or claim a tenant.
+        let step = Step {
+            remove: headers.internal_names(),
+            ..Step::default()
+        };
+
+        self.request_id = headers
+            .get_str("x-request-id")
+            .filter(|id| id.len() <= 128)
+            .map(str::to_string);
+        let full_path = headers.get_str(":path").unwrap_or("");
+        let (path, query) = split_path(full_path);
+        let endpoint = Endpoint::from_path(path);
+        self.flavour = match &endpoint {
+            Some(Endpoint::Models(_)) if headers.get("anthropic-version").is_some() => {
+                ApiFlavour::Anthropic
+            }
+            Some(e) => e.flavour(),
+            None => ApiFlavour::OpenAi,
+        };
+        let placement = endpoint
+            .as_ref()
+            .map(Endpoint::key_placement)
+            .unwrap_or(crate::auth::KeyPlacement::BearerOrApiKey);
+
+        let owner = match presented_key(headers, placement) {
+            Ok(key) => match policy.keys.lookup(key) {
+                Some(owner) => owner,
+                None => {
+                    let err =
+                        ApiError::new(ErrorKind::InvalidApiKey, "Incorrect API key provided.");
+                    return self.refuse(step, err, Known::Nobody);
+                }
+            },
+            Err(e) => return self.refuse(step, e, Known::Nobody),
+        };
+        let known = Known::Tenant(owner);
+
+        let method = headers.get_str(":method").unwrap_or("");
+        let Some(endpoint) = endpoint else {
+            let msg = format!("Invalid URL ({method} {path})");
+            return self.refuse(step, ApiError::new(ErrorKind::UnknownPath, msg), known);
+        };
+        if method != endpoint.method() {
+            let msg = format!(
+                "Method {method} is not allowed on {path}; use {}.",
+                endpoint.method()
+            );
+            let err = ApiError::new(ErrorKind::MethodNotAllowed, msg)
+                .with_header("allow", endpoint.method());
+            return self.refuse(step, err, known);
+        }
+        let api = match endpoint {
+            Endpoint::Api(api) => api,
+            Endpoint::Models(query) => {
+                let reply = models::reply(policy, owner, &query, self.flavour);
+                return self.answer(step, reply, None, known);
+            }
+        };
+
+        if end_of_stream {
+            let err = ApiError::new(
+                ErrorKind::InvalidRequest,
+                "The request body is empty; send a JSON object.",
+            );
+            return self.refuse(step, err, known);
+        }
+        let declared = headers
+            .get_str("content-length")
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|len| len > policy.max_body_bytes) {
+            return self.refuse(step, too_large(policy), known);
+        }
+        self.stage = Stage::AwaitingBody {
+            caller: Caller { owner, api },
+            query: query.to_string(),
+        };
+        Step {
+            next: Next::Pause,
+            ..step
+        }
+    }
+
+    /// `body_size` is Envoy's running total of buffered bytes; `read_body` fetches them.
+    pub fn on_request_body(
+        &mut self,
+        policy: &Policy,
+        env: &BodyEnv,
+        body_size: usize,
+        end_of_stream: bool,
+        read_body: impl FnOnce() -> Option<Vec<u8>>,
+    ) -> Step {
+        let Stage::AwaitingBody { caller, query } = &mut self.stage else {
+            return Step::default();
+        };
+        let caller = *caller;
+        if body_size as u64 > policy.max_body_bytes {
+            return self.refuse(Step::default(), too_large(policy), Known::Request(caller));
+        }
+        if !end_of_stream {
+            return Step {
+                next: Next::Pause,
+                ..Step::default()
+            };
+        }
+        let query = std::mem::take(query);
+        let Some(raw) = read_body() else {
+            let err = ApiError::new(
+                ErrorKind::Internal,
+                "The gateway could not read the request body.",
+            );
+            return self.refuse(Step::default(), err, Known::Request(caller));
+        };
+        let forwarding = match forward::route(policy, env, caller, &query, &raw) {
+            Ok(forwarding) => forwarding,
+            Err(refused) => return self.refuse(Step::default(), refused.error, refused.known),
+        };
+        let forward::Forwarding {
+            admitted,
+            ratelimit_headers,
+            mut step,
+            provider,
+        } = forwarding;
+        step.routed = true;
+        let Some(spec) = &provider.queue else {
+            self.stage = Stage::Forwarded {
+                upstream: Upstream {
+                    admitted,
+                    slot: None,
+                    sent_at_ms: env.now_ms,
+                    waited_ms: None,
+                },
+                ratelimit_headers,
+            };
+            return step;
+        };
+        let entered = policy
+            .tenant(caller.owner.tenant)
+            .ok_or_else(|| ApiError::new(ErrorKind::Internal, "queue for an unknown tenant"))
+            .and_then(|tenant| queue::enter(&provider.name, spec, tenant, env));
+        match entered {
+            Ok(Entered::Holding(slot)) => {
+                self.stage = Stage::Forwarded {
+                    upstream: Upstream {
+                        admitted,
+                        slot: Some(slot),
+                        sent_at_ms: env.now_ms,
+                        waited_ms: None,
+                    },
+                    ratelimit_headers,
+                };
+            }
+            Ok(Entered::Waiting(wait)) => {
+                step.next = Next::Wait(wait.waiter(self.flavour));
+                self.stage = Stage::Queued {
+                    admitted,
+                    wait,
+                    ratelimit_headers,
+                };
+            }
+            Err(err) => return self.refuse_admitted(err, admitted, Place::Nowhere),
+        }
+        step
+    }
+
+    /// Moves a request whose wait this worker's queue ended on: resumed requests are
+    /// forwarded; timed-out ones stay queued until `finish` records the timeout.
+    fn sync_wait(&mut self) {
+        self.stage = match std::mem::take(&mut self.stage) {
+            Stage::Queued {
+                admitted,
+                wait,
+                ratelimit_headers,
+            } => match wait.state() {
+                WaitState::Resumed { at_ms } => Stage::Forwarded {
+                    upstream: Upstream {
+                        admitted,
+                        sent_at_ms: at_ms,
+                        waited_ms: Some(at_ms.saturating_sub(wait.since_ms())),
+                        slot: Some(wait.into_slot()),
+                    },
+                    ratelimit_headers,
+                },
+                WaitState::Waiting | WaitState::TimedOut => Stage::Queued {
+                    admitted,
+                    wait,
+                    ratelimit_headers,
+                },
+            },
+            other => other,
+        };
+    }
+
+    /// Response headers of a forwarded request: what to change in them.
+    pub fn on_response_headers(
+        &mut self,
+        status: u16,
+        content_type: Option<&str>,
+        end_of_stream: bool,
+        now_ms: u64,
+    ) -> ResponseEdits {
+        self.sync_wait();
+        let (upstream, ratelimit_headers) = match std::mem::take(&mut self.stage) {
+            Stage::Forwarded {
+                upstream,
+                ratelimit_headers,
+            } => (upstream, ratelimit_headers),
+            // Not forwarded (a local reply also runs the response callbacks) or already
+            // responding: nothing changes.
+            other => {
+                self.stage = other;
+                return ResponseEdits::default();
+            }
+        };
+        let sse = content_type.is_some_and(|c| c.trim_start().starts_with("text/event-stream"));
+        let route = upstream.admitted.route;
+        let strip = route.injected_usage && sse;
+        let meter = (200..300).contains(&status).then(|| {
+            UsageMeter::new(
+                upstream.admitted.caller.api.response_shape(),
+                sse,
+                strip,
+                route.prompt_estimate,
+            )
+        });
+        self.stage = Stage::Responding {
+            upstream,
+            response: UpstreamResponse {
+                status,
+                meter,
+                complete: end_of_stream,
+                headers_at_ms: now_ms,
+                first_byte_at_ms: None,
+            },
+        };
+        ResponseEdits {
+            remove_content_length: strip,
+            set: ratelimit_headers,
+        }
+    }
+
+    /// One chunk of a forwarded response body; returns what the client gets instead.
+    pub fn on_response_body(
+        &mut self,
+        chunk: &[u8],
+        end_of_stream: bool,
+        now_ms: u64,
+    ) -> Passthrough {
+        let Stage::Responding { response, .. } = &mut self.stage else {
+            return Passthrough::Unchanged;
+        };
+        if response.first_byte_at_ms.is_none() && !chunk.is_empty() {
+            response.first_byte_at_ms = Some(now_ms);
+        }
+        if end_of_stream {
+            response.complete = true;
+        }
+        match response.meter.as_mut() {
+            Some(meter) => meter.feed(chunk, end_of_stream),
+            None => Passthrough::Unchanged,
+        }
+    }
+
+    /// The host could not carry out a step (a host call failed mid-edit): the request must
+    /// not go upstream half-rewritten. Gives back what it holds now and answers 500 in the
+    /// client's format.
+    pub fn fail(&mut self, store: &dyn Store, now_ms: u64) -> Failed {
+        let (known, claims) = match std::mem::take(&mut self.stage) {
+            Stage::Headers | Stage::Finished => (Known::Nobody, Claims::default()),
+            Stage::AwaitingBody { caller, .. } => (Known::Request(caller), Claims::default()),
+            Stage::Queued { admitted, wait, .. } => admitted.refused(Place::Waiting(wait)),
+            Stage::Forwarded { upstream, .. } | Stage::Responding { upstream, .. } => {
+                let place = upstream.slot.map_or(Place::Nowhere, Place::Holding);
+                upstream.admitted.refused(place)
+            }
+            Stage::Replied(replied) => (replied.known, replied.claims),
+        };
+        let settle_failures = claims.give_back(store, 0, 0, now_ms).failures;
+        let err = ApiError::new(
+            ErrorKind::Internal,
+            "The gateway failed to process the request.",
+        );
+        let reply = err.reply(self.flavour);
+        self.stage = Stage::Replied(Replied {
+            status: reply.status,
+            refusal: Some(err.kind.reason()),
+            known,
+            claims: Claims::default(),
+        });
+        Failed {
+            reply,
+            settle_failures,
+        }
+    }
+
+    /// The end of the stream, whatever ended it. Emits metrics and returns the usage
+    /// record exactly once; later calls return `None`. `details` is Envoy's
+    /// `response.code_details` (tells a client disconnect from an upstream failure).
+    pub fn finish(
+        &mut self,
+        policy: &Policy,
+        store: &dyn Store,
+        details: Option<&str>,
+        now_ms: u64,
+        metrics: &mut impl Metrics,
+    ) -> Option<Completion> {
+        self.sync_wait();
+        let client_left = details.is_some_and(|d| d.contains("downstream"));
+        let stage = std::mem::replace(&mut self.stage, Stage::Finished);
+        let (ending, claims) = ending::decide(stage, self.flavour, client_left, policy)?;
+        let given_back = claims.give_back(
+            store,
+            ending.usage.usage.total(),
+            ending.cost_micro_usd,
+            now_ms,
+        );
+        crate::metrics::record_ending(metrics, &ending);
+        let record = crate::accounting::usage_record(policy, self.request_id.as_deref(), &ending);
+        Some(Completion {
+            record,
+            outcome: ending.outcome,
+            usage: ending.usage.usage,
+            estimated: ending.usage.estimated,
+            settle_failures: given_back.failures,
+            released_slot: given_back.released_slot,
+        })
+    }
+}
+
+impl Admitted {
+    /// What is known of it and what it holds, once the gateway refuses it.
+    fn refused(self, place: Place) -> (Known, Claims) {
+        let claims = Claims {
+            held: self.held,
+            place,
+        };
+        (Known::Routed(self.caller, self.route), claims)
+    }
+}
+
+impl Known {
+    fn owner(&self) -> Option<KeyOwner> {
+        match self {
+            Known::Nobody => None,
+            Known::Tenant(owner) => Some(*owner),
+            Known::Request(caller) | Known::Model(caller, _) | Known::Routed(caller, _) => {
+                Some(caller.owner)
+            }
+        }
+    }
+}
+
+fn too_large(policy: &Policy) -> ApiError {
+    ApiError::new(
+        ErrorKind::PayloadTooLarge,
+        format!(
+            "The request body exceeds the limit of {} bytes.",
+            policy.max_body_bytes
+        ),
+    )
+}
