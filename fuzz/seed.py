@@ -2,8 +2,8 @@
 """Writes the seed corpora of the fuzz targets into fuzz/seeds/<target>/ (not committed).
 
 Sources: the plugin configurations embedded in envoy/**/*.yaml, hand-written request
-bodies plus the raw JSON request bodies in src/body.rs and src/usage/tests.rs, and the
-response bodies in tests/fixtures/usage/. Standard library only; deterministic output.
+bodies plus the raw JSON request bodies in src/body/*.rs (parsing, the prompt estimate,
+the rewrites), and the response bodies in tests/fixtures/usage/. Standard library only; deterministic output.
 """
 
 import hashlib
@@ -68,7 +68,7 @@ def config_seeds():
             n += 1
     if n < 2:
         sys.exit("seed.py: found fewer than 2 configurations in envoy/*.yaml")
-    # The base configuration of src/config.rs tests, and variants that use every field.
+    # The base configuration of src/config/tests.rs, and variants that use every field.
     base = {
         "providers": [
             {"name": "openai", "api": "openai", "cluster": "openai", "path_prefix": "/v1",
@@ -205,9 +205,12 @@ def request_seeds():
         write("request_body", f"{name}.json", json.dumps(body, ensure_ascii=False))
     for name, body in RAW_REQUESTS.items():
         write("request_body", f"{name}.json", body)
-    for src in [ROOT / "src" / "body.rs", ROOT / "src" / "usage" / "tests.rs"]:
+    sources = sorted((ROOT / "src" / "body").glob("*.rs"))
+    if not sources:
+        sys.exit("seed.py: no request bodies in src/body/*.rs")
+    for src in sources:
         for i, text in enumerate(raw_json_strings(src)):
-            write("request_body", f"{src.stem}_rs_{i}.json", text)
+            write("request_body", f"body_{src.stem}_rs_{i}.json", text)
 
 
 # --- usage -----------------------------------------------------------------------------

@@ -20,20 +20,22 @@ mod ending;
 mod forward;
 mod models;
 pub mod queue;
+mod stage;
 #[cfg(test)]
 mod tests;
 
-use crate::admission::Held;
 use crate::auth::{presented_key, KeyOwner};
 use crate::errors::{ApiError, ApiFlavour, ErrorKind, LocalReply};
 use crate::headers::RequestHeaders;
 use crate::metrics::{Metrics, Outcome};
-use crate::policy::{ModelId, Policy, ProviderId};
-use crate::routing::{split_path, Api, Endpoint};
+use crate::policy::Policy;
+use crate::routing::{split_path, Endpoint};
 use crate::shared::Store;
 use crate::usage::{Passthrough, TokenUsage, UsageMeter};
 use ending::Claims;
-use queue::{Entered, Place, Slot, Wait, WaitState, Waiter};
+use queue::{Entered, Place, WaitState, Waiter};
+use stage::{Admitted, Known, Replied, Stage, Upstream, UpstreamResponse};
+pub use stage::{Caller, Route};
 
 /// What the host must do after a callback.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -72,114 +74,6 @@ pub struct BodyEnv<'a> {
     /// This worker's id and this stream's context id: who owns a queued request.
     pub worker: u32,
     pub context: u32,
-}
-
-/// Who asks, through which API: known once the request headers pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Caller {
-    pub owner: KeyOwner,
-    pub api: Api,
-}
-
-/// What the gateway decided about a routed request (used by accounting and limits).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Route {
-    pub model: ModelId,
-    pub provider: ProviderId,
-    pub stream: bool,
-    /// The gateway added `stream_options.include_usage` and strips the usage chunk.
-    pub injected_usage: bool,
-    /// Prompt tokens estimated from the request body.
-    pub prompt_estimate: u64,
-}
-
-/// A request routed and admitted by every limit that applies: the limits it holds until
-/// the end, given back exactly once.
-#[derive(Debug)]
-struct Admitted {
-    caller: Caller,
-    route: Route,
-    held: Held,
-}
-
-/// Sent upstream: when, after how long a wait for the provider, holding which slot.
-#[derive(Debug)]
-struct Upstream {
-    admitted: Admitted,
-    /// The provider's in-flight slot, when the provider has a capacity.
-    slot: Option<Slot>,
-    sent_at_ms: u64,
-    /// How long the request waited for a full provider, when it had to.
-    waited_ms: Option<u64>,
-}
-
-/// What came back from upstream (or from Envoy on its behalf: 503, 504).
-struct UpstreamResponse {
-    status: u16,
-    /// Reads usage from a 2xx body.
-    meter: Option<UsageMeter>,
-    complete: bool,
-    headers_at_ms: u64,
-    first_byte_at_ms: Option<u64>,
-}
-
-/// What the gateway knew when it answered a request itself.
-#[derive(Debug, Clone, Copy)]
-enum Known {
-    /// Refused before the key was known.
-    Nobody,
-    /// Answered from the headers: the models endpoint, an unknown path, an empty body.
-    Tenant(KeyOwner),
-    /// Refused while reading the body, before its model was resolved.
-    Request(Caller),
-    /// Refused once its model was resolved (not allowed, not served, over a limit).
-    Model(Caller, ModelId),
-    /// Refused after routing and admission: the provider's queue is full, or the host
-    /// failed.
-    Routed(Caller, Route),
-}
-
-#[derive(Debug)]
-struct Replied {
-    status: u16,
-    /// Why the gateway refused the request; `None` for an answer (the models endpoint).
-    refusal: Option<&'static str>,
-    known: Known,
-    /// What a request refused after admission still holds, given back at the end.
-    claims: Claims,
-}
-
-/// The response's meter makes `Responding` the largest stage by far; the whole exchange
-/// already lives in one heap allocation per stream (its context), so it stays inline rather
-/// than costing each response another allocation.
-#[allow(clippy::large_enum_variant)]
-#[derive(Default)]
-enum Stage {
-    #[default]
-    Headers,
-    AwaitingBody {
-        caller: Caller,
-        /// The client's query string (`?` included), kept for the upstream path.
-        query: String,
-    },
-    /// Waiting for a slot of a full provider.
-    Queued {
-        admitted: Admitted,
-        wait: Wait,
-        ratelimit_headers: Vec<(String, String)>,
-    },
-    Forwarded {
-        upstream: Upstream,
-        /// Rate-limit headers for the response.
-        ratelimit_headers: Vec<(String, String)>,
-    },
-    Responding {
-        upstream: Upstream,
-        response: UpstreamResponse,
-    },
-    Replied(Replied),
-    /// `finish` ran: nothing more happens.
-    Finished,
 }
 
 /// One request, from its headers to the end of its stream.
@@ -313,36 +207,44 @@ impl Exchange {
         ))
     }
 
-    /// The gateway answers; `refusal` says why it refused, if it did.
-    fn answer(
+    /// The gateway answers with `reply`; `refusal` says why it refused, if it did, and
+    /// `claims` what the request still holds until its end.
+    fn replied(
         &mut self,
-        mut step: Step,
-        reply: LocalReply,
+        reply: &LocalReply,
         refusal: Option<&'static str>,
         known: Known,
-    ) -> Step {
+        claims: Claims,
+    ) {
         self.stage = Stage::Replied(Replied {
             status: reply.status,
             refusal,
             known,
-            claims: Claims::default(),
+            claims,
         });
+    }
+
+    /// Answers a request that holds nothing (the models endpoint).
+    fn answer(&mut self, mut step: Step, reply: LocalReply, known: Known) -> Step {
+        self.replied(&reply, None, known, Claims::default());
         step.next = Next::Reply(reply);
         step
     }
 
     fn refuse(&mut self, step: Step, err: ApiError, known: Known) -> Step {
-        let reply = err.reply(self.flavour);
-        self.answer(step, reply, Some(err.kind.reason()), known)
+        self.refuse_holding(step, err, known, Claims::default())
     }
 
-    /// Refuses a request that was admitted: what it holds is given back at the end.
-    fn refuse_admitted(&mut self, err: ApiError, admitted: Admitted, place: Place) -> Step {
-        let (known, claims) = admitted.refused(place);
-        let step = self.refuse(Step::default(), err, known);
-        if let Stage::Replied(replied) = &mut self.stage {
-            replied.claims = claims;
-        }
+    fn refuse_holding(
+        &mut self,
+        mut step: Step,
+        err: ApiError,
+        known: Known,
+        claims: Claims,
+    ) -> Step {
+        let reply = err.reply(self.flavour);
+        self.replied(&reply, Some(err.kind.reason()), known, claims);
+        step.next = Next::Reply(reply);
         step
     }
 
@@ -412,7 +314,7 @@ impl Exchange {
             Endpoint::Api(api) => api,
             Endpoint::Models(query) => {
                 let reply = models::reply(policy, owner, &query, self.flavour);
-                return self.answer(step, reply, None, known);
+                return self.answer(step, reply, known);
             }
         };
 
@@ -516,7 +418,11 @@ impl Exchange {
                     ratelimit_headers,
                 };
             }
-            Err(err) => return self.refuse_admitted(err, admitted, Place::Nowhere),
+            Err(err) => {
+                // Refused after admission: what it took is given back at the end.
+                let (known, claims) = admitted.refused(Place::Nowhere);
+                return self.refuse_holding(Step::default(), err, known, claims);
+            }
         }
         step
     }
@@ -639,12 +545,7 @@ impl Exchange {
             "The gateway failed to process the request.",
         );
         let reply = err.reply(self.flavour);
-        self.stage = Stage::Replied(Replied {
-            status: reply.status,
-            refusal: Some(err.kind.reason()),
-            known,
-            claims: Claims::default(),
-        });
+        self.replied(&reply, Some(err.kind.reason()), known, Claims::default());
         Failed {
             reply,
             settle_failures,
@@ -682,29 +583,6 @@ impl Exchange {
             settle_failures: given_back.failures,
             released_slot: given_back.released_slot,
         })
-    }
-}
-
-impl Admitted {
-    /// What is known of it and what it holds, once the gateway refuses it.
-    fn refused(self, place: Place) -> (Known, Claims) {
-        let claims = Claims {
-            held: self.held,
-            place,
-        };
-        (Known::Routed(self.caller, self.route), claims)
-    }
-}
-
-impl Known {
-    fn owner(&self) -> Option<KeyOwner> {
-        match self {
-            Known::Nobody => None,
-            Known::Tenant(owner) => Some(*owner),
-            Known::Request(caller) | Known::Model(caller, _) | Known::Routed(caller, _) => {
-                Some(caller.owner)
-            }
-        }
     }
 }
 
