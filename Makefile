@@ -99,6 +99,36 @@ bench-hostcalls: wasm envoy
 	@test -x .tools/bin/oha || cargo install oha --locked --root .tools
 	$(PYTHON) bench/hostcalls.py $(BENCH_OUT)
 
+# Before/after in one run (about 4 minutes, plus the builds): make bench-compare BASE=<git rev>.
+# Builds the wasm of revision BASE in a temporary worktree (its own target dir, target/bench-base,
+# so the current build is untouched), then runs (a), (c) and the ablation with (c0), that build,
+# interleaved with (c); results.md ends with CPU us/request and req/s current/baseline.
+# Writes bench/results/compare unless BENCH_OUT is given.
+BENCH_REPS ?= 3
+BENCH_BASE_DIR := target/bench-base
+BENCH_BASE_WASM := $(BENCH_BASE_DIR)/sluice-base.wasm
+ifneq ($(filter bench-compare,$(MAKECMDGOALS)),)
+  ifeq ($(BASE),)
+    $(error bench-compare needs BASE=<git revision>, e.g. make bench-compare BASE=HEAD~1)
+  endif
+  BASE_REV := $(shell git rev-parse --verify --quiet '$(BASE)^{commit}')
+  ifeq ($(BASE_REV),)
+    $(error bench-compare: BASE=$(BASE) is not a git revision)
+  endif
+endif
+.PHONY: bench-compare
+bench-compare: BENCH_OUT := $(if $(filter file,$(origin BENCH_OUT)),bench/results/compare,$(BENCH_OUT))
+bench-compare: wasm mock envoy
+	cargo build --release --target wasm32-wasip1 -p sluice-bench-noop
+	@test -x .tools/bin/oha || cargo install oha --locked --root .tools
+	set -e; tree=$$(mktemp -d /tmp/sluice-bench-base.XXXXXX); \
+	  trap 'git worktree remove --force "$$tree"; rm -rf "$$tree"; git worktree prune' EXIT; \
+	  git worktree add --detach "$$tree" $(BASE_REV); \
+	  (cd "$$tree" && CARGO_TARGET_DIR=$(abspath $(BENCH_BASE_DIR)) cargo build --release --target wasm32-wasip1 -p sluice); \
+	  cp $(BENCH_BASE_DIR)/wasm32-wasip1/release/sluice.wasm $(BENCH_BASE_WASM)
+	$(PYTHON) bench/run.py $(BENCH_OUT) --reps $(BENCH_REPS) --only-ablation --no-litellm --baseline-wasm $(BENCH_BASE_WASM) \
+	  --baseline-label "$(BASE) ($(shell git rev-parse --short $(BASE_REV)))"
+
 # Sluice's pure request path timed inside Envoy's V8 (a diagnostics build, never shipped).
 bench-vm: envoy
 	cargo build --release --target wasm32-wasip1 --features vm-bench --target-dir target/vm-bench

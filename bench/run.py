@@ -11,9 +11,16 @@ For each: saturation throughput, latency p50/p99/p99.9 at 25% and 50% of (a)'s s
 the gateway's CPU microseconds per request (from /proc, robust on a noisy machine) and
 peak memory. Several repetitions; medians with min-max spread; ratios against (a).
 
-Usage: run.py OUT_DIR [--reps N] [--seconds S] [--no-litellm]
+With --baseline-wasm PATH (make bench-compare), (c0) is (c) loading another build of Sluice,
+e.g. the previous revision: (c0) and (c) run side by side, their repetitions interleaved in
+alternating order (c0 c, c c0, ...) so that the machine's drift falls on both alike, and
+results.md reports CPU per request and saturation throughput current/baseline.
+
+Usage: run.py OUT_DIR [--reps N] [--seconds S] [--no-litellm] [--only-ablation]
+              [--baseline-wasm PATH [--baseline-label TEXT]]
 """
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -230,12 +237,13 @@ def noop_filter():
 """
 
 
-def sluice_yaml(tmp, listen, admin, upstream_port, access_log=True, limits=True):
-    """The demo configuration, pointed at the bench upstream, limits out of the way.
-    The ablation variants drop the access log (Envoy's work) and the limits (shared data)."""
+def sluice_yaml(tmp, listen, admin, upstream_port, access_log=True, limits=True, wasm=WASM):
+    """The demo configuration, pointed at the bench upstream, limits out of the way, loading
+    the Sluice build at `wasm`. The ablation variants drop the access log (Envoy's work) and
+    the limits (shared data)."""
     text = (ROOT / "envoy/demo.yaml").read_text()
     for old, new in [("port_value: 9901", f"port_value: {admin}"), ("port_value: 10000", f"port_value: {listen}"),
-                     ("filename: target/wasm32-wasip1/release/sluice.wasm", f"filename: {WASM}"),
+                     ("filename: target/wasm32-wasip1/release/sluice.wasm", f"filename: {wasm}"),
                      ("path: .run/access.log", f"path: {tmp}/access.log")]:
         assert text.count(old) == 1, old
         text = text.replace(old, new)
@@ -307,6 +315,31 @@ def measure(gateway, url, headers, seconds, reps, rates):
     return {"saturation": sat, "latency": lat, "peak_rss_kb": gateway.peak_rss_kb()}
 
 
+def measure_interleaved(gateways, headers, seconds, reps, rates):
+    """measure() for several gateways running side by side, repetition by repetition: each
+    repetition runs every gateway once, in an order rotated by one per repetition (for two:
+    A B, B A, A B, ...), so that a slow drift of the machine falls on all of them alike.
+    `gateways` maps a name to (gateway, url); returns name -> measure()'s result, plus the
+    order of each repetition."""
+    names = list(gateways)
+    results = {n: {"saturation": [], "latency": {label: [] for label in rates}} for n in names}
+    orders = []
+    for i in range(reps):
+        order = names[i % len(names):] + names[:i % len(names)]
+        orders.append(order)
+        for n in order:
+            gw, url = gateways[n]
+            results[n]["saturation"] += measure(gw, url, headers, seconds, 1, {})["saturation"]
+    for label, rate in rates.items():
+        for i in range(reps):
+            for n in orders[i]:
+                gw, url = gateways[n]
+                results[n]["latency"][label] += measure(gw, url, headers, seconds, 1, {label: rate})["latency"][label]
+    for n in names:
+        results[n]["peak_rss_kb"] = gateways[n][0].peak_rss_kb()
+    return results, orders
+
+
 def med(values):
     return statistics.median(values)
 
@@ -338,12 +371,24 @@ def main():
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--no-litellm", action="store_true")
     ap.add_argument("--only-ablation", action="store_true", help="(a), (c) and the ablation only")
+    ap.add_argument("--baseline-wasm", type=Path, metavar="PATH",
+                    help="also measure (c0): (c) loading this Sluice build, interleaved with (c), and compare")
+    ap.add_argument("--baseline-label", metavar="TEXT", help="what the baseline build is (default: its path)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for path, how in [(ENVOY, "run `make envoy`"), (WASM, "run `make wasm`"), (NOOP_WASM, "run `make bench`"),
                       (MOCK, "run `make mock`"), (OHA, "run `make bench` (installs oha)")]:
         need(path, how)
+    builds = None
+    if args.baseline_wasm:
+        args.baseline_wasm = args.baseline_wasm.resolve()
+        need(args.baseline_wasm, "build it (`make bench-compare BASE=<revision>` does)")
+        # Taken now, before the runs: what each of the two gateways will load.
+        builds = {"baseline": {"config": "c0_sluice_baseline", "wasm": str(args.baseline_wasm),
+                               "label": args.baseline_label or str(args.baseline_wasm),
+                               "sha256": sha256(args.baseline_wasm)},
+                  "current": {"config": "c_sluice", "wasm": str(WASM), "label": current_label(), "sha256": sha256(WASM)}}
     tmp = tempfile.mkdtemp(prefix="sluice-bench-")
     procs = []
     results = {"machine": machine(), "reps": args.reps, "seconds": args.seconds, "configs": {}}
@@ -359,6 +404,8 @@ def main():
             port, admin = free_port(), free_port()
             if kind == "sluice":
                 yaml = sluice_yaml(tmp, port, admin, upstream_port)
+            elif kind == "sluice-baseline":
+                yaml = sluice_yaml(tmp, port, admin, upstream_port, wasm=args.baseline_wasm)
             elif kind == "sluice-nolog":
                 yaml = sluice_yaml(tmp, port, admin, upstream_port, access_log=False)
             elif kind == "sluice-nolog-nolimits":
@@ -381,8 +428,22 @@ def main():
                 sat = probe["saturation"][0]["rps"]
                 rates = {"25%": max(int(sat * 0.25), 1), "50%": max(int(sat * 0.5), 1)}
                 results["rates"] = rates
-            print(f"bench: {name} ...", flush=True)
-            results["configs"][name] = measure(gw, url, auth, args.seconds, args.reps, rates)
+            if kind == "sluice" and args.baseline_wasm:
+                # (c0) and (c) side by side, repetitions interleaved; (c0) listed first.
+                base_gw, base_base = gateway("sluice-baseline", up_port)
+                print(f"bench: c0_sluice_baseline and {name}, interleaved ...", flush=True)
+                pair, orders = measure_interleaved(
+                    {"c0_sluice_baseline": (base_gw, f"{base_base}/v1/chat/completions"), name: (gw, url)},
+                    auth, args.seconds, args.reps, rates)
+                base_gw.stop()
+                results["configs"].update(pair)
+                results["compare"] = dict(builds, orders=orders)
+                for key in ("cpu_us_per_req", "rps"):
+                    results["compare"][f"{key}_ratio"] = (med([x[key] for x in pair[name]["saturation"]])
+                                                          / med([x[key] for x in pair["c0_sluice_baseline"]["saturation"]]))
+            else:
+                print(f"bench: {name} ...", flush=True)
+                results["configs"][name] = measure(gw, url, auth, args.seconds, args.reps, rates)
             gw.stop()
 
         # Ablation of (c): CPU per request without Envoy's access log, then without limits.
@@ -445,6 +506,47 @@ litellm_settings:
         proc.stop()
 
 
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def current_label():
+    """The working tree's revision, "+dirty" when it has changes (best effort)."""
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        rev = git("rev-parse", "--short", "HEAD").strip()
+        return f"working tree at {rev}" + ("+dirty" if git("status", "--porcelain", "--untracked-files=no").strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "working tree"
+
+
+def compare_lines(results):
+    """results.md's before/after section: (c0) baseline build vs (c) current build."""
+    c = results["compare"]
+    base = results["configs"][c["baseline"]["config"]]["saturation"]
+    cur = results["configs"][c["current"]["config"]]["saturation"]
+    rows = []
+    for label, key, fmt in (("CPU us/request", "cpu_us_per_req", ".1f"), ("saturation req/s", "rps", ".0f")):
+        b, k = [x[key] for x in base], [x[key] for x in cur]
+        # Repetition i of each ran back to back: the ratio of each such pair shows the noise.
+        paired = [y / x for x, y in zip(b, k)]
+        rows.append(f"| {label} | {med(b):{fmt}} [{min(b):{fmt}}-{max(b):{fmt}}] | {med(k):{fmt}} [{min(k):{fmt}}-{max(k):{fmt}}] | "
+                    f"**{med(k) / med(b):.3f}** | {med(paired):.3f} [{min(paired):.3f}-{max(paired):.3f}] |")
+    same = " (byte-identical builds)" if c["baseline"]["sha256"] == c["current"]["sha256"] else ""
+    return [
+        "",
+        f"Before/after, same run: (c0) c0_sluice_baseline = {c['baseline']['label']} "
+        f"(sha256 {c['baseline']['sha256'][:12]}) vs (c) c_sluice = {c['current']['label']} "
+        f"(sha256 {c['current']['sha256'][:12]}){same}. Both gateways up side by side, {results['reps']} saturation "
+        "repetitions interleaved in alternating order (" + ", ".join(
+            " ".join("c0" if n == c["baseline"]["config"] else "c" for n in o) for o in c["orders"]) + "); "
+        "medians with min-max. Ratio above 1 means the current build costs more CPU (or serves more req/s).",
+        "",
+        "| metric | baseline (c0) | current (c) | current / baseline (medians) | current / baseline per repetition pair |",
+        "|---|---|---|---|---|",
+    ] + rows
+
+
 def machine():
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), "unknown")
@@ -490,6 +592,8 @@ def report(results, out):
         f"median time to last byte {s['a_plain_envoy']['total_us'] / 1000:.1f} ms vs {s['c_sluice']['total_us'] / 1000:.1f} ms "
         "(chunks are not held: the first byte arrives long before the stream ends).",
     ]
+    if "compare" in results:
+        lines += compare_lines(results)
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
