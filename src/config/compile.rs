@@ -2,7 +2,7 @@
 //! resolved to a typed id, every value checked, names that reach headers and stat names
 //! kept clean.
 
-use super::{ConfigError, RawApi, RawConfig, RawLimits, RawModel, RawPrice, RawProvider};
+use super::{ConfigError, RawApi, RawConfig, RawKey, RawLimits, RawModel, RawPrice, RawProvider};
 use crate::auth::{KeyDigest, KeyIndex};
 use crate::errors::ApiFlavour;
 use crate::policy::{
@@ -83,30 +83,7 @@ pub(super) fn policy(
                 allow_sets.len() - 1
             }
         };
-        let has_keys = !rt.keys.is_empty();
-        require(
-            has_keys,
-            format!("{at}.keys"),
-            "a tenant needs at least one key",
-        )?;
-        let mut key_ids = Vec::with_capacity(rt.keys.len());
-        for (k, key) in rt.keys.iter().enumerate() {
-            check_name(&format!("{at}.keys[{k}].id"), &key.id)?;
-            let digest = KeyDigest::from_hex(&key.sha256).ok_or_else(|| {
-                ConfigError::at(
-                    format!("{at}.keys[{k}].sha256"),
-                    "must be 64 hex characters (the SHA-256 of the key; see `make key`)",
-                )
-            })?;
-            let key_id = id_of(&format!("{at}.keys[{k}]"), KeyId::from_index(k))?;
-            if !keys.insert(digest, tenant, key_id) {
-                return Err(ConfigError::at(
-                    format!("{at}.keys[{k}].sha256"),
-                    "this key digest is already used by another key",
-                ));
-            }
-            key_ids.push(key.id.clone());
-        }
+        let key_ids = compile_keys(&at, tenant, &rt.keys, &mut keys)?;
         let tier_limits = raw
             .tiers
             .get(&rt.tier)
@@ -161,122 +138,147 @@ pub(super) fn policy(
     })
 }
 
+/// A tenant's keys into the key index; their ids (never the keys), by [`KeyId`].
+fn compile_keys(
+    at: &str,
+    tenant: TenantId,
+    raw: &[RawKey],
+    keys: &mut KeyIndex,
+) -> Result<Vec<String>, ConfigError> {
+    let empty = "a tenant needs at least one key";
+    each(&format!("{at}.keys"), raw, empty, |k, key| {
+        check_name(&format!("{at}.keys[{k}].id"), &key.id)?;
+        let digest = KeyDigest::from_hex(&key.sha256).ok_or_else(|| {
+            ConfigError::at(
+                format!("{at}.keys[{k}].sha256"),
+                "must be 64 hex characters (the SHA-256 of the key; see `make key`)",
+            )
+        })?;
+        let key_id = id_of(&format!("{at}.keys[{k}]"), KeyId::from_index(k))?;
+        if !keys.insert(digest, tenant, key_id) {
+            return Err(ConfigError::at(
+                format!("{at}.keys[{k}].sha256"),
+                "this key digest is already used by another key",
+            ));
+        }
+        Ok(key.id.clone())
+    })
+}
+
 fn compile_providers(
     raw: &[RawProvider],
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Vec<Provider>, ConfigError> {
-    require(
-        !raw.is_empty(),
-        "providers",
-        "at least one provider is required",
-    )?;
     let mut seen = HashSet::new();
-    let mut out = Vec::with_capacity(raw.len());
-    for (i, p) in raw.iter().enumerate() {
-        let at = format!("providers[{i}]");
-        check_name(&format!("{at}.name"), &p.name)?;
-        if !seen.insert(p.name.as_str()) {
-            return Err(ConfigError::at(
-                format!("{at}.name"),
-                format!("duplicate provider `{}`", p.name),
-            ));
-        }
-        check_header_value(&format!("{at}.cluster"), &p.cluster)?;
-        require(
-            !p.cluster.is_empty(),
-            format!("{at}.cluster"),
-            "must not be empty",
-        )?;
-        let prefix = &p.path_prefix;
-        if !prefix.is_empty() && (!prefix.starts_with('/') || prefix.ends_with('/')) {
-            return Err(ConfigError::at(
-                format!("{at}.path_prefix"),
-                "must be empty or start with `/` and not end with `/` (e.g. `/v1`)",
-            ));
-        }
-        check_header_value(&format!("{at}.path_prefix"), prefix)?;
-        if prefix.contains(['?', '#', ' ']) {
-            return Err(ConfigError::at(
-                format!("{at}.path_prefix"),
-                "must be a plain path",
-            ));
-        }
-        if let Some(a) = &p.authority {
-            check_header_value(&format!("{at}.authority"), a)?;
-            if a.is_empty() || a.contains(['/', ' ']) {
+    each(
+        "providers",
+        raw,
+        "at least one provider is required",
+        |i, p| {
+            let at = format!("providers[{i}]");
+            check_name(&format!("{at}.name"), &p.name)?;
+            if !seen.insert(p.name.as_str()) {
                 return Err(ConfigError::at(
-                    format!("{at}.authority"),
-                    "must be a host[:port]",
+                    format!("{at}.name"),
+                    format!("duplicate provider `{}`", p.name),
                 ));
             }
-        }
-        let api = match p.api {
-            RawApi::Openai => ApiFlavour::OpenAi,
-            RawApi::Anthropic => ApiFlavour::Anthropic,
-        };
-        let header = p
-            .api_key_header
-            .clone()
-            .unwrap_or_else(|| match api {
-                ApiFlavour::OpenAi => "authorization".into(),
-                ApiFlavour::Anthropic => "x-api-key".into(),
-            })
-            .to_ascii_lowercase();
-        if header.is_empty()
-            || !header
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        {
-            return Err(ConfigError::at(
-                format!("{at}.api_key_header"),
-                "must be a header name",
-            ));
-        }
-        let Some(key) = env(&p.api_key_env).filter(|k| !k.is_empty()) else {
-            return Err(ConfigError::at(
+            check_header_value(&format!("{at}.cluster"), &p.cluster)?;
+            require(
+                !p.cluster.is_empty(),
+                format!("{at}.cluster"),
+                "must not be empty",
+            )?;
+            let prefix = &p.path_prefix;
+            if !prefix.is_empty() && (!prefix.starts_with('/') || prefix.ends_with('/')) {
+                return Err(ConfigError::at(
+                    format!("{at}.path_prefix"),
+                    "must be empty or start with `/` and not end with `/` (e.g. `/v1`)",
+                ));
+            }
+            check_header_value(&format!("{at}.path_prefix"), prefix)?;
+            if prefix.contains(['?', '#', ' ']) {
+                return Err(ConfigError::at(
+                    format!("{at}.path_prefix"),
+                    "must be a plain path",
+                ));
+            }
+            if let Some(a) = &p.authority {
+                check_header_value(&format!("{at}.authority"), a)?;
+                if a.is_empty() || a.contains(['/', ' ']) {
+                    return Err(ConfigError::at(
+                        format!("{at}.authority"),
+                        "must be a host[:port]",
+                    ));
+                }
+            }
+            let api = match p.api {
+                RawApi::Openai => ApiFlavour::OpenAi,
+                RawApi::Anthropic => ApiFlavour::Anthropic,
+            };
+            let header = p
+                .api_key_header
+                .clone()
+                .unwrap_or_else(|| match api {
+                    ApiFlavour::OpenAi => "authorization".into(),
+                    ApiFlavour::Anthropic => "x-api-key".into(),
+                })
+                .to_ascii_lowercase();
+            if header.is_empty()
+                || !header
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            {
+                return Err(ConfigError::at(
+                    format!("{at}.api_key_header"),
+                    "must be a header name",
+                ));
+            }
+            let Some(key) = env(&p.api_key_env).filter(|k| !k.is_empty()) else {
+                return Err(ConfigError::at(
                 format!("{at}.api_key_env"),
                 format!(
                     "environment variable `{}` is not set for the VM (list it in vm_config.environment_variables.host_env_keys)",
                     p.api_key_env
                 ),
             ));
-        };
-        if key.bytes().any(|b| b < 0x20 || b == 0x7f) {
-            return Err(ConfigError::at(
-                format!("{at}.api_key_env"),
-                format!(
-                    "environment variable `{}` holds control characters",
-                    p.api_key_env
-                ),
-            ));
-        }
-        let value = if header == "authorization" {
-            format!("Bearer {key}")
-        } else {
-            key
-        };
-        let limits = compile_limits(&format!("{at}.limits"), &p.limits)?;
-        if p.max_in_flight == Some(0) {
-            return Err(ConfigError::at(
-                format!("{at}.max_in_flight"),
-                "must be at least 1 (leave it out for no cap)",
-            ));
-        }
-        out.push(Provider {
-            limits,
-            queue: p.max_in_flight.map(|capacity| QueueSpec {
-                key: keys::queue(&p.name),
-                capacity,
-            }),
-            name: p.name.clone(),
-            api,
-            cluster: p.cluster.clone(),
-            path_prefix: p.path_prefix.clone(),
-            authority: p.authority.clone(),
-            credential: Credential::new(header, value),
-        });
-    }
-    Ok(out)
+            };
+            if key.bytes().any(|b| b < 0x20 || b == 0x7f) {
+                return Err(ConfigError::at(
+                    format!("{at}.api_key_env"),
+                    format!(
+                        "environment variable `{}` holds control characters",
+                        p.api_key_env
+                    ),
+                ));
+            }
+            let value = if header == "authorization" {
+                format!("Bearer {key}")
+            } else {
+                key
+            };
+            let limits = compile_limits(&format!("{at}.limits"), &p.limits)?;
+            if p.max_in_flight == Some(0) {
+                return Err(ConfigError::at(
+                    format!("{at}.max_in_flight"),
+                    "must be at least 1 (leave it out for no cap)",
+                ));
+            }
+            Ok(Provider {
+                limits,
+                queue: p.max_in_flight.map(|capacity| QueueSpec {
+                    key: keys::queue(&p.name),
+                    capacity,
+                }),
+                name: p.name.clone(),
+                api,
+                cluster: p.cluster.clone(),
+                path_prefix: p.path_prefix.clone(),
+                authority: p.authority.clone(),
+                credential: Credential::new(header, value),
+            })
+        },
+    )
 }
 
 fn compile_models(
@@ -295,22 +297,15 @@ fn compile_models(
                 "a model name cannot be a pattern; put patterns in `aliases`",
             ));
         }
-        let served = !m.providers.is_empty();
-        require(
-            served,
-            format!("{at}.providers"),
-            "at least one provider is required",
-        )?;
-        let mut providers = Vec::with_capacity(m.providers.len());
-        for (j, p) in m.providers.iter().enumerate() {
-            let Some(&id) = provider_ids.get(p.as_str()) else {
-                return Err(ConfigError::at(
+        let empty = "at least one provider is required";
+        let providers = each(&format!("{at}.providers"), &m.providers, empty, |j, p| {
+            provider_ids.get(p.as_str()).copied().ok_or_else(|| {
+                ConfigError::at(
                     format!("{at}.providers[{j}]"),
                     format!("unknown provider `{p}`"),
-                ));
-            };
-            providers.push(id);
-        }
+                )
+            })
+        })?;
         let upstream = m.upstream_model.clone().unwrap_or_else(|| m.name.clone());
         check_model_name(&format!("{at}.upstream_model"), &upstream)?;
         let price = compile_price(&format!("{at}.price"), &m.price)?;
@@ -461,6 +456,21 @@ fn require(ok: bool, at: impl Into<String>, message: &str) -> Result<(), ConfigE
     } else {
         Err(ConfigError::at(at, message))
     }
+}
+
+/// Compiles each item of a list that must not be empty (`empty` says so).
+fn each<'a, T, U>(
+    at: &str,
+    items: &'a [T],
+    empty: &str,
+    mut compile: impl FnMut(usize, &'a T) -> Result<U, ConfigError>,
+) -> Result<Vec<U>, ConfigError> {
+    require(!items.is_empty(), at, empty)?;
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| compile(i, item))
+        .collect()
 }
 
 /// `value` must be between 1 and `max`; `note` explains `max` in the message.

@@ -179,13 +179,6 @@ impl Admitted {
             usage,
         )
     }
-
-    fn claims(self, place: Place) -> Claims {
-        Claims {
-            held: self.held,
-            place,
-        }
-    }
 }
 
 /// An ending from what was known of the request; no reason, wait, latency or cost yet.

@@ -35,6 +35,7 @@ pub(super) fn route<'p>(
     query: &str,
     raw: &[u8],
 ) -> Result<Forwarding<'p>, Refused> {
+    // Each refusal carries what was known when it was made.
     let refused = |known| move |error| Refused { error, known };
     let fields = parse_request(raw).map_err(refused(Known::Request(caller)))?;
     let model_id = policy

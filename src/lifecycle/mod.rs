@@ -7,9 +7,10 @@
 //! Nothing here calls the host, so all of it runs natively.
 //!
 //! ```text
-//! Headers ──> AwaitingBody ──> Forwarded ──> Responding ──> Finished
-//!    │             │    └───> Queued ──┘ (resumed)             ^
-//!    └─────────────┴──────> Replied (the gateway answered) ────┘
+//! Headers ──> AwaitingBody ──> Forwarded ──> Responding ──> Finished (any stage, on_log)
+//!    │             │              ^
+//!    │             └──> Queued ───┘ resumed by this worker's queue
+//!    └─────────────┴──> Replied: the gateway answered (a refusal, the models endpoint)
 //! ```
 //!
 //! `finish` (Envoy's `on_log`, once per stream however it ended) decides how the request
@@ -138,15 +139,7 @@ impl Exchange {
     }
 
     pub fn owner(&self) -> Option<KeyOwner> {
-        match &self.stage {
-            Stage::Headers | Stage::Finished => None,
-            Stage::AwaitingBody { caller, .. } => Some(caller.owner),
-            Stage::Queued { admitted, .. } => Some(admitted.caller.owner),
-            Stage::Forwarded { upstream, .. } | Stage::Responding { upstream, .. } => {
-                Some(upstream.admitted.caller.owner)
-            }
-            Stage::Replied(r) => r.known.owner(),
-        }
+        self.stage.known().owner()
     }
 
     pub fn route(&self) -> Option<Route> {
@@ -154,15 +147,8 @@ impl Exchange {
     }
 
     fn routed(&self) -> Option<(Caller, Route)> {
-        match &self.stage {
-            Stage::Queued { admitted, .. } => Some((admitted.caller, admitted.route)),
-            Stage::Forwarded { upstream, .. } | Stage::Responding { upstream, .. } => {
-                Some((upstream.admitted.caller, upstream.admitted.route))
-            }
-            Stage::Replied(Replied {
-                known: Known::Routed(caller, route),
-                ..
-            }) => Some((*caller, *route)),
+        match self.stage.known() {
+            Known::Routed(caller, route) => Some((caller, route)),
             _ => None,
         }
     }
@@ -529,8 +515,13 @@ impl Exchange {
     /// not go upstream half-rewritten. Gives back what it holds now and answers 500 in the
     /// client's format.
     pub fn fail(&mut self, store: &dyn Store, now_ms: u64) -> Failed {
+        let err = ApiError::new(
+            ErrorKind::Internal,
+            "The gateway failed to process the request.",
+        );
+        let reply = err.reply(self.flavour);
         let (known, claims) = match std::mem::take(&mut self.stage) {
-            Stage::Headers | Stage::Finished => (Known::Nobody, Claims::default()),
+            Stage::Headers => (Known::Nobody, Claims::default()),
             Stage::AwaitingBody { caller, .. } => (Known::Request(caller), Claims::default()),
             Stage::Queued { admitted, wait, .. } => admitted.refused(Place::Waiting(wait)),
             Stage::Forwarded { upstream, .. } | Stage::Responding { upstream, .. } => {
@@ -538,13 +529,16 @@ impl Exchange {
                 upstream.admitted.refused(place)
             }
             Stage::Replied(replied) => (replied.known, replied.claims),
+            // Its record is written already: nothing to give back or record again.
+            Stage::Finished => {
+                self.stage = Stage::Finished;
+                return Failed {
+                    reply,
+                    settle_failures: Vec::new(),
+                };
+            }
         };
         let settle_failures = claims.give_back(store, 0, 0, now_ms).failures;
-        let err = ApiError::new(
-            ErrorKind::Internal,
-            "The gateway failed to process the request.",
-        );
-        let reply = err.reply(self.flavour);
         self.replied(&reply, Some(err.kind.reason()), known, Claims::default());
         Failed {
             reply,

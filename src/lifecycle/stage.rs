@@ -117,14 +117,37 @@ pub(super) enum Stage {
     Finished,
 }
 
+impl Stage {
+    /// What is known of the request at this stage.
+    pub(super) fn known(&self) -> Known {
+        match self {
+            Stage::Headers | Stage::Finished => Known::Nobody,
+            Stage::AwaitingBody { caller, .. } => Known::Request(*caller),
+            Stage::Queued { admitted, .. } => admitted.known(),
+            Stage::Forwarded { upstream, .. } | Stage::Responding { upstream, .. } => {
+                upstream.admitted.known()
+            }
+            Stage::Replied(replied) => replied.known,
+        }
+    }
+}
+
 impl Admitted {
-    /// What is known of it and what it holds, once the gateway refuses it.
-    pub(super) fn refused(self, place: Place) -> (Known, Claims) {
-        let claims = Claims {
+    pub(super) fn known(&self) -> Known {
+        Known::Routed(self.caller, self.route)
+    }
+
+    /// What it holds, with its `place` at the provider, to give back at its end.
+    pub(super) fn claims(self, place: Place) -> Claims {
+        Claims {
             held: self.held,
             place,
-        };
-        (Known::Routed(self.caller, self.route), claims)
+        }
+    }
+
+    /// What is known of it and what it holds, once the gateway refuses it.
+    pub(super) fn refused(self, place: Place) -> (Known, Claims) {
+        (self.known(), self.claims(place))
     }
 }
 
