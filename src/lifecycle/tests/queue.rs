@@ -58,6 +58,16 @@ fn queued(
     queued_at(p, store, context, path, key, 1_000)
 }
 
+/// The one-slot provider held by stream 1, and stream 2 waiting for it.
+fn one_holds_one_waits() -> (Policy, MemoryStore, Exchange, Exchange) {
+    let p = queued_policy();
+    let store = MemoryStore::new();
+    let (holder, _) = queued(&p, &store, 1, "/v1/chat/completions", ACME);
+    let (waiter, step) = queued(&p, &store, 2, "/v1/chat/completions", ACME);
+    assert!(matches!(step.next, Next::Wait(_)));
+    (p, store, holder, waiter)
+}
+
 /// Worker 1's queue (the first worker id of a fresh store).
 fn worker_queue(p: &Policy, store: &MemoryStore) -> WorkerQueue {
     let queue = WorkerQueue::for_policy(p, store).unwrap().unwrap();
@@ -181,10 +191,7 @@ fn a_wait_past_the_tier_maximum_is_a_rejection_in_the_apis_format() {
 
 #[test]
 fn a_full_queue_refuses_at_once_and_a_departed_waiter_gives_up_its_place() {
-    let p = queued_policy();
-    let store = MemoryStore::new();
-    let (_holder, _) = queued(&p, &store, 1, "/v1/chat/completions", ACME);
-    let (mut waiter, _) = queued(&p, &store, 2, "/v1/chat/completions", ACME);
+    let (p, store, _holder, mut waiter) = one_holds_one_waits();
     let (_, step) = queued(&p, &store, 3, "/v1/chat/completions", ACME);
     let (reply, body) = reply_of(&step);
     assert_eq!(
@@ -217,10 +224,7 @@ fn a_full_queue_refuses_at_once_and_a_departed_waiter_gives_up_its_place() {
 
 #[test]
 fn a_client_that_leaves_the_queue_is_not_billed() {
-    let p = queued_policy();
-    let store = MemoryStore::new();
-    let (_holder, _) = queued(&p, &store, 1, "/v1/chat/completions", ACME);
-    let (mut waiter, _) = queued(&p, &store, 2, "/v1/chat/completions", ACME);
+    let (p, store, _holder, mut waiter) = one_holds_one_waits();
     assert!(waiter.needs_end_details());
     let mut m = FakeMetrics::default();
     let done = waiter
