@@ -114,20 +114,20 @@ fn cancel_removes_once_and_costs_the_tenant_nothing() {
 
 #[test]
 fn stale_waiters_expire_after_their_deadline_and_the_grace() {
-    let store = MemoryStore::new();
-    let q = FairQueue::new(&store, KEY, 0);
+    // A gold waiter of worker 7 with a short deadline, then a bronze one of worker 1.
     let short = Ticket {
         deadline_ms: T0 + 100,
         ..ticket(1, 3, 1)
     };
-    assert!(matches!(
-        q.arrive(owner(7, 1), short, T0),
-        Arrival::Queued { .. }
-    ));
-    assert!(matches!(
-        q.arrive(owner(1, 1), ticket(2, 1, 1), T0),
-        Arrival::Queued { .. }
-    ));
+    let queue_two = |store: &MemoryStore| {
+        queue_all_of(
+            store,
+            &[(owner(7, 1), short), (owner(1, 1), ticket(2, 1, 1))],
+        );
+    };
+    let store = MemoryStore::new();
+    let q = FairQueue::new(&store, KEY, 0);
+    queue_two(&store);
     assert_eq!(q.expire_stale(T0 + 100 + GRACE_MS).unwrap(), 0);
     // A dead worker's gold waiter heads the queue: nobody else can claim.
     let q1 = FairQueue::new(&store, KEY, 1);
@@ -143,14 +143,7 @@ fn stale_waiters_expire_after_their_deadline_and_the_grace() {
     // Claims and arrivals expire too.
     let store = MemoryStore::new();
     let q = FairQueue::new(&store, KEY, 0);
-    assert!(matches!(
-        q.arrive(owner(7, 1), short, T0),
-        Arrival::Queued { .. }
-    ));
-    assert!(matches!(
-        q.arrive(owner(1, 1), ticket(2, 1, 1), T0),
-        Arrival::Queued { .. }
-    ));
+    queue_two(&store);
     let q1 = FairQueue::new(&store, KEY, 1);
     assert_eq!(q1.claim_for_worker(1, T0 + HOUR).unwrap(), [owner(1, 1)]);
     assert_eq!(q1.stats().unwrap().waiting, 0);

@@ -46,11 +46,17 @@ pub(crate) fn assert_idle(stats: &QueueStats) {
 
 /// Queues (capacity 0) one waiter per `(context, ticket)`, all owned by worker 1.
 fn queue_all(store: &MemoryStore, waiters: &[(u32, Ticket)]) {
+    let owned: Vec<_> = waiters.iter().map(|&(c, t)| (owner(1, c), t)).collect();
+    queue_all_of(store, &owned);
+}
+
+/// Queues (capacity 0) one waiter per `(owner, ticket)` at `T0`.
+fn queue_all_of(store: &MemoryStore, waiters: &[(Owner, Ticket)]) {
     let q = FairQueue::new(store, KEY, 0);
-    for &(context, t) in waiters {
+    for &(o, t) in waiters {
         assert!(
-            matches!(q.arrive(owner(1, context), t, T0), Arrival::Queued { .. }),
-            "{context}"
+            matches!(q.arrive(o, t, T0), Arrival::Queued { .. }),
+            "{o:?}"
         );
     }
 }
