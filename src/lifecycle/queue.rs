@@ -305,19 +305,23 @@ impl WorkerQueue {
         actions
     }
 
-    /// Claims head-of-queue slots for this worker's waiters: each claimed waiter is
-    /// resumed; a slot claimed for a stream that already went away is released.
+    /// Claims head-of-queue slots for this worker's waiters, on every provider queue one
+    /// of them waits in (no key copied per call): each claimed waiter is resumed; a slot
+    /// claimed for a stream that already went away is released.
     pub fn claim(&mut self, store: &dyn Store, now_ms: u64) -> Vec<QueueAction> {
-        let mut queues: Vec<QueueSpec> = Vec::new();
-        for w in &self.waiters {
-            if !queues.contains(&w.queue) {
-                queues.push(w.queue.clone());
-            }
-        }
+        let WorkerQueue {
+            worker,
+            providers,
+            waiters,
+            ..
+        } = self;
         let mut actions = Vec::new();
-        for spec in queues {
+        for (_, spec) in providers.iter() {
+            if !waiters.iter().any(|w| w.queue.key == spec.key) {
+                continue;
+            }
             let queue = FairQueue::new(store, &spec.key, spec.capacity);
-            let owners = match queue.claim_for_worker(self.worker, now_ms) {
+            let owners = match queue.claim_for_worker(*worker, now_ms) {
                 Ok(owners) => owners,
                 Err(e) => {
                     let warning = format!("sluice: queue claim {}: {e:?}", spec.key);
@@ -326,9 +330,9 @@ impl WorkerQueue {
                 }
             };
             for owner in owners {
-                match self.waiters.iter().position(|w| w.context == owner.context) {
+                match waiters.iter().position(|w| w.context == owner.context) {
                     Some(i) => {
-                        let w = self.waiters.remove(i);
+                        let w = waiters.remove(i);
                         w.ended.set(WaitState::Resumed { at_ms: now_ms });
                         actions.push(QueueAction::Resume { context: w.context });
                     }

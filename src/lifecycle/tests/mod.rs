@@ -116,6 +116,10 @@ fn routes_openai_model_with_provider_key() {
             && b.remove.contains(&"x-api-key".to_string())
     );
     assert_eq!(b.body, None, "no rewrite when the name is unchanged");
+    assert!(
+        b.routed && !h.routed,
+        "only the step that forwards is routed"
+    );
     assert_eq!(ex.owner().unwrap().tenant, crate::policy::TenantId::new(0));
     assert!(!ex.route().unwrap().stream);
 }

@@ -200,6 +200,7 @@ fn a_full_queue_refuses_at_once_and_a_departed_waiter_gives_up_its_place() {
     );
     assert_eq!(reply.header("retry-after"), Some("1"));
     assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    assert!(!step.routed, "a refused request is not routed");
     assert!(
         body["error"]["message"]
             .as_str()
