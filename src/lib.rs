@@ -10,6 +10,7 @@ pub mod body;
 pub mod config;
 pub mod errors;
 pub mod fairness;
+pub mod global;
 pub mod headers;
 pub mod lifecycle;
 pub mod limits;

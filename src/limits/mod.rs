@@ -19,8 +19,11 @@ pub use calendar::{format_reset, month_index, month_start_ms, ms_until_next_mont
 pub use limiter::Limiter;
 
 use crate::shared::CasFailure;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Serialized (snake case, externally tagged) on the wire to the quota service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum LimitKind {
     /// Token bucket: refills `per_minute` units per minute up to a capacity of
     /// `per_minute * burst_milli / 1000` units. Settlement may leave it in debt (negative),
@@ -34,7 +37,8 @@ pub enum LimitKind {
 }
 
 /// One limit a request must pass, and how much of it the request takes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Demand {
     pub key: String,
     pub kind: LimitKind,
@@ -54,7 +58,8 @@ pub struct Taken {
 }
 
 /// One limit's state right after a decision, for rate-limit headers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Snapshot {
     /// Capacity in whole units (Rate), `max` (Concurrency) or the monthly limit.
     pub limit: u64,

@@ -16,6 +16,18 @@
 //! | `sluice:workers` | `W` | fairness (the last worker id handed out) |
 //!
 //! `{measure}` is `conc`, `rpm`, `tpm`, `mtok` or `musd` ([`LimitMeasure`]).
+//!
+//! Global limits live in Redis (through the quota service), where keys can expire and be
+//! deleted, and where the keys one script touches must share a hash slot on Redis Cluster.
+//! There, whose limit it is becomes the hash tag, and a month is part of a monthly key:
+//!
+//! | Redis key | type | holds |
+//! |-----------|------|-------|
+//! | `sluice:{t:{tenant}}:{measure}` | hash / zset | a tenant's rate bucket or leases |
+//! | `sluice:{t:{tenant}}:m:{model}:{measure}` | hash / zset | a tenant on one model |
+//! | `sluice:{p:{provider}}:{measure}` | hash / zset | a provider account |
+//! | `{base}:{YYYY-MM}` | string | a monthly total, expiring weeks after its month |
+//! | `sluice:{tag}:res:{request id}` | string | an unsettled reservation (idempotent settlement) |
 
 use crate::policy::LimitMeasure;
 
@@ -46,17 +58,60 @@ pub enum LimitOf<'a> {
 
 /// The key of one limit.
 pub fn limit(of: LimitOf<'_>, measure: LimitMeasure) -> String {
-    let measure = match measure {
+    let measure = measure_name(measure);
+    match of {
+        LimitOf::Tenant(tenant) => format!("sluice:t:{tenant}:{measure}"),
+        LimitOf::TenantModel { tenant, model } => format!("sluice:tm:{tenant}:{model}:{measure}"),
+        LimitOf::Provider(provider) => format!("sluice:p:{provider}:{measure}"),
+    }
+}
+
+/// The measure's short name in keys.
+fn measure_name(measure: LimitMeasure) -> &'static str {
+    match measure {
         LimitMeasure::ConcurrentRequests => "conc",
         LimitMeasure::RequestsPerMinute => "rpm",
         LimitMeasure::TokensPerMinute => "tpm",
         LimitMeasure::MonthlyTokens => "mtok",
         LimitMeasure::MonthlyBudget => "musd",
-    };
+    }
+}
+
+/// The Redis key of one global limit: whose limit it is is the hash tag, so one script
+/// can take all of a tenant's limits on Redis Cluster. Monthly limits add the month
+/// ([`month_key`]).
+pub fn global_limit(of: LimitOf<'_>, measure: LimitMeasure) -> String {
+    let measure = measure_name(measure);
     match of {
-        LimitOf::Tenant(tenant) => format!("sluice:t:{tenant}:{measure}"),
-        LimitOf::TenantModel { tenant, model } => format!("sluice:tm:{tenant}:{model}:{measure}"),
-        LimitOf::Provider(provider) => format!("sluice:p:{provider}:{measure}"),
+        LimitOf::Tenant(tenant) => format!("sluice:{{t:{tenant}}}:{measure}"),
+        LimitOf::TenantModel { tenant, model } => {
+            format!("sluice:{{t:{tenant}}}:m:{model}:{measure}")
+        }
+        LimitOf::Provider(provider) => format!("sluice:{{p:{provider}}}:{measure}"),
+    }
+}
+
+/// A monthly limit's Redis key for one month ([`month_index`](crate::limits::month_index)):
+/// `{base}:YYYY-MM`.
+pub fn month_key(base: &str, month: u32) -> String {
+    format!("{base}:{:04}-{:02}", month / 12, month % 12 + 1)
+}
+
+/// The hash tag of a Redis key (what Redis Cluster hashes): the text between the first `{`
+/// and the next `}`, if it is not empty.
+pub fn hash_tag(key: &str) -> Option<&str> {
+    let open = key.find('{')?;
+    let rest = key.get(open + 1..)?;
+    let close = rest.find('}')?;
+    (close > 0).then(|| &rest[..close])
+}
+
+/// The Redis key recording request `id`'s unsettled reservation, in the hash slot of `key`
+/// (a key of the same script).
+pub fn reservation(key: &str, id: &str) -> String {
+    match hash_tag(key) {
+        Some(tag) => format!("sluice:{{{tag}}}:res:{id}"),
+        None => format!("sluice:res:{id}"),
     }
 }
 
@@ -100,6 +155,36 @@ mod tests {
         );
         assert_eq!(queue("openai"), "sluice:q:openai");
         assert_eq!(WORKERS, "sluice:workers");
+    }
+
+    #[test]
+    fn global_keys_share_a_hash_tag_per_tenant() {
+        let tenant = global_limit(LimitOf::Tenant("acme"), LimitMeasure::RequestsPerMinute);
+        assert_eq!(tenant, "sluice:{t:acme}:rpm");
+        let model = global_limit(
+            LimitOf::TenantModel {
+                tenant: "acme",
+                model: "gpt-4.1",
+            },
+            LimitMeasure::MonthlyTokens,
+        );
+        assert_eq!(model, "sluice:{t:acme}:m:gpt-4.1:mtok");
+        assert_eq!(hash_tag(&tenant), hash_tag(&model));
+        assert_eq!(
+            global_limit(
+                LimitOf::Provider("openai"),
+                LimitMeasure::ConcurrentRequests
+            ),
+            "sluice:{p:openai}:conc"
+        );
+        // 2026-11 is month index 2026 * 12 + 10.
+        assert_eq!(
+            month_key(&model, 2026 * 12 + 10),
+            "sluice:{t:acme}:m:gpt-4.1:mtok:2026-11"
+        );
+        assert_eq!(reservation(&model, "r1"), "sluice:{t:acme}:res:r1");
+        assert_eq!(hash_tag("sluice:{}:x"), None);
+        assert_eq!(reservation("plain", "r1"), "sluice:res:r1");
     }
 
     #[test]
