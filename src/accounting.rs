@@ -41,6 +41,12 @@ pub struct Ending {
     pub queue_wait_ms: Option<u64>,
     /// Timings of a response that came back from upstream.
     pub latency: Option<Latency>,
+    /// Which engine decided its limits (`local`, `global`, `local_fallback`), once
+    /// admission took it.
+    pub limits_engine: Option<&'static str>,
+    /// Its admission's id at the quota service: joins this record to the service's
+    /// settlement (and to a lost settlement's log line).
+    pub global_id: Option<String>,
 }
 
 /// Times from sending a request upstream.
@@ -68,6 +74,8 @@ impl Ending {
             cost_micro_usd: 0,
             queue_wait_ms: None,
             latency: None,
+            limits_engine: None,
+            global_id: None,
         }
     }
 }
@@ -104,6 +112,8 @@ pub fn usage_record(policy: &Policy, request_id: Option<&str>, ending: &Ending) 
         estimated: ending.usage.estimated,
         usage_suspicious: ending.usage.suspicious,
         queue_wait_ms: ending.queue_wait_ms,
+        limits_engine: ending.limits_engine,
+        global_id: ending.global_id.as_deref(),
     };
     serde_json::to_string(&record).unwrap_or_else(|_| "{}".into())
 }
@@ -136,6 +146,13 @@ pub struct UsageRecord<'a> {
     pub usage_suspicious: bool,
     /// Time spent waiting for a full provider, when the request had to wait.
     pub queue_wait_ms: Option<u64>,
+    /// `local`, `global` or `local_fallback` (the quota service did not answer), for a
+    /// request admitted by at least one limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limits_engine: Option<&'static str>,
+    /// The admission's id at the quota service, when global limits took the request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub global_id: Option<&'a str>,
 }
 
 #[cfg(test)]

@@ -4,11 +4,13 @@
 //! Each limit's key comes from the keyspace (`shared/keys.rs`).
 
 use crate::errors::{ApiError, ApiFlavour, ErrorKind};
+use crate::global::wire::{AdmitReply, AdmitRequest, Lease, SettleItem, Settlement};
 use crate::limits::{
     format_reset, rfc3339, Admission, Demand, LimitKind, Limiter, Snapshot, Taken,
 };
 use crate::policy::{
-    LimitId, LimitMeasure, LimitScope, Limits, ModelId, Policy, ProviderId, TenantId,
+    LimitId, LimitMeasure, LimitScope, Limits, ModelId, OnEngineFailure, Policy, ProviderId,
+    TenantId,
 };
 use crate::shared::keys::{self, LimitOf};
 use crate::shared::Store;
@@ -24,8 +26,51 @@ pub struct Reservation {
 /// What admission took, by limit, to settle exactly once.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Held {
+    /// Taken from this Envoy's shared data (local limits, and global ones decided locally
+    /// when the quota service failed and the configuration says `local`).
     pub items: Vec<(LimitId, Taken)>,
+    /// Taken by the quota service, settled through it.
+    pub global: Option<GlobalHeld>,
+    /// Global limits were decided locally: the quota service did not answer.
+    pub fell_back: bool,
     pub reserved: Reservation,
+}
+
+/// What the quota service took for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GlobalHeld {
+    /// The admission's id: names its leases and makes its settlement count once.
+    pub id: String,
+    /// The month (Redis's clock) monthly limits were charged to.
+    pub month: u32,
+    pub items: Vec<(LimitId, Taken)>,
+}
+
+impl Held {
+    /// Which engine decided the request's limits, for the usage record.
+    pub fn engine(&self) -> &'static str {
+        match (&self.global, self.fell_back) {
+            (_, true) => "local_fallback",
+            (Some(_), false) => "global",
+            (None, false) => "local",
+        }
+    }
+
+    /// The global concurrency slots held: leases to renew while the request runs.
+    pub fn leases(&self) -> Vec<Lease> {
+        let Some(global) = &self.global else {
+            return Vec::new();
+        };
+        global
+            .items
+            .iter()
+            .filter(|(id, _)| id.measure == LimitMeasure::ConcurrentRequests)
+            .map(|(_, taken)| Lease {
+                key: taken.key.clone(),
+                id: global.id.clone(),
+            })
+            .collect()
+    }
 }
 
 /// An admitted request: what it holds and the rate-limit headers for its response.
@@ -35,8 +80,25 @@ pub struct Admitted {
     pub headers: Vec<(String, String)>,
 }
 
+/// A limit the quota service decides: its demand under its Redis key, and its local key
+/// for when the service does not answer and the configuration falls back to local limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GlobalDemand {
+    pub id: LimitId,
+    pub demand: Demand,
+    pub local_key: String,
+}
+
+/// Every limit that applies to a request, by the engine that decides it.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub local: Vec<(LimitId, Demand)>,
+    pub global: Vec<GlobalDemand>,
+}
+
 fn push_limits(
-    out: &mut Vec<(LimitId, Demand)>,
+    out: &mut Plan,
+    policy: &Policy,
     scope: LimitScope,
     of: LimitOf<'_>,
     limits: &Limits,
@@ -78,14 +140,27 @@ fn push_limits(
         ),
     ];
     for (measure, kind, amount) in configured {
-        if let Some(kind) = kind {
-            let key = keys::limit(of, measure);
-            out.push((LimitId { scope, measure }, Demand { key, kind, amount }));
+        let Some(kind) = kind else { continue };
+        let id = LimitId { scope, measure };
+        let key = keys::limit(of, measure);
+        if policy.global.as_ref().is_some_and(|g| g.covers(id)) {
+            let demand = Demand {
+                key: keys::global_limit(of, measure),
+                kind,
+                amount,
+            };
+            out.global.push(GlobalDemand {
+                id,
+                demand,
+                local_key: key,
+            });
+        } else {
+            out.local.push((id, Demand { key, kind, amount }));
         }
     }
 }
 
-/// Whose limits apply to a request: its tenant, the tenant on its model, its provider.
+/// The parties whose limits a request must pass: its tenant, its model, its provider.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Parties {
     pub tenant: TenantId,
@@ -93,26 +168,24 @@ pub struct Parties {
     pub provider: ProviderId,
 }
 
-/// Every limit that applies to this request: tenant, tenant+model, provider.
-pub fn demands(
-    policy: &Policy,
-    parties: Parties,
-    reservation: Reservation,
-) -> Vec<(LimitId, Demand)> {
+/// Every limit that applies to this request (tenant, tenant+model, provider), by engine.
+pub fn plan(policy: &Policy, parties: Parties, reservation: Reservation) -> Plan {
     let Parties {
         tenant,
         model,
         provider,
     } = parties;
-    let mut out = Vec::new();
+    let mut out = Plan::default();
     let Some(t) = policy.tenant(tenant) else {
         return out;
     };
     let tenant = t.id.as_str();
+    let of = LimitOf::Tenant(tenant);
     push_limits(
         &mut out,
+        policy,
         LimitScope::Tenant,
-        LimitOf::Tenant(tenant),
+        of,
         &t.limits,
         reservation,
     );
@@ -121,16 +194,53 @@ pub fn demands(
             tenant,
             model: &m.name,
         };
-        push_limits(&mut out, LimitScope::TenantModel, of, l, reservation);
+        push_limits(
+            &mut out,
+            policy,
+            LimitScope::TenantModel,
+            of,
+            l,
+            reservation,
+        );
     }
     if let Some(p) = policy.provider(provider) {
         let of = LimitOf::Provider(&p.name);
-        push_limits(&mut out, LimitScope::Provider, of, &p.limits, reservation);
+        push_limits(
+            &mut out,
+            policy,
+            LimitScope::Provider,
+            of,
+            &p.limits,
+            reservation,
+        );
     }
     out
 }
 
-/// One decision over every applicable limit. A refusal holds nothing.
+/// Where admission stands after the local limits.
+#[derive(Debug)]
+pub enum Decision {
+    /// Every limit that applies is decided, and took the request.
+    Admitted(Admitted),
+    /// The local limits took the request; the global ones wait for the quota service.
+    Pending(PendingGlobal),
+}
+
+/// A request whose local limits are taken, waiting for the quota service's decision on
+/// its global ones.
+#[derive(Debug)]
+pub struct PendingGlobal {
+    /// What the local limits took (given back if the global decision refuses).
+    pub held: Held,
+    local_snapshots: Vec<(LimitId, Snapshot)>,
+    global: Vec<GlobalDemand>,
+    parties: Parties,
+    started_ms: u64,
+}
+
+/// One decision over every applicable limit. Local limits are decided here and now; if
+/// any limit is global, the decision completes with [`PendingGlobal::conclude`] once the
+/// quota service answers. A refusal holds nothing.
 pub fn admit(
     policy: &Policy,
     store: &dyn Store,
@@ -138,30 +248,48 @@ pub fn admit(
     reservation: Reservation,
     flavour: ApiFlavour,
     now_ms: u64,
-) -> Result<Admitted, ApiError> {
-    let wanted = demands(policy, parties, reservation);
+) -> Result<Decision, ApiError> {
+    let Plan { local, global } = plan(policy, parties, reservation);
+    let (items, local_snapshots) = take(policy, store, parties, &local, flavour, now_ms)?;
+    let held = Held {
+        items,
+        reserved: reservation,
+        ..Held::default()
+    };
+    if global.is_empty() {
+        let (ids, snapshots): (Vec<LimitId>, Vec<Snapshot>) = local_snapshots.into_iter().unzip();
+        let headers = ratelimit_headers(&ids, &snapshots, flavour, now_ms);
+        return Ok(Decision::Admitted(Admitted { held, headers }));
+    }
+    Ok(Decision::Pending(PendingGlobal {
+        held,
+        local_snapshots,
+        global,
+        parties,
+        started_ms: now_ms,
+    }))
+}
+
+/// Takes `wanted` from the local store in one decision: what was taken, with snapshots.
+fn take(
+    policy: &Policy,
+    store: &dyn Store,
+    parties: Parties,
+    wanted: &[(LimitId, Demand)],
+    flavour: ApiFlavour,
+    now_ms: u64,
+) -> Result<(Vec<(LimitId, Taken)>, Vec<(LimitId, Snapshot)>), ApiError> {
     if wanted.is_empty() {
-        return Ok(Admitted {
-            held: Held {
-                items: Vec::new(),
-                reserved: reservation,
-            },
-            headers: Vec::new(),
-        });
+        return Ok((Vec::new(), Vec::new()));
     }
     let list: Vec<Demand> = wanted.iter().map(|(_, d)| d.clone()).collect();
-
     match Limiter::new(store).admit(&list, now_ms) {
         Admission::Admitted { taken, snapshots } => {
-            let ids: Vec<LimitId> = wanted.iter().map(|(id, _)| *id).collect();
-            let headers = ratelimit_headers(&ids, &snapshots, flavour, now_ms);
-            Ok(Admitted {
-                held: Held {
-                    items: ids.into_iter().zip(taken).collect(),
-                    reserved: reservation,
-                },
-                headers,
-            })
+            let ids = wanted.iter().map(|(id, _)| *id);
+            Ok((
+                ids.clone().zip(taken).collect(),
+                ids.zip(snapshots).collect(),
+            ))
         }
         Admission::Rejected {
             index,
@@ -188,6 +316,153 @@ pub fn admit(
         // Fail closed: without the shared counters no limit can be enforced.
         Admission::Failed(failure) => Err(ApiError::shared_state("limit", failure)),
     }
+}
+
+/// How long an unsettled reservation waits in Redis for its settlement: the longest
+/// request (Envoy's route timeout in the shipped configurations is 10 minutes) plus the
+/// settlement's retries, with room to spare.
+pub const GLOBAL_HOLD_MS: u64 = 60 * 60 * 1000;
+
+/// A refusal that comes after the local limits took the request: the error, and what
+/// they took, to give back.
+#[derive(Debug)]
+pub struct Refusal {
+    pub error: ApiError,
+    pub held: Held,
+}
+
+impl PendingGlobal {
+    /// The call to the quota service; `id` must be unique to this request.
+    pub fn request(&self, id: String, lease_ms: u64) -> AdmitRequest {
+        AdmitRequest {
+            id,
+            lease_ms,
+            hold_ms: GLOBAL_HOLD_MS,
+            demands: self.global.iter().map(|g| g.demand.clone()).collect(),
+        }
+    }
+
+    /// When the local limits took the request.
+    pub fn started_ms(&self) -> u64 {
+        self.started_ms
+    }
+
+    /// What the global demands take if the service admits them, charged to `month`.
+    pub fn global_takes(&self, month: u32) -> Vec<(LimitId, Taken)> {
+        self.global
+            .iter()
+            .map(|g| {
+                let taken = Taken {
+                    key: g.demand.key.clone(),
+                    kind: g.demand.kind,
+                    amount: g.demand.amount,
+                    month,
+                };
+                (g.id, taken)
+            })
+            .collect()
+    }
+
+    /// Completes the decision with the quota service's answer (`Err`: it did not answer
+    /// usably, and `on_engine_failure` decides).
+    pub fn conclude(
+        self,
+        policy: &Policy,
+        store: &dyn Store,
+        id: String,
+        answer: Result<AdmitReply, String>,
+        flavour: ApiFlavour,
+        now_ms: u64,
+    ) -> Result<Admitted, Refusal> {
+        let refused = |error, held| Refusal { error, held };
+        let answer = match answer {
+            Ok(AdmitReply::Admitted { snapshots, .. }) if snapshots.len() != self.global.len() => {
+                let error = engine_unusable("it answered for a different number of limits");
+                return Err(refused(error, self.held));
+            }
+            other => other,
+        };
+        let items = match &answer {
+            Ok(AdmitReply::Admitted { month, .. }) => self.global_takes(*month),
+            _ => Vec::new(),
+        };
+        let PendingGlobal {
+            mut held,
+            mut local_snapshots,
+            global,
+            parties,
+            ..
+        } = self;
+        match answer {
+            Ok(AdmitReply::Admitted { snapshots, month }) => {
+                held.global = Some(GlobalHeld { id, month, items });
+                local_snapshots.extend(global.iter().map(|g| g.id).zip(snapshots));
+            }
+            Ok(AdmitReply::Rejected {
+                index,
+                retry_after_ms,
+                snapshot,
+            }) => {
+                let error = match global.get(index) {
+                    Some(g) => refusal(
+                        g.id,
+                        &g.demand,
+                        &snapshot,
+                        retry_after_ms,
+                        &scope_text(policy, g.id.scope, parties),
+                        flavour,
+                        now_ms,
+                    ),
+                    None => engine_unusable("it refused a limit it was not asked about"),
+                };
+                return Err(refused(error, held));
+            }
+            Err(why) => {
+                let fallback = policy
+                    .global
+                    .as_ref()
+                    .is_some_and(|g| g.on_engine_failure == OnEngineFailure::Local);
+                if !fallback {
+                    return Err(refused(engine_unavailable(&why), held));
+                }
+                // Never unlimited: the global limits are decided by this Envoy alone.
+                let wanted: Vec<(LimitId, Demand)> = global
+                    .iter()
+                    .map(|g| {
+                        let demand = Demand {
+                            key: g.local_key.clone(),
+                            ..g.demand.clone()
+                        };
+                        (g.id, demand)
+                    })
+                    .collect();
+                match take(policy, store, parties, &wanted, flavour, now_ms) {
+                    Ok((items, snapshots)) => {
+                        held.items.extend(items);
+                        held.fell_back = true;
+                        local_snapshots.extend(snapshots);
+                    }
+                    Err(error) => return Err(refused(error, held)),
+                }
+            }
+        }
+        // Headers in the order of the local decision (concurrency, rates, months).
+        let (ids, snapshots): (Vec<LimitId>, Vec<Snapshot>) = local_snapshots.into_iter().unzip();
+        let headers = ratelimit_headers(&ids, &snapshots, flavour, now_ms);
+        Ok(Admitted { held, headers })
+    }
+}
+
+fn engine_unavailable(why: &str) -> ApiError {
+    ApiError::new(
+        ErrorKind::QuotaEngineUnavailable,
+        format!("The gateway's quota service is unavailable ({why}); please retry shortly."),
+    )
+    .retry_after_ms(1000)
+}
+
+fn engine_unusable(why: &str) -> ApiError {
+    engine_unavailable(&format!("its answer was unusable: {why}"))
 }
 
 fn measure_text(m: LimitMeasure) -> &'static str {
@@ -326,30 +601,64 @@ fn ratelimit_headers(
     out
 }
 
+/// What settlement left to do or report.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// Local limit keys that could not be settled, for the host to log.
+    pub failures: Vec<String>,
+    /// The correction of the global limits, for the host to send to the quota service.
+    pub global: Option<Settlement>,
+}
+
+/// The amount of limit `measure` a request really used.
+fn actual_of(measure: LimitMeasure, tokens: u64, cost_micro_usd: u64) -> Option<u64> {
+    match measure {
+        // A request is a request, whatever it produced.
+        LimitMeasure::RequestsPerMinute => None,
+        LimitMeasure::TokensPerMinute | LimitMeasure::MonthlyTokens => Some(tokens),
+        LimitMeasure::MonthlyBudget => Some(cost_micro_usd),
+        LimitMeasure::ConcurrentRequests => Some(0),
+    }
+}
+
 /// Settles what admission took against the real usage: refunds or charges the token and
-/// cost reservations, releases concurrency slots. Returns failures for the host to log.
+/// cost reservations, releases concurrency slots. Local limits are settled here; the
+/// global ones become one [`Settlement`] for the quota service.
 pub fn settle(
     store: &dyn Store,
     held: &Held,
     actual_tokens: u64,
     actual_cost_micro_usd: u64,
     now_ms: u64,
-) -> Vec<String> {
+) -> Settled {
     let limiter = Limiter::new(store);
     let mut failures = Vec::new();
     for (id, taken) in &held.items {
-        let actual = match id.measure {
-            // A request is a request, whatever it produced.
-            LimitMeasure::RequestsPerMinute => continue,
-            LimitMeasure::TokensPerMinute | LimitMeasure::MonthlyTokens => actual_tokens,
-            LimitMeasure::MonthlyBudget => actual_cost_micro_usd,
-            LimitMeasure::ConcurrentRequests => 0,
+        let Some(actual) = actual_of(id.measure, actual_tokens, actual_cost_micro_usd) else {
+            continue;
         };
         if let Err(e) = limiter.settle(taken, actual, now_ms) {
             failures.push(format!("{}: {e:?}", taken.key));
         }
     }
-    failures
+    let global = held.global.as_ref().map(|g| Settlement {
+        id: g.id.clone(),
+        month: g.month,
+        items: g
+            .items
+            .iter()
+            .filter_map(|(id, taken)| {
+                let actual = actual_of(id.measure, actual_tokens, actual_cost_micro_usd)?;
+                Some(SettleItem {
+                    key: taken.key.clone(),
+                    kind: taken.kind,
+                    reserved: taken.amount,
+                    actual,
+                })
+            })
+            .collect(),
+    });
+    Settled { failures, global }
 }
 
 #[cfg(test)]
@@ -385,6 +694,21 @@ mod tests {
         ..ACME
     };
 
+    /// Admission where every limit is local: decided at once.
+    fn admit_local(
+        policy: &Policy,
+        store: &dyn Store,
+        parties: Parties,
+        reservation: Reservation,
+        flavour: ApiFlavour,
+        now_ms: u64,
+    ) -> Result<Admitted, ApiError> {
+        match admit(policy, store, parties, reservation, flavour, now_ms)? {
+            Decision::Admitted(admitted) => Ok(admitted),
+            Decision::Pending(p) => panic!("no global limits are configured: {p:?}"),
+        }
+    }
+
     const RES: Reservation = Reservation {
         tokens: 500,
         cost_micro_usd: 1000,
@@ -397,7 +721,8 @@ mod tests {
                    "monthly_tokens": 100000, "monthly_budget_usd": 1}),
             json!({"requests_per_minute": 100}),
         );
-        let keys: Vec<(String, u64)> = demands(&p, ACME, RES)
+        let keys: Vec<(String, u64)> = plan(&p, ACME, RES)
+            .local
             .into_iter()
             .map(|(_, d)| (d.key, d.amount))
             .collect();
@@ -422,8 +747,8 @@ mod tests {
             json!({"requests_per_minute": 1}),
         );
         let store = MemoryStore::new();
-        assert!(admit(&p, &store, BETA, RES, ApiFlavour::OpenAi, 0).is_ok());
-        let err = admit(&p, &store, BETA, RES, ApiFlavour::OpenAi, 1).unwrap_err();
+        assert!(admit_local(&p, &store, BETA, RES, ApiFlavour::OpenAi, 0).is_ok());
+        let err = admit_local(&p, &store, BETA, RES, ApiFlavour::OpenAi, 1).unwrap_err();
         assert_eq!(err.kind.reason(), "provider_requests_per_minute");
         assert!(err.message.contains("provider `openai`"), "{}", err.message);
         // beta's own bucket gave back what it took for the refused request: 9 left, not 8.
@@ -444,7 +769,7 @@ mod tests {
             json!({}),
         );
         let store = MemoryStore::new();
-        let first = admit(&p, &store, BETA, RES, ApiFlavour::OpenAi, 0).unwrap();
+        let first = admit_local(&p, &store, BETA, RES, ApiFlavour::OpenAi, 0).unwrap();
         let header = |a: &Admitted, n: &str| {
             a.headers
                 .iter()
@@ -456,10 +781,10 @@ mod tests {
             Some("500")
         );
         // The single slot is taken until settlement.
-        let busy = admit(&p, &store, BETA, RES, ApiFlavour::OpenAi, 0).unwrap_err();
+        let busy = admit_local(&p, &store, BETA, RES, ApiFlavour::OpenAi, 0).unwrap_err();
         assert_eq!(busy.kind.reason(), "concurrent_requests");
-        assert!(settle(&store, &first.held, 100, 0, 0).is_empty());
-        let second = admit(&p, &store, BETA, RES, ApiFlavour::OpenAi, 0).unwrap();
+        assert!(settle(&store, &first.held, 100, 0, 0).failures.is_empty());
+        let second = admit_local(&p, &store, BETA, RES, ApiFlavour::OpenAi, 0).unwrap();
         assert_eq!(
             header(&second, "x-ratelimit-remaining-tokens").as_deref(),
             Some("400"),
@@ -471,11 +796,11 @@ mod tests {
     fn exhausted_quota_gives_no_retry_hint() {
         let p = policy(json!({"monthly_tokens": 800}), json!({}));
         let store = MemoryStore::new();
-        let held = admit(&p, &store, BETA, RES, ApiFlavour::OpenAi, 0)
+        let held = admit_local(&p, &store, BETA, RES, ApiFlavour::OpenAi, 0)
             .unwrap()
             .held;
-        assert!(settle(&store, &held, 500, 0, 0).is_empty());
-        let err = admit(&p, &store, BETA, RES, ApiFlavour::OpenAi, 0).unwrap_err();
+        assert!(settle(&store, &held, 500, 0, 0).failures.is_empty());
+        let err = admit_local(&p, &store, BETA, RES, ApiFlavour::OpenAi, 0).unwrap_err();
         let reply = err.reply(ApiFlavour::OpenAi);
         assert_eq!(reply.status, 429);
         assert_eq!(reply.header("x-should-retry"), Some("false"));
@@ -494,7 +819,7 @@ mod tests {
             json!({"requests_per_minute": 10, "tokens_per_minute": 1000}),
             json!({}),
         );
-        let ok = admit(&p, &MemoryStore::new(), BETA, RES, ApiFlavour::Anthropic, 0).unwrap();
+        let ok = admit_local(&p, &MemoryStore::new(), BETA, RES, ApiFlavour::Anthropic, 0).unwrap();
         let names: Vec<&str> = ok.headers.iter().map(|(n, _)| n.as_str()).collect();
         assert!(
             names.contains(&"anthropic-ratelimit-requests-remaining"),

@@ -39,6 +39,9 @@ pub enum ErrorKind {
     QueueFull,
     /// The provider stayed full for longer than the tier's maximum wait.
     QueueTimeout,
+    /// The global limits engine (the quota service, Redis) did not answer in time, and
+    /// the configuration says to refuse rather than fall back to local limits.
+    QuotaEngineUnavailable,
 }
 
 impl ErrorKind {
@@ -56,7 +59,7 @@ impl ErrorKind {
     pub fn status(self) -> u16 {
         match self {
             ErrorKind::LimitExceeded(_) | ErrorKind::LimiterBusy | ErrorKind::QueueFull => 429,
-            ErrorKind::QueueTimeout => 503,
+            ErrorKind::QueueTimeout | ErrorKind::QuotaEngineUnavailable => 503,
             ErrorKind::InvalidApiKey => 401,
             ErrorKind::ModelNotAllowed => 403,
             ErrorKind::ModelNotFound | ErrorKind::UnknownPath => 404,
@@ -82,6 +85,7 @@ impl ErrorKind {
             ErrorKind::LimiterBusy => "limiter_busy",
             ErrorKind::QueueFull => "queue_full",
             ErrorKind::QueueTimeout => "queue_timeout",
+            ErrorKind::QuotaEngineUnavailable => "quota_engine_unavailable",
         }
     }
 
@@ -107,6 +111,7 @@ impl ErrorKind {
                 ("requests", Some("rate_limit_exceeded"))
             }
             ErrorKind::QueueTimeout => ("server_error", Some("server_overloaded")),
+            ErrorKind::QuotaEngineUnavailable => ("server_error", Some("quota_engine_unavailable")),
         }
     }
 
@@ -124,6 +129,7 @@ impl ErrorKind {
                 "rate_limit_error"
             }
             ErrorKind::QueueTimeout => "overloaded_error",
+            ErrorKind::QuotaEngineUnavailable => "api_error",
         }
     }
 }

@@ -112,6 +112,33 @@ pub enum MetricKey {
     QueueWaiting(ProviderId, u8),
     /// Gauge: requests in flight to a provider with a capacity.
     QueueInFlight(ProviderId),
+    /// Counter: something that happened between this worker and the quota service.
+    Global(GlobalEvent),
+}
+
+/// Events of the global limits engine, each its own counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GlobalEvent {
+    /// A request's global limits were decided locally: the quota service did not answer
+    /// and `on_engine_failure` is `local`.
+    Fallback,
+    /// A settlement failed and will be tried again.
+    SettlementRetried,
+    /// A settlement ran out of tries (logged with its content, for reconciliation).
+    SettlementLost,
+    /// Leases found expired at renewal (their slots had gone back).
+    LeaseLost,
+}
+
+impl GlobalEvent {
+    pub fn name(self) -> &'static str {
+        match self {
+            GlobalEvent::Fallback => "sluice_global_fallbacks_total",
+            GlobalEvent::SettlementRetried => "sluice_global_settlement_retries_total",
+            GlobalEvent::SettlementLost => "sluice_global_settlements_lost_total",
+            GlobalEvent::LeaseLost => "sluice_global_leases_lost_total",
+        }
+    }
 }
 
 /// Where metrics go: Envoy stats in the wasm build, a map in tests.
@@ -164,6 +191,7 @@ pub fn stat_name(policy: &Policy, key: &MetricKey) -> String {
         MetricKey::QueueInFlight(p) => {
             format!("sluice_queue_in_flight;provider={}", provider(Some(*p)))
         }
+        MetricKey::Global(event) => event.name().to_string(),
         MetricKey::QueueWaiting(p, priority) => {
             format!(
                 "sluice_queue_waiting;provider={};priority={priority}",
@@ -196,6 +224,9 @@ pub fn record_ending(metrics: &mut impl Metrics, ending: &Ending) {
     let (model, provider) = (ending.model, ending.provider);
     if let (Some(wait), Some(p)) = (ending.queue_wait_ms, provider) {
         metrics.add(MetricKey::QueueWait(p, tenant), wait);
+    }
+    if ending.limits_engine == Some("local_fallback") {
+        metrics.add(MetricKey::Global(GlobalEvent::Fallback), 1);
     }
     let labels = Labels {
         tenant,

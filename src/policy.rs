@@ -59,6 +59,64 @@ pub struct Policy {
     pub keys: KeyIndex,
     /// Allow-lists by model id, shared by the tenants of a tier.
     pub allow_sets: Vec<Vec<bool>>,
+    /// Which limits live in Redis, through the quota service; `None`: all are local.
+    pub global: Option<GlobalLimits>,
+}
+
+/// The `global` section: which limits are decided by the quota service (over Redis) for
+/// every Envoy replica at once, and how this Envoy talks to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GlobalLimits {
+    /// The Envoy cluster of the quota service.
+    pub cluster: String,
+    /// `:authority` of the callouts.
+    pub authority: String,
+    /// Longest wait for one callout.
+    pub timeout_ms: u64,
+    /// Tenant and tenant-on-model limits that are global.
+    pub tenant_measures: MeasureSet,
+    /// Provider-account limits that are global.
+    pub provider_measures: MeasureSet,
+    pub on_engine_failure: OnEngineFailure,
+    /// A global concurrency slot's lease, renewed while its request runs.
+    pub lease_ms: u64,
+    /// Tries to deliver one settlement before it is counted as lost.
+    pub settle_attempts: u32,
+}
+
+impl GlobalLimits {
+    /// Whether the limit `id` is decided by the quota service.
+    pub fn covers(&self, id: LimitId) -> bool {
+        match id.scope {
+            LimitScope::Tenant | LimitScope::TenantModel => {
+                self.tenant_measures.contains(id.measure)
+            }
+            LimitScope::Provider => self.provider_measures.contains(id.measure),
+        }
+    }
+}
+
+/// What a request gets when the quota service does not answer in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnEngineFailure {
+    /// A 503 `quota_engine_unavailable`.
+    Deny,
+    /// This Envoy's own (local) limits decide instead; never no limit at all.
+    Local,
+}
+
+/// A set of [`LimitMeasure`]s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MeasureSet(u8);
+
+impl MeasureSet {
+    pub fn with(self, measure: LimitMeasure) -> Self {
+        MeasureSet(self.0 | measure.bit())
+    }
+
+    pub fn contains(self, measure: LimitMeasure) -> bool {
+        self.0 & measure.bit() != 0
+    }
 }
 
 impl Policy {
@@ -259,6 +317,37 @@ pub enum LimitMeasure {
     ConcurrentRequests,
     MonthlyTokens,
     MonthlyBudget,
+}
+
+impl LimitMeasure {
+    pub const ALL: [LimitMeasure; 5] = [
+        LimitMeasure::RequestsPerMinute,
+        LimitMeasure::TokensPerMinute,
+        LimitMeasure::ConcurrentRequests,
+        LimitMeasure::MonthlyTokens,
+        LimitMeasure::MonthlyBudget,
+    ];
+
+    /// The name of its field in the configuration's `limits`.
+    pub fn config_name(self) -> &'static str {
+        match self {
+            LimitMeasure::RequestsPerMinute => "requests_per_minute",
+            LimitMeasure::TokensPerMinute => "tokens_per_minute",
+            LimitMeasure::ConcurrentRequests => "concurrent_requests",
+            LimitMeasure::MonthlyTokens => "monthly_tokens",
+            LimitMeasure::MonthlyBudget => "monthly_budget_usd",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        match self {
+            LimitMeasure::RequestsPerMinute => 1,
+            LimitMeasure::TokensPerMinute => 2,
+            LimitMeasure::ConcurrentRequests => 4,
+            LimitMeasure::MonthlyTokens => 8,
+            LimitMeasure::MonthlyBudget => 16,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

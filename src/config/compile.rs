@@ -2,12 +2,15 @@
 //! resolved to a typed id, every value checked, names that reach headers and stat names
 //! kept clean.
 
-use super::{ConfigError, RawApi, RawConfig, RawKey, RawLimits, RawModel, RawPrice, RawProvider};
+use super::{
+    ConfigError, RawApi, RawConfig, RawGlobal, RawKey, RawLimits, RawModel, RawPrice, RawProvider,
+};
 use crate::auth::{KeyDigest, KeyIndex};
 use crate::errors::ApiFlavour;
 use crate::policy::{
-    Credential, KeyId, Limits, Model, ModelCatalog, ModelId, Policy, Price, Provider, ProviderId,
-    QueueSpec, Queueing, Tenant, TenantId,
+    Credential, GlobalLimits, KeyId, LimitMeasure, Limits, MeasureSet, Model, ModelCatalog,
+    ModelId, OnEngineFailure, Policy, Price, Provider, ProviderId, QueueSpec, Queueing, Tenant,
+    TenantId,
 };
 use crate::routing::Pattern;
 use crate::shared::keys;
@@ -127,6 +130,10 @@ pub(super) fn policy(
 
     let output_tokens = raw.default_max_output_tokens;
     within("default_max_output_tokens", output_tokens, 10_000_000, "")?;
+    let global = raw.global.as_ref().map(compile_global).transpose()?;
+    if let Some(global) = &global {
+        check_global_rates(global, &tenants, &providers)?;
+    }
     Ok(Policy {
         max_body_bytes: raw.max_body_bytes,
         default_max_output_tokens: raw.default_max_output_tokens,
@@ -135,7 +142,122 @@ pub(super) fn policy(
         tenants,
         keys,
         allow_sets,
+        global,
     })
+}
+
+fn compile_global(g: &RawGlobal) -> Result<GlobalLimits, ConfigError> {
+    let cluster_ok = |b: u8| b.is_ascii_graphic() && b != b'"';
+    let rule = "1-256 printable ASCII characters without spaces or quotes";
+    check_bytes("global.cluster", &g.cluster, 256, cluster_ok, rule)?;
+    let authority = g.authority.clone().unwrap_or_else(|| g.cluster.clone());
+    check_bytes("global.authority", &authority, 256, cluster_ok, rule)?;
+    within("global.timeout_ms", g.timeout_ms, 10_000, " (10 s)")?;
+    within("global.lease_ms", g.lease_ms, 3_600_000, " (1 hour)")?;
+    require(
+        g.lease_ms >= 1_000,
+        "global.lease_ms",
+        "must be at least 1000: the lease is renewed every third of it",
+    )?;
+    within(
+        "global.settle_attempts",
+        u64::from(g.settle_attempts),
+        10,
+        "",
+    )?;
+    let on_engine_failure = match g.on_engine_failure.as_str() {
+        "deny" => OnEngineFailure::Deny,
+        "local" => OnEngineFailure::Local,
+        other => {
+            return Err(ConfigError::at(
+                "global.on_engine_failure",
+                format!("unknown value `{other}`: expected `deny` or `local`"),
+            ))
+        }
+    };
+    Ok(GlobalLimits {
+        cluster: g.cluster.clone(),
+        authority,
+        timeout_ms: g.timeout_ms,
+        tenant_measures: measure_set("global.limits", &g.limits)?,
+        provider_measures: measure_set("global.provider_limits", &g.provider_limits)?,
+        on_engine_failure,
+        lease_ms: g.lease_ms,
+        settle_attempts: g.settle_attempts,
+    })
+}
+
+/// Limit field names (`requests_per_minute`, ...) as a set; an unknown name is an error.
+fn measure_set(at: &str, names: &[String]) -> Result<MeasureSet, ConfigError> {
+    let mut set = MeasureSet::default();
+    for (i, name) in names.iter().enumerate() {
+        let Some(measure) = LimitMeasure::ALL
+            .into_iter()
+            .find(|m| m.config_name() == name)
+        else {
+            let known: Vec<&str> = LimitMeasure::ALL.iter().map(|m| m.config_name()).collect();
+            return Err(ConfigError::at(
+                format!("{at}[{i}]"),
+                format!(
+                    "unknown limit `{name}`: expected one of {}",
+                    known.join(", ")
+                ),
+            ));
+        };
+        set = set.with(measure);
+    }
+    Ok(set)
+}
+
+/// Redis's scripts count a bucket in doubles, exact up to 2^53: a global rate whose
+/// capacity in parts (`per_minute * burst * 60`) goes past that is refused here rather
+/// than rounded there.
+fn check_global_rates(
+    global: &GlobalLimits,
+    tenants: &[Tenant],
+    providers: &[Provider],
+) -> Result<(), ConfigError> {
+    const EXACT: u128 = 1 << 53;
+    let check = |at: String, l: &Limits, measures: MeasureSet| {
+        let rates = [
+            (LimitMeasure::RequestsPerMinute, l.requests_per_minute),
+            (LimitMeasure::TokensPerMinute, l.tokens_per_minute),
+        ];
+        for (measure, rate) in rates {
+            let Some(per_minute) = rate.filter(|_| measures.contains(measure)) else {
+                continue;
+            };
+            let parts = u128::from(per_minute) * u128::from(l.burst_milli) * 60;
+            require(
+                parts <= EXACT,
+                format!("{at}.{}", measure.config_name()),
+                "is too large for a global limit: rate x burst must stay below 150,000,000,000,000 per minute",
+            )?;
+        }
+        Ok(())
+    };
+    for (t, tenant) in tenants.iter().enumerate() {
+        check(
+            format!("tenants[{t}].limits"),
+            &tenant.limits,
+            global.tenant_measures,
+        )?;
+        for limits in tenant.model_limits.values() {
+            check(
+                format!("tenants[{t}].model_limits"),
+                limits,
+                global.tenant_measures,
+            )?;
+        }
+    }
+    for (p, provider) in providers.iter().enumerate() {
+        check(
+            format!("providers[{p}].limits"),
+            &provider.limits,
+            global.provider_measures,
+        )?;
+    }
+    Ok(())
 }
 
 /// A tenant's keys into the key index; their ids (never the keys), by [`KeyId`].

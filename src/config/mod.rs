@@ -30,6 +30,59 @@ pub struct RawConfig {
     pub models: Vec<RawModel>,
     pub tiers: BTreeMap<String, RawTier>,
     pub tenants: Vec<RawTenant>,
+    /// Limits shared by every Envoy replica, in Redis through the quota service.
+    #[serde(default)]
+    pub global: Option<RawGlobal>,
+}
+
+/// The `global` section.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGlobal {
+    /// The Envoy cluster that reaches the quota service (`sluice-quota`).
+    pub cluster: String,
+    /// `:authority` of the callouts; defaults to the cluster name.
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// Longest wait for the quota service, per call (default 50 ms).
+    #[serde(default = "default_global_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Which tenant (and tenant-on-model) limits are global, by their `limits` field name
+    /// (default: the monthly quotas).
+    #[serde(default = "default_global_limits")]
+    pub limits: Vec<String>,
+    /// Which provider-account limits are global (default: none).
+    #[serde(default)]
+    pub provider_limits: Vec<String>,
+    /// `deny` (default: 503) or `local` (this Envoy's own limits decide).
+    #[serde(default = "default_on_engine_failure")]
+    pub on_engine_failure: String,
+    /// Lease of a global concurrency slot, renewed while its request runs (default 30 s).
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+    /// Tries to deliver a settlement before it is counted as lost (default 3).
+    #[serde(default = "default_settle_attempts")]
+    pub settle_attempts: u32,
+}
+
+fn default_global_timeout_ms() -> u64 {
+    50
+}
+
+fn default_global_limits() -> Vec<String> {
+    vec!["monthly_tokens".into(), "monthly_budget_usd".into()]
+}
+
+fn default_on_engine_failure() -> String {
+    "deny".into()
+}
+
+fn default_lease_ms() -> u64 {
+    30_000
+}
+
+fn default_settle_attempts() -> u32 {
+    3
 }
 
 fn default_max_body_bytes() -> u64 {

@@ -249,3 +249,73 @@ fn not_json_is_a_clear_error() {
         "{e}"
     );
 }
+
+#[test]
+fn the_global_section_compiles_with_defaults() {
+    let mut v = base();
+    v["global"] = serde_json::json!({"cluster": "sluice_quota"});
+    let g = compile_value(&v).unwrap().global.unwrap();
+    assert_eq!(g.authority, "sluice_quota");
+    assert_eq!(g.timeout_ms, 50);
+    assert_eq!(g.on_engine_failure, crate::policy::OnEngineFailure::Deny);
+    use crate::policy::LimitMeasure::*;
+    assert!(g.tenant_measures.contains(MonthlyTokens));
+    assert!(g.tenant_measures.contains(MonthlyBudget));
+    assert!(!g.tenant_measures.contains(RequestsPerMinute));
+    assert!(!g.provider_measures.contains(MonthlyBudget));
+    assert!(compile_value(&base()).unwrap().global.is_none());
+}
+
+#[test]
+fn global_errors_name_the_field() {
+    let cases = [
+        (
+            serde_json::json!({"cluster": "q", "limits": ["rpm"]}),
+            "global.limits[0]",
+        ),
+        (
+            serde_json::json!({"cluster": "q", "provider_limits": ["monthly_tokens", "x"]}),
+            "global.provider_limits[1]",
+        ),
+        (
+            serde_json::json!({"cluster": "q", "on_engine_failure": "open"}),
+            "global.on_engine_failure",
+        ),
+        (
+            serde_json::json!({"cluster": "q", "timeout_ms": 0}),
+            "global.timeout_ms",
+        ),
+        (
+            serde_json::json!({"cluster": "q", "lease_ms": 10}),
+            "global.lease_ms",
+        ),
+        (
+            serde_json::json!({"cluster": "q", "settle_attempts": 0}),
+            "global.settle_attempts",
+        ),
+        (serde_json::json!({"cluster": ""}), "global.cluster"),
+        (
+            serde_json::json!({"cluster": "q", "colour": 1}),
+            "global.colour",
+        ),
+    ];
+    for (global, path) in cases {
+        let mut v = base();
+        v["global"] = global.clone();
+        let err = compile_value(&v).unwrap_err();
+        assert_eq!(err.path, path, "{global}: {err}");
+    }
+}
+
+#[test]
+fn a_global_rate_beyond_exact_doubles_is_refused() {
+    let mut v = base();
+    v["tenants"][0]["limits"] =
+        serde_json::json!({"tokens_per_minute": 1_000_000_000_000u64, "burst": 1000.0});
+    v["global"] = serde_json::json!({"cluster": "q", "limits": ["tokens_per_minute"]});
+    let err = compile_value(&v).unwrap_err();
+    assert_eq!(err.path, "tenants[0].limits.tokens_per_minute", "{err}");
+    // The same limit kept local is fine: shared data counts in integers.
+    v["global"] = serde_json::json!({"cluster": "q", "limits": ["monthly_tokens"]});
+    assert!(compile_value(&v).is_ok());
+}

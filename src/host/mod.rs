@@ -10,12 +10,14 @@ mod stream;
 
 use crate::config;
 use crate::errors::LocalReply;
+use crate::global::{Courier, Outgoing, Report};
 use crate::lifecycle::queue::{QueueAction, WorkerQueue, TICK_MS};
+use crate::metrics::{GlobalEvent, MetricKey, Metrics};
 use crate::policy::Policy;
 use metrics::{HostMetrics, NoMetrics};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{BufferType, ContextType, LogLevel};
+use proxy_wasm::types::{BufferType, ContextType, LogLevel, MapType};
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -24,7 +26,9 @@ use stream::SluiceHttp;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(SluiceRoot::default()) });
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
+        Box::new(SluiceRoot { context_id, configured: None })
+    });
 }}
 
 fn log(level: LogLevel, message: &str) {
@@ -66,14 +70,145 @@ struct Configured {
     queue: Option<Rc<RefCell<WorkerQueue>>>,
     /// Envoy's wasm log level was debug or lower at configure time.
     debug: bool,
+    /// Settlements and leases for the quota service (when any limit is global).
+    courier: Option<Rc<RefCell<Courier>>>,
+    /// Random per VM: names this VM's admissions at the quota service.
+    nonce: u64,
 }
 
-#[derive(Default)]
 struct SluiceRoot {
+    context_id: u32,
     configured: Option<Configured>,
 }
 
-impl Context for SluiceRoot {}
+impl SluiceRoot {
+    /// Sends what the courier has due, as calls of this root context (never of a
+    /// stream: those calls would be cancelled when the stream ends).
+    fn send_courier_calls(&self) {
+        let Some(c) = &self.configured else { return };
+        let (Some(courier), Some(global)) = (&c.courier, &c.policy.global) else {
+            return;
+        };
+        let Ok(mut courier) = courier.try_borrow_mut() else {
+            return;
+        };
+        let now = now_ms();
+        let due = courier.due(now);
+        if due.is_empty() {
+            return;
+        }
+        let _ = hostcalls::set_effective_context(self.context_id);
+        let mut reports = Vec::new();
+        for Outgoing { path, body, errand } in due {
+            let headers = vec![
+                (":method", "POST"),
+                (":path", path),
+                (":authority", global.authority.as_str()),
+                ("content-type", "application/json"),
+            ];
+            let timeout = Duration::from_millis(global.timeout_ms);
+            match hostcalls::dispatch_http_call(
+                &global.cluster,
+                headers,
+                Some(&body),
+                vec![],
+                timeout,
+            ) {
+                Ok(token) => courier.sent(token, errand),
+                Err(s) => reports.extend(courier.undelivered(errand, &format!("{s:?}"), now)),
+            }
+        }
+        drop(courier);
+        self.report(reports);
+    }
+
+    /// Counts and logs what the courier reports.
+    fn report(&self, reports: Vec<Report>) {
+        let Some(c) = &self.configured else { return };
+        let count = |event| {
+            if let Ok(mut m) = c.metrics.try_borrow_mut() {
+                m.add(MetricKey::Global(event), 1);
+            }
+        };
+        for report in reports {
+            match report {
+                Report::Retrying { id, why } => {
+                    count(GlobalEvent::SettlementRetried);
+                    log(
+                        LogLevel::Warn,
+                        &format!("sluice: settlement {id} failed ({why}); retrying"),
+                    );
+                }
+                Report::Lost { id, why, record } => {
+                    count(GlobalEvent::SettlementLost);
+                    // The line billing reconciles from: the settlement the service never got.
+                    log(
+                        LogLevel::Error,
+                        &format!("sluice: settlement {id} lost ({why}): {record}"),
+                    );
+                }
+                Report::LeasesLost(n) => {
+                    for _ in 0..n {
+                        count(GlobalEvent::LeaseLost);
+                    }
+                    log(
+                        LogLevel::Warn,
+                        &format!("sluice: {n} global concurrency leases had expired"),
+                    );
+                }
+                Report::RenewFailed(why) => {
+                    log(
+                        LogLevel::Warn,
+                        &format!("sluice: lease renewal failed ({why})"),
+                    );
+                }
+            }
+        }
+    }
+}
+
+impl Context for SluiceRoot {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let Some(courier) = self.configured.as_ref().and_then(|c| c.courier.clone()) else {
+            return;
+        };
+        let answer = call_answer(num_headers, body_size);
+        let reports = match courier.try_borrow_mut() {
+            Ok(mut courier) => {
+                courier.answered(token_id, answer.as_deref().map_err(Clone::clone), now_ms())
+            }
+            Err(_) => Vec::new(),
+        };
+        self.report(reports);
+    }
+}
+
+/// The answer to a call to the quota service: its body for a 200, else why not.
+fn call_answer(num_headers: usize, body_size: usize) -> Result<Vec<u8>, String> {
+    if num_headers == 0 {
+        return Err("no answer (timeout, or the service is unreachable)".into());
+    }
+    let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    if status != "200" {
+        let text = String::from_utf8_lossy(&body);
+        let text: String = text.chars().take(200).collect();
+        return Err(format!("status {status}: {text}"));
+    }
+    Ok(body)
+}
 
 impl RootContext for SluiceRoot {
     fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
@@ -91,6 +226,7 @@ impl RootContext for SluiceRoot {
     }
 
     fn on_tick(&mut self) {
+        self.send_courier_calls();
         let Some(Configured {
             queue: Some(queue),
             metrics,
@@ -145,9 +281,10 @@ fn configure(size: usize) -> Result<Configured, String> {
     vm_bench(&policy);
     let queue = WorkerQueue::for_policy(&policy, &SharedData)
         .map_err(|e| format!("sluice: cannot allocate a worker id: {e:?}"))?;
-    if queue.is_some() {
+    let courier = policy.global.as_ref().map(Courier::new);
+    if queue.is_some() || courier.is_some() {
         hostcalls::set_tick_period(Duration::from_millis(TICK_MS))
-            .map_err(|s| format!("sluice: cannot set the queue tick: {s:?}"))?;
+            .map_err(|s| format!("sluice: cannot set the tick: {s:?}"))?;
     }
     let debug = matches!(
         hostcalls::get_log_level(),
@@ -158,7 +295,18 @@ fn configure(size: usize) -> Result<Configured, String> {
         policy,
         queue: queue.map(|q| Rc::new(RefCell::new(q))),
         debug,
+        courier: courier.map(|c| Rc::new(RefCell::new(c))),
+        nonce: vm_nonce(),
     })
+}
+
+/// A random number per VM (WASI's `random_get`, through the standard library's hasher
+/// keys), mixed with the clock.
+fn vm_nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(now_ms());
+    hasher.finish()
 }
 
 /// Diagnostics builds only: times the pure request path in this VM (make bench-vm).

@@ -2,13 +2,15 @@
 
 use super::metrics::NoMetrics;
 use super::store::SharedData;
-use super::{log, now_ms, run_queue_actions, send_reply, Configured};
+use super::{call_answer, log, now_ms, run_queue_actions, send_reply, Configured};
+use crate::global::wire::AdmitReply;
 use crate::headers::RequestHeaders;
-use crate::lifecycle::{BodyEnv, Exchange, Next, Step};
+use crate::lifecycle::{BodyEnv, Callout, Exchange, Next, Step};
 use crate::usage::Passthrough;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
+use std::time::Duration;
 
 /// Filter-state key of the usage record; the access log reads it as
 /// `filter_state['wasm.sluice_usage']` in a `%CEL(...)%` command.
@@ -73,6 +75,63 @@ impl SluiceHttp {
             .unwrap_or(0)
     }
 
+    fn body_env(&self) -> BodyEnv<'static> {
+        BodyEnv {
+            store: &SharedData,
+            now_ms: now_ms(),
+            worker: self.worker(),
+            context: self.context_id,
+            nonce: self.configured.as_ref().map_or(0, |c| c.nonce),
+        }
+    }
+
+    /// Sends the quota service call of a paused request; its answer comes to
+    /// `on_http_call_response`. A call that cannot be sent is answered at once as failed.
+    fn call(&mut self, callout: Callout) -> Action {
+        let global = self
+            .configured
+            .as_ref()
+            .and_then(|c| c.policy.global.clone());
+        let Some(global) = global else {
+            return self.fail("a quota service call without a `global` section");
+        };
+        let headers = vec![
+            (":method", "POST"),
+            (":path", callout.path),
+            (":authority", global.authority.as_str()),
+            ("content-type", "application/json"),
+        ];
+        let timeout = Duration::from_millis(global.timeout_ms);
+        match hostcalls::dispatch_http_call(
+            &global.cluster,
+            headers,
+            Some(&callout.body),
+            vec![],
+            timeout,
+        ) {
+            Ok(_token) => Action::Pause,
+            Err(s) => {
+                let why = format!("cannot call cluster `{}`: {s:?}", global.cluster);
+                self.admission_answer(Err(why))
+            }
+        }
+    }
+
+    /// Hands the quota service's answer to the exchange and carries out what follows.
+    fn admission_answer(&mut self, answer: Result<AdmitReply, String>) -> Action {
+        let Some(policy) = self.configured.as_ref().map(|c| c.policy.clone()) else {
+            return self.fail("no configuration");
+        };
+        let env = self.body_env();
+        let step = self.exchange.on_admission_answer(&policy, &env, answer);
+        if let Some(courier) = self.configured.as_ref().and_then(|c| c.courier.as_ref()) {
+            if let Ok(mut courier) = courier.try_borrow_mut() {
+                courier.hold(self.context_id, self.exchange.leases());
+            }
+        }
+        self.apply(step, 0)
+    }
+
     /// Carries out a step: the edits, then what comes next.
     fn apply(&mut self, step: Step, body_size: usize) -> Action {
         if let Err(what) = apply_edits(&step, body_size) {
@@ -106,6 +165,7 @@ impl SluiceHttp {
                 send_reply(&reply);
                 Action::Pause
             }
+            Next::Call(callout) => self.call(callout),
         }
     }
 
@@ -117,6 +177,16 @@ impl SluiceHttp {
             &format!("sluice: host call failed ({what}); answering 500"),
         );
         let failed = self.exchange.fail(&SharedData, now_ms());
+        if let Some(settlement) = failed.settlement {
+            if let Some(Ok(mut courier)) = self
+                .configured
+                .as_ref()
+                .and_then(|c| c.courier.as_ref())
+                .map(|c| c.try_borrow_mut())
+            {
+                courier.settle(settlement);
+            }
+        }
         for failure in &failed.settle_failures {
             log(
                 LogLevel::Warn,
@@ -128,7 +198,28 @@ impl SluiceHttp {
     }
 }
 
-impl Context for SluiceHttp {}
+impl Context for SluiceHttp {
+    fn on_http_call_response(
+        &mut self,
+        _token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let answer = call_answer(num_headers, body_size).and_then(|body| {
+            serde_json::from_slice::<AdmitReply>(&body).map_err(|e| format!("unusable answer: {e}"))
+        });
+        // The request was paused for this answer: resume it if it goes on.
+        if let Action::Continue = self.admission_answer(answer) {
+            if let Err(s) = hostcalls::resume_http_request() {
+                log(
+                    LogLevel::Warn,
+                    &format!("sluice: resume after admission: {s:?}"),
+                );
+            }
+        }
+    }
+}
 
 impl HttpContext for SluiceHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
@@ -162,12 +253,7 @@ impl HttpContext for SluiceHttp {
             Ok(None) => Some(Vec::new()),
             Err(_) => None,
         };
-        let env = BodyEnv {
-            store: &SharedData,
-            now_ms: now_ms(),
-            worker: self.worker(),
-            context: self.context_id,
-        };
+        let env = self.body_env();
         let step = self
             .exchange
             .on_request_body(&policy, &env, body_size, end_of_stream, read);
@@ -249,6 +335,10 @@ impl HttpContext for SluiceHttp {
         if let Some(Ok(mut q)) = c.queue.as_ref().map(|q| q.try_borrow_mut()) {
             q.forget(self.context_id);
         }
+        let courier = c.courier.as_ref().map(|c| c.try_borrow_mut());
+        if let Some(Ok(mut courier)) = courier {
+            courier.release(self.context_id);
+        }
         let (store, details, now) = (&SharedData, details.as_deref(), now_ms());
         // Never lose the record or the settlement: count without metrics if must be.
         let finished = match c.metrics.try_borrow_mut() {
@@ -275,6 +365,16 @@ impl HttpContext for SluiceHttp {
                 LogLevel::Warn,
                 &format!("sluice: could not settle limit {failure}"),
             );
+        }
+        if let Some(settlement) = done.settlement {
+            // Sent from this worker's root context: a stream's own calls die with it.
+            match c.courier.as_ref().map(|c| c.try_borrow_mut()) {
+                Some(Ok(mut courier)) => courier.settle(settlement),
+                _ => log(
+                    LogLevel::Error,
+                    &format!("sluice: settlement {} dropped: no courier", settlement.id),
+                ),
+            }
         }
         if c.debug {
             log(LogLevel::Debug, &format!("sluice: usage {}", done.record));

@@ -7,6 +7,7 @@ use super::{Admitted, Known, Replied, Route, Stage, UpstreamResponse};
 use crate::accounting::{cost_micro_usd, Ending, Latency};
 use crate::admission::{self, Held};
 use crate::errors::{ApiFlavour, ErrorKind};
+use crate::global::wire::Settlement;
 use crate::metrics::Outcome;
 use crate::policy::Policy;
 use crate::shared::Store;
@@ -27,6 +28,8 @@ pub(super) struct GivenBack {
     pub(super) failures: Vec<String>,
     /// A provider slot was freed: this worker's waiters may claim it now.
     pub(super) released_slot: bool,
+    /// The global limits' correction, for the host to send to the quota service.
+    pub(super) settlement: Option<Settlement>,
 }
 
 impl Claims {
@@ -39,12 +42,14 @@ impl Claims {
         cost_micro_usd: u64,
         now_ms: u64,
     ) -> GivenBack {
-        let mut failures = admission::settle(store, &self.held, tokens, cost_micro_usd, now_ms);
+        let settled = admission::settle(store, &self.held, tokens, cost_micro_usd, now_ms);
+        let mut failures = settled.failures;
         let left = self.place.leave(store);
         failures.extend(left.failure);
         GivenBack {
             failures,
             released_slot: left.released_slot,
+            settlement: settled.global,
         }
     }
 }
@@ -84,6 +89,20 @@ pub(super) fn decide(
                 ..about(known, outcome, status, unused)
             };
             (ending, claims)
+        }
+        Stage::Admitting(admitting) => {
+            let outcome = if client_left {
+                Outcome::Aborted
+            } else {
+                Outcome::UpstreamError
+            };
+            let ending = about(
+                Known::Routed(admitting.caller, admitting.route),
+                outcome,
+                0,
+                unused,
+            );
+            (ending, admitting.abandoned())
         }
         Stage::Queued { admitted, wait, .. } => {
             let timed_out = wait.state() == super::queue::WaitState::TimedOut;
@@ -149,9 +168,13 @@ pub(super) fn decide(
     };
     let price = ending.model.and_then(|m| policy.model(m)).map(|m| m.price);
     let cost = price.map_or(0, |p| cost_micro_usd(&ending.usage.usage, &p));
+    let held = &claims.held;
+    let admitted = !held.items.is_empty() || held.global.is_some() || held.fell_back;
     Some((
         Ending {
             cost_micro_usd: cost,
+            limits_engine: admitted.then(|| held.engine()),
+            global_id: held.global.as_ref().map(|g| g.id.clone()),
             ..ending
         },
         claims,
@@ -167,6 +190,27 @@ fn response_outcome(response: &UpstreamResponse, client_left: bool) -> Outcome {
         200..=399 => Outcome::UpstreamError,
         429 | 500..=599 => Outcome::UpstreamError,
         _ => Outcome::ClientError,
+    }
+}
+
+impl super::stage::Admitting {
+    /// What a request that ended while the quota service decided still holds: its local
+    /// limits, and whatever the service may have taken for it. The service's answer is
+    /// lost with the stream, so a release of every global demand is sent: if the service
+    /// took nothing, there is no reservation record and the release changes nothing. The
+    /// month is this Envoy's guess of the service's (they differ only at a month's edge).
+    pub(super) fn abandoned(self) -> Claims {
+        let mut held = self.pending.held.clone();
+        let month = crate::limits::month_index(self.pending.started_ms());
+        held.global = Some(admission::GlobalHeld {
+            id: self.id,
+            month,
+            items: self.pending.global_takes(month),
+        });
+        Claims {
+            held,
+            place: Place::Nowhere,
+        }
     }
 }
 

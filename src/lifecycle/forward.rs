@@ -3,23 +3,23 @@
 //! credential, model name, usage option), then admit it against every limit in one
 //! decision. Bad input is refused before any limit is touched.
 
-use super::{Admitted, BodyEnv, Caller, Known, Route, Step};
+use super::{BodyEnv, Caller, Known, Route, Step};
 use crate::accounting::cost_micro_usd;
-use crate::admission::{self, Parties, Reservation};
+use crate::admission::{self, Decision, Parties, Reservation};
 use crate::body::{inject_include_usage, parse_request, replace_model, replace_model_reserialized};
 use crate::errors::{ApiError, ApiFlavour, ErrorKind};
 use crate::headers::CLUSTER_HEADER;
-use crate::policy::{Policy, Provider};
+use crate::policy::Policy;
 use crate::routing::{upstream_path, Api};
 use crate::usage::TokenUsage;
 
-/// A request ready to go upstream: what it holds, the edits that send it, and its
-/// provider (whose queue it enters if the provider has a capacity).
-pub(super) struct Forwarding<'p> {
-    pub(super) admitted: Admitted,
-    pub(super) ratelimit_headers: Vec<(String, String)>,
+/// A routed request taken by its local limits: where admission stands (decided, or
+/// waiting for the quota service) and the edits that send it upstream.
+pub(super) struct Forwarding {
+    pub(super) caller: Caller,
+    pub(super) route: Route,
+    pub(super) decision: Decision,
     pub(super) step: Step,
-    pub(super) provider: &'p Provider,
 }
 
 /// Why the request is refused, and what was known by then.
@@ -28,13 +28,13 @@ pub(super) struct Refused {
     pub(super) known: Known,
 }
 
-pub(super) fn route<'p>(
-    policy: &'p Policy,
+pub(super) fn route(
+    policy: &Policy,
     env: &BodyEnv,
     caller: Caller,
     query: &str,
     raw: &[u8],
-) -> Result<Forwarding<'p>, Refused> {
+) -> Result<Forwarding, Refused> {
     // Each refusal carries what was known when it was made.
     let refused = |known| move |error| Refused { error, known };
     let fields = parse_request(raw).map_err(refused(Known::Request(caller)))?;
@@ -130,23 +130,19 @@ pub(super) fn route<'p>(
         provider: provider_id,
     };
     let flavour = api.flavour();
-    let admitted = admission::admit(policy, env.store, parties, reservation, flavour, env.now_ms)
+    let decision = admission::admit(policy, env.store, parties, reservation, flavour, env.now_ms)
         .map_err(refused)?;
     Ok(Forwarding {
-        admitted: Admitted {
-            caller,
-            route: Route {
-                model: model_id,
-                provider: provider_id,
-                stream: fields.stream,
-                injected_usage,
-                prompt_estimate,
-            },
-            held: admitted.held,
+        caller,
+        route: Route {
+            model: model_id,
+            provider: provider_id,
+            stream: fields.stream,
+            injected_usage,
+            prompt_estimate,
         },
-        ratelimit_headers: admitted.headers,
+        decision,
         step,
-        provider,
     })
 }
 

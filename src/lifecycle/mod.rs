@@ -8,8 +8,9 @@
 //!
 //! ```text
 //! Headers ──> AwaitingBody ──> Forwarded ──> Responding ──> Finished (any stage, on_log)
-//!    │             │              ^
-//!    │             └──> Queued ───┘ resumed by this worker's queue
+//!    │             │  │           ^  ^
+//!    │             │  └> Queued ──┘  │ resumed by this worker's queue
+//!    │             └> Admitting ─────┘ (or Queued) when the quota service admits it
 //!    └─────────────┴──> Replied: the gateway answered (a refusal, the models endpoint)
 //! ```
 //!
@@ -25,8 +26,10 @@ mod stage;
 #[cfg(test)]
 mod tests;
 
+use crate::admission::{self, Decision};
 use crate::auth::{presented_key, KeyOwner};
 use crate::errors::{ApiError, ApiFlavour, ErrorKind, LocalReply};
+use crate::global::wire::{AdmitReply, Lease, Settlement, ADMIT_PATH};
 use crate::headers::RequestHeaders;
 use crate::metrics::{Metrics, Outcome};
 use crate::policy::Policy;
@@ -35,7 +38,7 @@ use crate::shared::Store;
 use crate::usage::{Passthrough, TokenUsage, UsageMeter};
 use ending::Claims;
 use queue::{Entered, Place, WaitState, Waiter};
-use stage::{Admitted, Known, Replied, Stage, Upstream, UpstreamResponse};
+use stage::{Admitted, Admitting, Known, Replied, Stage, Upstream, UpstreamResponse};
 pub use stage::{Caller, Route};
 
 /// What the host must do after a callback.
@@ -65,6 +68,18 @@ pub enum Next {
     Wait(Waiter),
     /// Answer the client directly; the host sends it and then pauses for good.
     Reply(LocalReply),
+    /// Hold the request and call the quota service; its answer goes to
+    /// [`Exchange::on_admission_answer`].
+    Call(Callout),
+}
+
+/// A POST to the quota service (the cluster, authority and timeout of the policy's
+/// `global` section).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Callout {
+    pub path: &'static str,
+    /// JSON, as `global::wire` defines it.
+    pub body: Vec<u8>,
 }
 
 /// What the host hands to the request body callback.
@@ -75,6 +90,9 @@ pub struct BodyEnv<'a> {
     /// This worker's id and this stream's context id: who owns a queued request.
     pub worker: u32,
     pub context: u32,
+    /// Random per VM: with the context id, names an admission at the quota service
+    /// uniquely across workers, Envoy replicas and restarts.
+    pub nonce: u64,
 }
 
 /// One request, from its headers to the end of its stream.
@@ -109,6 +127,8 @@ pub struct Completion {
     pub settle_failures: Vec<String>,
     /// A provider slot was freed: the host should let its waiters claim it now.
     pub released_slot: bool,
+    /// The global limits' correction, for the host to send to the quota service.
+    pub settlement: Option<Settlement>,
 }
 
 /// Changes to the response headers of a forwarded request.
@@ -126,6 +146,8 @@ pub struct Failed {
     pub reply: LocalReply,
     /// Limit keys that could not be given back (logged by the host).
     pub settle_failures: Vec<String>,
+    /// What the quota service must give back.
+    pub settlement: Option<Settlement>,
 }
 
 impl Exchange {
@@ -159,7 +181,7 @@ impl Exchange {
     pub fn needs_end_details(&self) -> bool {
         match &self.stage {
             Stage::Queued { wait, .. } => wait.state() == WaitState::Waiting,
-            Stage::Forwarded { .. } => true,
+            Stage::Admitting(_) | Stage::Forwarded { .. } => true,
             Stage::Responding { response, .. } => !response.complete,
             _ => false,
         }
@@ -362,13 +384,102 @@ impl Exchange {
             Err(refused) => return self.refuse(Step::default(), refused.error, refused.known),
         };
         let forward::Forwarding {
-            admitted,
-            ratelimit_headers,
+            caller,
+            route,
+            decision,
             mut step,
-            provider,
         } = forwarding;
         step.routed = true;
-        let Some(spec) = &provider.queue else {
+        match decision {
+            Decision::Admitted(admission::Admitted { held, headers }) => {
+                let admitted = Admitted {
+                    caller,
+                    route,
+                    held,
+                };
+                self.send(policy, env, admitted, headers, step)
+            }
+            Decision::Pending(pending) => {
+                // The edits are made now; the request stays paused until the answer.
+                let id = format!("{:016x}-{}", env.nonce, env.context);
+                let lease_ms = policy.global.as_ref().map_or(0, |g| g.lease_ms);
+                let request = pending.request(id.clone(), lease_ms);
+                self.stage = Stage::Admitting(Admitting {
+                    caller,
+                    route,
+                    pending,
+                    id,
+                });
+                match serde_json::to_vec(&request) {
+                    Ok(body) => {
+                        step.next = Next::Call(Callout {
+                            path: ADMIT_PATH,
+                            body,
+                        });
+                        step
+                    }
+                    Err(e) => {
+                        let answer = Err(format!("cannot encode the call: {e}"));
+                        self.on_admission_answer(policy, env, answer)
+                    }
+                }
+            }
+        }
+    }
+
+    /// The quota service's answer to this request's admission (`Err`: no usable answer,
+    /// with why). Continues as a locally admitted request would, or refuses it.
+    pub fn on_admission_answer(
+        &mut self,
+        policy: &Policy,
+        env: &BodyEnv,
+        answer: Result<AdmitReply, String>,
+    ) -> Step {
+        let Stage::Admitting(Admitting {
+            caller,
+            route,
+            pending,
+            id,
+        }) = std::mem::take(&mut self.stage)
+        else {
+            // The stream ended meanwhile (`finish` released what it held): nothing to do.
+            return Step::default();
+        };
+        match pending.conclude(policy, env.store, id, answer, self.flavour, env.now_ms) {
+            Ok(admission::Admitted { held, headers }) => {
+                let admitted = Admitted {
+                    caller,
+                    route,
+                    held,
+                };
+                self.send(policy, env, admitted, headers, Step::default())
+            }
+            Err(refusal) => {
+                let claims = Claims {
+                    held: refusal.held,
+                    place: Place::Nowhere,
+                };
+                let known = Known::Routed(caller, route);
+                self.refuse_holding(Step::default(), refusal.error, known, claims)
+            }
+        }
+    }
+
+    /// Sends an admitted request on: upstream now, or into its provider's queue when the
+    /// provider has a capacity and is full.
+    fn send(
+        &mut self,
+        policy: &Policy,
+        env: &BodyEnv,
+        admitted: Admitted,
+        ratelimit_headers: Vec<(String, String)>,
+        mut step: Step,
+    ) -> Step {
+        let caller = admitted.caller;
+        let spec = policy
+            .provider(admitted.route.provider)
+            .and_then(|p| p.queue.as_ref().map(|spec| (p, spec)));
+        let Some((provider, spec)) = spec else {
             self.stage = Stage::Forwarded {
                 upstream: Upstream {
                     admitted,
@@ -411,6 +522,17 @@ impl Exchange {
             }
         }
         step
+    }
+
+    /// Global concurrency slots this request holds: leases its Envoy renews while it runs.
+    pub fn leases(&self) -> Vec<Lease> {
+        match &self.stage {
+            Stage::Queued { admitted, .. } => admitted.held.leases(),
+            Stage::Forwarded { upstream, .. } | Stage::Responding { upstream, .. } => {
+                upstream.admitted.held.leases()
+            }
+            _ => Vec::new(),
+        }
     }
 
     /// Moves a request whose wait this worker's queue ended on: resumed requests are
@@ -523,6 +645,10 @@ impl Exchange {
         let (known, claims) = match std::mem::take(&mut self.stage) {
             Stage::Headers => (Known::Nobody, Claims::default()),
             Stage::AwaitingBody { caller, .. } => (Known::Request(caller), Claims::default()),
+            Stage::Admitting(admitting) => (
+                Known::Routed(admitting.caller, admitting.route),
+                admitting.abandoned(),
+            ),
             Stage::Queued { admitted, wait, .. } => admitted.refused(Place::Waiting(wait)),
             Stage::Forwarded { upstream, .. } | Stage::Responding { upstream, .. } => {
                 let place = upstream.slot.map_or(Place::Nowhere, Place::Holding);
@@ -535,14 +661,16 @@ impl Exchange {
                 return Failed {
                     reply,
                     settle_failures: Vec::new(),
+                    settlement: None,
                 };
             }
         };
-        let settle_failures = claims.give_back(store, 0, 0, now_ms).failures;
+        let given_back = claims.give_back(store, 0, 0, now_ms);
         self.replied(&reply, Some(err.kind.reason()), known, Claims::default());
         Failed {
             reply,
-            settle_failures,
+            settle_failures: given_back.failures,
+            settlement: given_back.settlement,
         }
     }
 
@@ -576,6 +704,7 @@ impl Exchange {
             estimated: ending.usage.estimated,
             settle_failures: given_back.failures,
             released_slot: given_back.released_slot,
+            settlement: given_back.settlement,
         })
     }
 }

@@ -3,7 +3,7 @@
 
 use super::ending::Claims;
 use super::queue::{Place, Slot, Wait};
-use crate::admission::Held;
+use crate::admission::{Held, PendingGlobal};
 use crate::auth::KeyOwner;
 use crate::policy::{ModelId, ProviderId};
 use crate::routing::Api;
@@ -35,6 +35,17 @@ pub(super) struct Admitted {
     pub(super) caller: Caller,
     pub(super) route: Route,
     pub(super) held: Held,
+}
+
+/// Routed, its local limits taken, waiting for the quota service to decide its global
+/// limits (the request is paused meanwhile).
+#[derive(Debug)]
+pub(super) struct Admitting {
+    pub(super) caller: Caller,
+    pub(super) route: Route,
+    pub(super) pending: PendingGlobal,
+    /// The admission's id at the quota service.
+    pub(super) id: String,
 }
 
 /// Sent upstream: when, after how long a wait for the provider, holding which slot.
@@ -97,6 +108,8 @@ pub(super) enum Stage {
         /// The client's query string (`?` included), kept for the upstream path.
         query: String,
     },
+    /// Waiting for the quota service's decision on the global limits.
+    Admitting(Admitting),
     /// Waiting for a slot of a full provider.
     Queued {
         admitted: Admitted,
@@ -123,6 +136,7 @@ impl Stage {
         match self {
             Stage::Headers | Stage::Finished => Known::Nobody,
             Stage::AwaitingBody { caller, .. } => Known::Request(*caller),
+            Stage::Admitting(a) => Known::Routed(a.caller, a.route),
             Stage::Queued { admitted, .. } => admitted.known(),
             Stage::Forwarded { upstream, .. } | Stage::Responding { upstream, .. } => {
                 upstream.admitted.known()

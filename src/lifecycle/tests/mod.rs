@@ -18,6 +18,7 @@ pub(super) fn test_env(store: &MemoryStore) -> BodyEnv<'_> {
         now_ms: 0,
         worker: 0,
         context: 1,
+        nonce: 7,
     }
 }
 

@@ -43,6 +43,7 @@ fn queued_at(
         now_ms,
         worker: 1,
         context,
+        nonce: 7,
     };
     let step = ex.on_request_body(p, &env, body.len(), true, || Some(body.as_bytes().to_vec()));
     (ex, step)
