@@ -217,6 +217,35 @@ pub fn plan(policy: &Policy, parties: Parties, reservation: Reservation) -> Plan
     out
 }
 
+/// A tenant's own limits (not its providers'), by engine: its tenant-wide limits, then
+/// its limits on each model that has some. For the usage endpoint; amounts are 0.
+pub fn tenant_plans(policy: &Policy, tenant: TenantId) -> Vec<(Option<ModelId>, Plan)> {
+    let Some(t) = policy.tenant(tenant) else {
+        return Vec::new();
+    };
+    let none = Reservation::default();
+    let mut out = Vec::new();
+    let mut plan = Plan::default();
+    let of = LimitOf::Tenant(&t.id);
+    push_limits(&mut plan, policy, LimitScope::Tenant, of, &t.limits, none);
+    out.push((None, plan));
+    let mut models: Vec<_> = t.model_limits.iter().collect();
+    models.sort_by_key(|(id, _)| **id);
+    for (&model, limits) in models {
+        let Some(m) = policy.model(model) else {
+            continue;
+        };
+        let mut plan = Plan::default();
+        let of = LimitOf::TenantModel {
+            tenant: &t.id,
+            model: &m.name,
+        };
+        push_limits(&mut plan, policy, LimitScope::TenantModel, of, limits, none);
+        out.push((Some(model), plan));
+    }
+    out
+}
+
 /// Where admission stands after the local limits.
 #[derive(Debug)]
 pub enum Decision {
@@ -270,6 +299,9 @@ pub fn admit(
     }))
 }
 
+/// What a local decision took, and each limit's state after it.
+type Took = (Vec<(LimitId, Taken)>, Vec<(LimitId, Snapshot)>);
+
 /// Takes `wanted` from the local store in one decision: what was taken, with snapshots.
 fn take(
     policy: &Policy,
@@ -278,7 +310,7 @@ fn take(
     wanted: &[(LimitId, Demand)],
     flavour: ApiFlavour,
     now_ms: u64,
-) -> Result<(Vec<(LimitId, Taken)>, Vec<(LimitId, Snapshot)>), ApiError> {
+) -> Result<Took, ApiError> {
     if wanted.is_empty() {
         return Ok((Vec::new(), Vec::new()));
     }
@@ -423,7 +455,7 @@ impl PendingGlobal {
                     .as_ref()
                     .is_some_and(|g| g.on_engine_failure == OnEngineFailure::Local);
                 if !fallback {
-                    return Err(refused(engine_unavailable(&why), held));
+                    return Err(refused(ApiError::quota_engine_unavailable(&why), held));
                 }
                 // Never unlimited: the global limits are decided by this Envoy alone.
                 let wanted: Vec<(LimitId, Demand)> = global
@@ -453,16 +485,8 @@ impl PendingGlobal {
     }
 }
 
-fn engine_unavailable(why: &str) -> ApiError {
-    ApiError::new(
-        ErrorKind::QuotaEngineUnavailable,
-        format!("The gateway's quota service is unavailable ({why}); please retry shortly."),
-    )
-    .retry_after_ms(1000)
-}
-
 fn engine_unusable(why: &str) -> ApiError {
-    engine_unavailable(&format!("its answer was unusable: {why}"))
+    ApiError::quota_engine_unavailable(&format!("its answer was unusable: {why}"))
 }
 
 fn measure_text(m: LimitMeasure) -> &'static str {

@@ -183,6 +183,15 @@ impl ApiError {
         }
     }
 
+    /// The quota service gave no usable answer (`why`) and the request is refused.
+    pub fn quota_engine_unavailable(why: &str) -> Self {
+        ApiError::new(
+            ErrorKind::QuotaEngineUnavailable,
+            format!("The gateway's quota service is unavailable ({why}); please retry shortly."),
+        )
+        .retry_after_ms(1000)
+    }
+
     pub fn with_param(mut self, param: &'static str) -> Self {
         self.param = Some(param);
         self

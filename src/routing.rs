@@ -11,6 +11,8 @@ use crate::usage::ResponseShape;
 pub enum Endpoint {
     Api(Api),
     Models(ModelsQuery),
+    /// `GET /v1/sluice/usage`: the calling tenant's limits, used and left.
+    Usage,
 }
 
 /// `GET /v1/models` (every model the tenant may use) or `GET /v1/models/{id}`.
@@ -38,6 +40,7 @@ impl Endpoint {
             "/v1/responses" => Some(Endpoint::Api(Api::Responses)),
             "/v1/messages" => Some(Endpoint::Api(Api::Messages)),
             "/v1/models" => Some(Endpoint::Models(ModelsQuery::List)),
+            "/v1/sluice/usage" => Some(Endpoint::Usage),
             _ => {
                 let id = path.strip_prefix("/v1/models/")?;
                 (!id.is_empty() && !id.contains('/'))
@@ -50,14 +53,14 @@ impl Endpoint {
     pub fn flavour(&self) -> ApiFlavour {
         match self {
             Endpoint::Api(api) => api.flavour(),
-            Endpoint::Models(_) => ApiFlavour::OpenAi,
+            Endpoint::Models(_) | Endpoint::Usage => ApiFlavour::OpenAi,
         }
     }
 
     pub fn method(&self) -> &'static str {
         match self {
             Endpoint::Api(_) => "POST",
-            Endpoint::Models(_) => "GET",
+            Endpoint::Models(_) | Endpoint::Usage => "GET",
         }
     }
 
@@ -66,7 +69,9 @@ impl Endpoint {
             Endpoint::Api(Api::ChatCompletions | Api::Embeddings | Api::Responses) => {
                 KeyPlacement::Bearer
             }
-            Endpoint::Api(Api::Messages) | Endpoint::Models(_) => KeyPlacement::BearerOrApiKey,
+            Endpoint::Api(Api::Messages) | Endpoint::Models(_) | Endpoint::Usage => {
+                KeyPlacement::BearerOrApiKey
+            }
         }
     }
 }

@@ -3,7 +3,7 @@
 //! set beside the native Criterion figures. `make bench-vm` builds it and reads the result
 //! from Envoy's log at configure time. The Criterion bench uses the same request.
 
-use crate::admission::{admit, settle, Parties, Reservation};
+use crate::admission::{admit, settle, Decision, Parties, Reservation};
 use crate::body::parse_request;
 use crate::errors::ApiFlavour;
 use crate::headers::RequestHeaders;
@@ -73,13 +73,14 @@ pub fn run(policy: &Policy, clock_ns: &dyn Fn() -> u64) -> Vec<(&'static str, u6
     time("whole request (state machine, in-memory store)", &mut |i| {
         let now = NOW_MS + i;
         let mut ex = Exchange::new();
-        black_box(ex.on_request_headers(policy, &headers(), false));
         let env = BodyEnv {
             store: &store,
             now_ms: now,
             worker: 0,
             context: 7,
+            nonce: 1,
         };
+        black_box(ex.on_request_headers(policy, &env, &headers(), false));
         black_box(ex.on_request_body(policy, &env, REQUEST.len(), true, || Some(REQUEST.to_vec())));
         black_box(ex.on_response_headers(200, Some("application/json"), false, now));
         black_box(ex.on_response_body(RESPONSE, true, now));
@@ -102,7 +103,7 @@ pub fn run(policy: &Policy, clock_ns: &dyn Fn() -> u64) -> Vec<(&'static str, u6
         cost_micro_usd: 100,
     };
     time("admit + settle (in-memory store)", &mut |i| {
-        if let Ok(a) = admit(
+        if let Ok(Decision::Admitted(a)) = admit(
             policy,
             &store,
             FIRST,

@@ -3,7 +3,6 @@
 use super::metrics::NoMetrics;
 use super::store::SharedData;
 use super::{call_answer, log, now_ms, run_queue_actions, send_reply, Configured};
-use crate::global::wire::AdmitReply;
 use crate::headers::RequestHeaders;
 use crate::lifecycle::{BodyEnv, Callout, Exchange, Next, Step};
 use crate::usage::Passthrough;
@@ -112,18 +111,18 @@ impl SluiceHttp {
             Ok(_token) => Action::Pause,
             Err(s) => {
                 let why = format!("cannot call cluster `{}`: {s:?}", global.cluster);
-                self.admission_answer(Err(why))
+                self.call_answered(Err(why))
             }
         }
     }
 
     /// Hands the quota service's answer to the exchange and carries out what follows.
-    fn admission_answer(&mut self, answer: Result<AdmitReply, String>) -> Action {
+    fn call_answered(&mut self, answer: Result<&[u8], String>) -> Action {
         let Some(policy) = self.configured.as_ref().map(|c| c.policy.clone()) else {
             return self.fail("no configuration");
         };
         let env = self.body_env();
-        let step = self.exchange.on_admission_answer(&policy, &env, answer);
+        let step = self.exchange.on_call_answer(&policy, &env, answer);
         if let Some(courier) = self.configured.as_ref().and_then(|c| c.courier.as_ref()) {
             if let Ok(mut courier) = courier.try_borrow_mut() {
                 courier.hold(self.context_id, self.exchange.leases());
@@ -206,15 +205,14 @@ impl Context for SluiceHttp {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        let answer = call_answer(num_headers, body_size).and_then(|body| {
-            serde_json::from_slice::<AdmitReply>(&body).map_err(|e| format!("unusable answer: {e}"))
-        });
+        let answer = call_answer(num_headers, body_size);
+        let answer = answer.as_deref().map_err(Clone::clone);
         // The request was paused for this answer: resume it if it goes on.
-        if let Action::Continue = self.admission_answer(answer) {
+        if let Action::Continue = self.call_answered(answer) {
             if let Err(s) = hostcalls::resume_http_request() {
                 log(
                     LogLevel::Warn,
-                    &format!("sluice: resume after admission: {s:?}"),
+                    &format!("sluice: resume after the quota service answered: {s:?}"),
                 );
             }
         }
@@ -236,9 +234,10 @@ impl HttpContext for SluiceHttp {
             self.trap_at = headers.get("x-sluice-test-trap").map(<[u8]>::to_vec);
             trap_if(&self.trap_at, b"request-headers");
         }
+        let env = self.body_env();
         let step = self
             .exchange
-            .on_request_headers(&policy, &headers, end_of_stream);
+            .on_request_headers(&policy, &env, &headers, end_of_stream);
         self.apply(step, 0)
     }
 

@@ -90,6 +90,10 @@ pub(super) fn decide(
             };
             (ending, claims)
         }
+        Stage::Reading { owner, .. } => (
+            about(Known::Tenant(owner), Outcome::Aborted, 0, unused),
+            Claims::default(),
+        ),
         Stage::Admitting(admitting) => {
             let outcome = if client_left {
                 Outcome::Aborted

@@ -25,11 +25,12 @@ pub mod queue;
 mod stage;
 #[cfg(test)]
 mod tests;
+mod usage_report;
 
 use crate::admission::{self, Decision};
 use crate::auth::{presented_key, KeyOwner};
 use crate::errors::{ApiError, ApiFlavour, ErrorKind, LocalReply};
-use crate::global::wire::{AdmitReply, Lease, Settlement, ADMIT_PATH};
+use crate::global::wire::{AdmitReply, Lease, PeekReply, Settlement, ADMIT_PATH, PEEK_PATH};
 use crate::headers::RequestHeaders;
 use crate::metrics::{Metrics, Outcome};
 use crate::policy::Policy;
@@ -259,6 +260,7 @@ impl Exchange {
     pub fn on_request_headers(
         &mut self,
         policy: &Policy,
+        env: &BodyEnv,
         headers: &RequestHeaders,
         end_of_stream: bool,
     ) -> Step {
@@ -324,6 +326,7 @@ impl Exchange {
                 let reply = models::reply(policy, owner, &query, self.flavour);
                 return self.answer(step, reply, known);
             }
+            Endpoint::Usage => return self.usage(policy, env, step, owner),
         };
 
         if end_of_stream {
@@ -535,6 +538,77 @@ impl Exchange {
         }
     }
 
+    /// The usage endpoint: answered at once when every limit is local, else after one
+    /// call to the quota service.
+    fn usage(&mut self, policy: &Policy, env: &BodyEnv, mut step: Step, owner: KeyOwner) -> Step {
+        let known = Known::Tenant(owner);
+        let draft = match usage_report::draft(policy, env.store, owner.tenant, env.now_ms) {
+            Ok(draft) => draft,
+            Err(err) => return self.refuse(step, err, known),
+        };
+        let Some(peek) = &draft.peek else {
+            let reply = draft.reply(policy, env.now_ms);
+            return self.answer(step, reply, known);
+        };
+        match serde_json::to_vec(peek) {
+            Ok(body) => {
+                step.next = Next::Call(Callout {
+                    path: PEEK_PATH,
+                    body,
+                });
+                self.stage = Stage::Reading { owner, draft };
+                step
+            }
+            Err(e) => self.refuse(
+                step,
+                ApiError::quota_engine_unavailable(&e.to_string()),
+                known,
+            ),
+        }
+    }
+
+    /// The answer to this request's call to the quota service (`Ok`: a 200's body; `Err`:
+    /// no usable answer, with why).
+    pub fn on_call_answer(
+        &mut self,
+        policy: &Policy,
+        env: &BodyEnv,
+        answer: Result<&[u8], String>,
+    ) -> Step {
+        match std::mem::take(&mut self.stage) {
+            admitting @ Stage::Admitting(_) => {
+                self.stage = admitting;
+                let answer = answer.and_then(|body| {
+                    serde_json::from_slice::<AdmitReply>(body)
+                        .map_err(|e| format!("unusable answer: {e}"))
+                });
+                self.on_admission_answer(policy, env, answer)
+            }
+            Stage::Reading { owner, draft } => {
+                let known = Known::Tenant(owner);
+                let readings = answer.and_then(|body| {
+                    serde_json::from_slice::<PeekReply>(body)
+                        .map_err(|e| format!("unusable answer: {e}"))
+                });
+                let completed = readings
+                    .map_err(|why| ApiError::quota_engine_unavailable(&why))
+                    .and_then(|r| draft.complete(r.readings));
+                match completed {
+                    Ok(draft) => {
+                        let reply = draft.reply(policy, env.now_ms);
+                        self.answer(Step::default(), reply, known)
+                    }
+                    Err(err) => self.refuse(Step::default(), err, known),
+                }
+            }
+            // The stream ended meanwhile: nothing to do.
+            other => {
+                self.stage = other;
+                Step::default()
+            }
+        }
+    }
+
     /// Moves a request whose wait this worker's queue ended on: resumed requests are
     /// forwarded; timed-out ones stay queued until `finish` records the timeout.
     fn sync_wait(&mut self) {
@@ -649,6 +723,7 @@ impl Exchange {
                 Known::Routed(admitting.caller, admitting.route),
                 admitting.abandoned(),
             ),
+            Stage::Reading { owner, .. } => (Known::Tenant(owner), Claims::default()),
             Stage::Queued { admitted, wait, .. } => admitted.refused(Place::Waiting(wait)),
             Stage::Forwarded { upstream, .. } | Stage::Responding { upstream, .. } => {
                 let place = upstream.slot.map_or(Place::Nowhere, Place::Holding);

@@ -110,6 +110,11 @@ pub(super) enum Stage {
     },
     /// Waiting for the quota service's decision on the global limits.
     Admitting(Admitting),
+    /// The usage endpoint, waiting for the quota service's readings of global limits.
+    Reading {
+        owner: KeyOwner,
+        draft: super::usage_report::Draft,
+    },
     /// Waiting for a slot of a full provider.
     Queued {
         admitted: Admitted,
@@ -137,6 +142,7 @@ impl Stage {
             Stage::Headers | Stage::Finished => Known::Nobody,
             Stage::AwaitingBody { caller, .. } => Known::Request(*caller),
             Stage::Admitting(a) => Known::Routed(a.caller, a.route),
+            Stage::Reading { owner, .. } => Known::Tenant(*owner),
             Stage::Queued { admitted, .. } => admitted.known(),
             Stage::Forwarded { upstream, .. } | Stage::Responding { upstream, .. } => {
                 upstream.admitted.known()

@@ -115,6 +115,12 @@ impl Bucket {
         }
     }
 
+    /// Whole units below the capacity, rounded up (more than the capacity in debt).
+    pub(crate) fn used(&self, state: BucketState) -> u64 {
+        let below = i128::from(self.capacity) - i128::from(state.level);
+        ceil_div(below.max(0), PARTS_PER_UNIT as u64)
+    }
+
     pub(crate) fn snapshot(&self, state: BucketState) -> Snapshot {
         let capacity = i128::from(self.capacity);
         let level = i128::from(state.level);

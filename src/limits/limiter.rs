@@ -5,6 +5,7 @@
 use super::bucket::Bucket;
 use super::counter::{Quota, Slots};
 use super::{Admission, Demand, LimitKind, Snapshot, Taken};
+use crate::global::wire::Reading;
 use crate::shared::{
     cas_update, CasFailure as Failure, Change, Store, StoreError, CREATE_CAS, GIVE_BACK_ATTEMPTS,
     TAKE_ATTEMPTS,
@@ -143,6 +144,11 @@ impl<'a, S: Store + ?Sized> Limiter<'a, S> {
         kind: LimitKind,
         now_ms: u64,
     ) -> Result<Snapshot, StoreError> {
+        self.reading(key, kind, now_ms).map(|r| r.snapshot)
+    }
+
+    /// The limit's state at `now_ms` and how much of it is used, without changing it.
+    pub fn reading(&self, key: &str, kind: LimitKind, now_ms: u64) -> Result<Reading, StoreError> {
         let stored = self.store.get(key)?.map(|(value, _)| value);
         let stored = stored.as_deref();
         Ok(match kind {
@@ -151,11 +157,25 @@ impl<'a, S: Store + ?Sized> Limiter<'a, S> {
                 burst_milli,
             } => {
                 let bucket = Bucket::new(per_minute, burst_milli);
-                bucket.snapshot(bucket.current(stored, now_ms))
+                let state = bucket.current(stored, now_ms);
+                Reading {
+                    snapshot: bucket.snapshot(state),
+                    used: bucket.used(state),
+                }
             }
-            LimitKind::Concurrency { max } => Slots::new(max).snapshot(Slots::current(stored)),
+            LimitKind::Concurrency { max } => {
+                let in_use = Slots::current(stored);
+                Reading {
+                    snapshot: Slots::new(max).snapshot(in_use),
+                    used: in_use,
+                }
+            }
             LimitKind::Monthly { limit } => {
-                Quota::new(limit).snapshot(Quota::current(stored, now_ms), now_ms)
+                let state = Quota::current(stored, now_ms);
+                Reading {
+                    snapshot: Quota::new(limit).snapshot(state, now_ms),
+                    used: state.total,
+                }
             }
         })
     }

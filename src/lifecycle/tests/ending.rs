@@ -177,6 +177,7 @@ fn send_claude(p: &Policy, store: &MemoryStore) -> (Exchange, Step) {
     let mut ex = Exchange::new();
     let h = ex.on_request_headers(
         p,
+        &test_env(&MemoryStore::new()),
         &headers("POST", "/v1/messages", &[("x-api-key", "sk-acme")]),
         false,
     );
@@ -271,7 +272,12 @@ fn a_body_that_cannot_be_rewritten_is_refused_before_any_limit() {
     let store = MemoryStore::new();
     let send = |body: &str| {
         let mut ex = Exchange::new();
-        ex.on_request_headers(&p, &headers("POST", "/v1/chat/completions", &[ACME]), false);
+        ex.on_request_headers(
+            &p,
+            &test_env(&MemoryStore::new()),
+            &headers("POST", "/v1/chat/completions", &[ACME]),
+            false,
+        );
         ex.on_request_body(&p, &test_env(&store), body.len(), true, || {
             Some(body.as_bytes().to_vec())
         })

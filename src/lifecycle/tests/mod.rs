@@ -87,7 +87,12 @@ pub(super) fn set<'a>(step: &'a Step, name: &str) -> Option<&'a str> {
 pub(super) fn post(path: &str, extra: &[(&str, &str)], body: &str) -> (Exchange, Step, Step) {
     let p = policy();
     let mut ex = Exchange::new();
-    let h = ex.on_request_headers(&p, &headers("POST", path, extra), false);
+    let h = ex.on_request_headers(
+        &p,
+        &test_env(&MemoryStore::new()),
+        &headers("POST", path, extra),
+        false,
+    );
     if matches!(h.next, Next::Reply(_)) {
         return (ex, h, Step::default());
     }
@@ -246,6 +251,7 @@ fn size_limits() {
     let mut ex = Exchange::new();
     let h = ex.on_request_headers(
         &p,
+        &test_env(&MemoryStore::new()),
         &headers(
             "POST",
             "/v1/chat/completions",
@@ -256,7 +262,12 @@ fn size_limits() {
     assert_eq!(reply_of(&h).0.status, 413);
 
     let mut ex = Exchange::new();
-    let h = ex.on_request_headers(&p, &headers("POST", "/v1/chat/completions", &[ACME]), false);
+    let h = ex.on_request_headers(
+        &p,
+        &test_env(&MemoryStore::new()),
+        &headers("POST", "/v1/chat/completions", &[ACME]),
+        false,
+    );
     assert_eq!(h.next, Next::Pause);
     assert_eq!(
         ex.on_request_body(&p, &test_env(&MemoryStore::new()), 600, false, || None)
@@ -276,16 +287,31 @@ fn size_limits() {
 fn missing_body_and_wrong_method_and_unknown_path() {
     let p = policy();
     let mut ex = Exchange::new();
-    let h = ex.on_request_headers(&p, &headers("POST", "/v1/chat/completions", &[ACME]), true);
+    let h = ex.on_request_headers(
+        &p,
+        &test_env(&MemoryStore::new()),
+        &headers("POST", "/v1/chat/completions", &[ACME]),
+        true,
+    );
     assert_eq!(reply_of(&h).0.status, 400);
 
     let mut ex = Exchange::new();
-    let h = ex.on_request_headers(&p, &headers("GET", "/v1/chat/completions", &[ACME]), true);
+    let h = ex.on_request_headers(
+        &p,
+        &test_env(&MemoryStore::new()),
+        &headers("GET", "/v1/chat/completions", &[ACME]),
+        true,
+    );
     let (r, _) = reply_of(&h);
     assert_eq!((r.status, r.header("allow")), (405, Some("POST")));
 
     let mut ex = Exchange::new();
-    let h = ex.on_request_headers(&p, &headers("POST", "/v1/nope", &[ACME]), false);
+    let h = ex.on_request_headers(
+        &p,
+        &test_env(&MemoryStore::new()),
+        &headers("POST", "/v1/nope", &[ACME]),
+        false,
+    );
     let (r, v) = reply_of(&h);
     assert_eq!(r.status, 404);
     assert_eq!(v["error"]["message"], "Invalid URL (POST /v1/nope)");
@@ -297,6 +323,7 @@ fn model_listing_in_both_flavours() {
     let mut ex = Exchange::new();
     let h = ex.on_request_headers(
         &p,
+        &test_env(&MemoryStore::new()),
         &headers(
             "GET",
             "/v1/models",
@@ -324,14 +351,14 @@ fn model_listing_in_both_flavours() {
             ("anthropic-version", "2023-06-01"),
         ],
     );
-    let (_, v) = reply_of(&ex.on_request_headers(&p, &hs, true));
+    let (_, v) = reply_of(&ex.on_request_headers(&p, &test_env(&MemoryStore::new()), &hs, true));
     assert_eq!(v["data"].as_array().unwrap().len(), 3);
     assert_eq!(v["has_more"], false);
     assert_eq!(v["data"][0]["type"], "model");
 
     let mut ex = Exchange::new();
     let hs = headers("GET", "/v1/models/claude-sonnet", &[ACME]);
-    let step = ex.on_request_headers(&p, &hs, true);
+    let step = ex.on_request_headers(&p, &test_env(&MemoryStore::new()), &hs, true);
     let (r, v) = reply_of(&step);
     assert_eq!(
         (r.status, v["id"].as_str()),
@@ -345,7 +372,9 @@ fn model_listing_in_both_flavours() {
         &[("authorization", "Bearer sk-initech")],
     );
     assert_eq!(
-        reply_of(&ex.on_request_headers(&p, &hs, true)).0.status,
+        reply_of(&ex.on_request_headers(&p, &test_env(&MemoryStore::new()), &hs, true))
+            .0
+            .status,
         404
     );
 }

@@ -37,7 +37,12 @@ fn queued_at(
 ) -> (Exchange, Step) {
     let body = r#"{"model":"gpt-4.1","messages":[]}"#;
     let mut ex = Exchange::new();
-    ex.on_request_headers(p, &headers("POST", path, &[key]), false);
+    ex.on_request_headers(
+        p,
+        &test_env(&MemoryStore::new()),
+        &headers("POST", path, &[key]),
+        false,
+    );
     let env = BodyEnv {
         store,
         now_ms,
