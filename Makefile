@@ -8,11 +8,12 @@ ENVOY         := $(VENV)/bin/envoy
 PYTHON        := $(VENV)/bin/python
 WASM          := target/wasm32-wasip1/release/sluice.wasm
 MOCK          := target/release/sluice-mock
+QUOTA         := target/release/sluice-quota
 # Harmless placeholder provider keys for the demo; the mock providers check them.
 DEMO_KEYS     := OPENAI_API_KEY=sk-mock-openai ANTHROPIC_API_KEY=sk-mock-anthropic \
                  DEEPSEEK_API_KEY=sk-mock-deepseek GEMINI_API_KEY=sk-mock-gemini
 
-.PHONY: build wasm wasm-trap wasm-target envoy sdk mock setup test unit system lint fmt demo key clean fairness-report bench bench-hostcalls bench-vm wasm-oci fuzz fuzz-check
+.PHONY: build wasm wasm-trap wasm-target envoy sdk mock quota redis setup test unit system lint fmt demo demo-cluster key clean fairness-report bench bench-hostcalls bench-vm wasm-oci fuzz fuzz-check
 
 build: wasm
 
@@ -45,19 +46,32 @@ sdk: $(VENV)/.sdk
 mock:
 	cargo build --release -p sluice-mock
 
+# The quota service (global limits: Envoy -> sluice-quota -> Redis).
+quota:
+	cargo build --release -p sluice-quota
+
+# redis-server 7.x for the global-limit tests and demo-cluster: the one on PATH (or
+# $SLUICE_REDIS_SERVER), else apt-get install as root, else a message saying how.
+redis:
+	@scripts/install-redis.sh
+
 setup: wasm wasm-trap envoy sdk
 
-# Native unit tests, then the whole-system harness (real Envoy + real .wasm + mocks + SDKs).
-test: setup
+# What the tests find the quota service and Redis by (a set SLUICE_REDIS_SERVER wins).
+GLOBAL_ENV = SLUICE_REDIS_SERVER="$${SLUICE_REDIS_SERVER:-$$(command -v redis-server)}" SLUICE_QUOTA=$(abspath $(QUOTA))
+
+# Native unit tests, then the whole-system harness (real Envoy + real .wasm + mocks + SDKs,
+# and the quota service with a real Redis for the global limits).
+test: setup redis quota
 	SLUICE_ENVOY=$(abspath $(ENVOY)) SLUICE_WASM=$(abspath $(WASM)) SLUICE_TRAP_WASM=$(abspath $(TRAP_WASM)) SLUICE_PYTHON=$(abspath $(PYTHON)) \
-	  cargo test --workspace
+	  $(GLOBAL_ENV) cargo test --workspace
 
 unit:
 	cargo test --workspace --lib
 
-system: setup
+system: setup redis quota
 	SLUICE_ENVOY=$(abspath $(ENVOY)) SLUICE_WASM=$(abspath $(WASM)) SLUICE_TRAP_WASM=$(abspath $(TRAP_WASM)) SLUICE_PYTHON=$(abspath $(PYTHON)) \
-	  cargo test -p sluice --test system
+	  $(GLOBAL_ENV) cargo test -p sluice --test system
 
 lint: wasm-target
 	cargo fmt --all -- --check
@@ -70,6 +84,11 @@ fmt:
 # Runs the demo in the foreground; Ctrl-C stops every process it started.
 demo: wasm envoy mock
 	$(DEMO_KEYS) ENVOY=$(ENVOY) MOCK=$(MOCK) scripts/demo.sh
+
+# Two gateways (10000/9901 and 10001/9902) sharing global limits through the quota service
+# (127.0.0.1:18090) and Redis (127.0.0.1:6380, data in .run/redis); Ctrl-C stops all of it.
+demo-cluster: wasm envoy mock quota redis
+	$(DEMO_KEYS) ENVOY=$(ENVOY) MOCK=$(MOCK) QUOTA=$(QUOTA) scripts/demo-cluster.sh
 
 # Runs the fair-queuing seed scenario and renders docs/fairness/ (report.md, fairness.png).
 fairness-report: setup

@@ -8,7 +8,7 @@
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use serde_json::json;
-use sluice::admission::{admit, settle, Reservation};
+use sluice::admission::{admit, settle, Decision, Reservation};
 use sluice::auth::{sha256_hex, KeyDigest};
 use sluice::body::{inject_include_usage, parse_request, replace_model};
 use sluice::config::compile;
@@ -234,22 +234,20 @@ fn admission(c: &mut Criterion) {
     ] {
         let policy = limited_policy(extra);
         let store = MemoryStore::new();
-        let first = admit(&policy, &store, FIRST, RES, ApiFlavour::OpenAi, NOW_MS).unwrap();
+        let admitted = |now| match admit(&policy, &store, FIRST, RES, ApiFlavour::OpenAi, now) {
+            Ok(Decision::Admitted(admitted)) => admitted,
+            other => panic!("every limit is local here: {other:?}"),
+        };
+        let first = admitted(NOW_MS);
         assert_eq!(first.held.items.len(), limits);
-        assert!(settle(&store, &first.held, 1_722, 5_000, NOW_MS).is_empty());
+        assert!(settle(&store, &first.held, 1_722, 5_000, NOW_MS)
+            .failures
+            .is_empty());
         let mut now = NOW_MS;
         group.bench_function(name, |b| {
             b.iter(|| {
                 now += 1;
-                let admitted = admit(
-                    black_box(&policy),
-                    &store,
-                    FIRST,
-                    RES,
-                    ApiFlavour::OpenAi,
-                    now,
-                )
-                .unwrap();
+                let admitted = admitted(black_box(now));
                 settle(&store, &admitted.held, 1_722, 5_000, now)
             })
         });
@@ -404,14 +402,15 @@ fn exchange(c: &mut Criterion) {
     let one = |now: u64, metrics: &mut CountingMetrics| {
         let mut ex = Exchange::new();
         let h = vm_bench::headers();
-        let step = ex.on_request_headers(&policy, &h, false);
-        assert!(matches!(step.next, Next::Pause));
         let env = BodyEnv {
             store: &store,
             now_ms: now,
             worker: 0,
             context: 7,
+            nonce: 1,
         };
+        let step = ex.on_request_headers(&policy, &env, &h, false);
+        assert!(matches!(step.next, Next::Pause));
         let step = ex.on_request_body(&policy, &env, request.len(), true, || Some(request.clone()));
         assert!(matches!(step.next, Next::Continue));
         let edits = ex.on_response_headers(200, Some("application/json"), false, now);

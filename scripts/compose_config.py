@@ -9,7 +9,11 @@ file with these changes, and nothing else (every other byte is kept):
   - the listener and the admin interface bind 0.0.0.0 (a container's ports are published);
   - the filter loads /etc/sluice/sluice.wasm (bind-mounted by envoy/docker-compose.yaml);
   - the access log (one usage record per request) goes to /dev/stdout: `docker compose logs envoy`;
-  - each provider cluster is STRICT_DNS on the compose service `mock`, same ports.
+  - each provider cluster is STRICT_DNS on the compose service `mock`, same ports;
+  - global limits, as in `make demo-cluster` (scripts/cluster_config.py adds both): the Sluice
+    JSON gets a `global` section (every limit global, on_engine_failure deny) and a cluster
+    `sluice_quota`, HTTP/2 to the compose service `quota` (sluice-quota) on port 18090, which
+    keeps the counters in the compose service `redis`.
 
 Each change is a text substitution whose anchor must match exactly as often as expected, so an
 edit to envoy/demo.yaml that the generator does not understand fails here, loudly, instead of
@@ -20,11 +24,16 @@ import re
 import sys
 from pathlib import Path
 
+sys.dont_write_bytecode = True  # no scripts/__pycache__ from the import below
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cluster_config  # noqa: E402  (the `global` section and the sluice_quota cluster)
+
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "envoy" / "demo.yaml"
 TARGET = ROOT / "envoy" / "compose" / "envoy.yaml"
 
 MOCK_HOST = "mock"  # the mock providers' service name in envoy/docker-compose.yaml
+QUOTA_HOST, QUOTA_PORT = "quota", 18090  # the quota service in envoy/docker-compose.yaml
 WASM_PATH = "/etc/sluice/sluice.wasm"  # where envoy/docker-compose.yaml mounts sluice.wasm
 
 HEADER = f"""\
@@ -33,7 +42,9 @@ HEADER = f"""\
 # For envoy/docker-compose.yaml. Differences from envoy/demo.yaml: listener and admin bind 0.0.0.0;
 # the filter loads {WASM_PATH} (mounted); usage records go to /dev/stdout
 # (`docker compose logs envoy`); provider clusters are STRICT_DNS on the compose service
-# `{MOCK_HOST}`, same ports. The comments below are envoy/demo.yaml's own.
+# `{MOCK_HOST}`, same ports; global limits: a `global` section in the Sluice JSON and the cluster
+# `{cluster_config.QUOTA_CLUSTER}` (HTTP/2 to the compose service `{QUOTA_HOST}`, port {QUOTA_PORT}), added by
+# scripts/cluster_config.py's functions. The other comments below are envoy/demo.yaml's own.
 """
 
 
@@ -95,6 +106,15 @@ def generate(demo):
                              len(names), "cluster type")
     clusters = endpoint.sub(lambda m: m.group(1) + MOCK_HOST + m.group(2), clusters)
     out = head + sep + clusters
+
+    # Global limits through the quota service, as in `make demo-cluster`.
+    try:
+        out = cluster_config.add_global(out, cluster_config.global_section(on_engine_failure="deny"),
+                                        "envoy/demo.yaml")
+        out = cluster_config.add_quota_cluster(out, QUOTA_HOST, QUOTA_PORT, "STRICT_DNS",
+                                               "envoy/demo.yaml")
+    except cluster_config.GeneratorError as e:
+        raise GeneratorError(str(e)) from e
 
     # Nothing local may survive outside comments.
     for number, line in enumerate(out.splitlines(), 1):

@@ -405,8 +405,8 @@ impl PendingGlobal {
         answer: Result<AdmitReply, String>,
         flavour: ApiFlavour,
         now_ms: u64,
-    ) -> Result<Admitted, Refusal> {
-        let refused = |error, held| Refusal { error, held };
+    ) -> Result<Admitted, Box<Refusal>> {
+        let refused = |error, held| Box::new(Refusal { error, held });
         let answer = match answer {
             Ok(AdmitReply::Admitted { snapshots, .. }) if snapshots.len() != self.global.len() => {
                 let error = engine_unusable("it answered for a different number of limits");
@@ -671,14 +671,14 @@ pub fn settle(
         items: g
             .items
             .iter()
-            .filter_map(|(id, taken)| {
-                let actual = actual_of(id.measure, actual_tokens, actual_cost_micro_usd)?;
-                Some(SettleItem {
-                    key: taken.key.clone(),
-                    kind: taken.kind,
-                    reserved: taken.amount,
-                    actual,
-                })
+            // Every item, so that the service finds the reservation record where admission
+            // put it (named after the first key); a request per minute settles to itself.
+            .map(|(id, taken)| SettleItem {
+                key: taken.key.clone(),
+                kind: taken.kind,
+                reserved: taken.amount,
+                actual: actual_of(id.measure, actual_tokens, actual_cost_micro_usd)
+                    .unwrap_or(taken.amount),
             })
             .collect(),
     });

@@ -209,15 +209,15 @@ fn measure_set(at: &str, names: &[String]) -> Result<MeasureSet, ConfigError> {
     Ok(set)
 }
 
-/// Redis's scripts count a bucket in doubles, exact up to 2^53: a global rate whose
-/// capacity in parts (`per_minute * burst * 60`) goes past that is refused here rather
-/// than rounded there.
+/// Redis's scripts count a bucket in doubles, exact up to 2^53; the quota service takes
+/// capacities up to 2^52 parts (`per_minute * burst * 60`), so that a level in debt stays
+/// exact too. A global rate past that is refused here rather than at every request.
 fn check_global_rates(
     global: &GlobalLimits,
     tenants: &[Tenant],
     providers: &[Provider],
 ) -> Result<(), ConfigError> {
-    const EXACT: u128 = 1 << 53;
+    const EXACT: u128 = 1 << 52;
     let check = |at: String, l: &Limits, measures: MeasureSet| {
         let rates = [
             (LimitMeasure::RequestsPerMinute, l.requests_per_minute),
@@ -231,7 +231,7 @@ fn check_global_rates(
             require(
                 parts <= EXACT,
                 format!("{at}.{}", measure.config_name()),
-                "is too large for a global limit: rate x burst must stay below 150,000,000,000,000 per minute",
+                "is too large for a global limit: rate x burst must stay below 75,000,000,000,000 per minute",
             )?;
         }
         Ok(())

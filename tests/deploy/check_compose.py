@@ -5,15 +5,23 @@ Run from anywhere, with PyYAML installed (the project's .venv after `make sdk`):
     SLUICE_ENVOY=.venv/bin/envoy SLUICE_WASM=target/wasm32-wasip1/release/sluice.wasm \\
       .venv/bin/python tests/deploy/check_compose.py
 
-1. The compose file parses, has no top-level `version:`, and every build context, Dockerfile
-   and bind-mount source it names exists (relative to the compose file).
-2. Ports: the gateway (10000) and Envoy admin (9901) are published, nothing else, and admin
-   only on loopback; the Envoy image is the official one, at the Makefile's ENVOY_VERSION minor.
+1. The compose file parses, has no top-level `version:`, has the services mock, envoy, quota
+   and redis, and every build context, Dockerfile, bind-mount source and named volume it
+   names exists (relative to the compose file).
+2. Ports: the gateway (10000) and Envoy admin (9901) are published, nothing else (not Redis,
+   not the quota service), and admin only on loopback; the Envoy image is the official one,
+   at the Makefile's ENVOY_VERSION minor.
 3. Wiring: Envoy's -c and the wasm filename are the mounted files; every provider cluster
    names a compose service and a port that service's mock provider listens on (0.0.0.0); the
    provider keys Envoy's Sluice sends match the keys the mocks expect, with the same prefixes.
-4. mock/Dockerfile's build stage: its COPY lines are replayed (honouring .dockerignore) and
-   `cargo fetch --locked` must load the workspace from exactly those files.
+   Global limits: the Sluice JSON's `global.cluster` is a STRICT_DNS, HTTP/2 cluster on the
+   compose service that runs sluice-quota, at the port of its `--listen 0.0.0.0:PORT`; that
+   service's `--redis redis://HOST:PORT/` names the Redis service and its port; Redis runs
+   with appendonly yes and keeps /data in a named volume; Envoy waits for the quota service
+   and the quota service for Redis (depends_on ... service_healthy, with healthchecks).
+4. The build stage of every service built here (mock/Dockerfile, quota/Dockerfile): its COPY
+   lines are replayed (honouring .dockerignore) and `cargo fetch --locked` must load the
+   workspace from exactly those files.
 5. `scripts/compose_config.py --check`: envoy/compose/envoy.yaml is what envoy/demo.yaml generates.
 6. `$SLUICE_ENVOY --mode validate` on envoy/compose/envoy.yaml (wasm path pointed at
    $SLUICE_WASM) with the compose file's Envoy environment: this runs the filter's
@@ -37,6 +45,7 @@ GENERATED = ROOT / "envoy" / "compose" / "envoy.yaml"
 GENERATOR = ROOT / "scripts" / "compose_config.py"
 WASM_BUILD = ROOT / "target" / "wasm32-wasip1" / "release" / "sluice.wasm"
 GATEWAY_PORT, ADMIN_PORT = 10000, 9901
+QUOTA_SERVICE, REDIS_SERVICE = "quota", "redis"
 
 checked = []
 
@@ -76,7 +85,7 @@ def load_compose():
         fail(f"{rel(COMPOSE)} has no `services:` mapping")
     if "version" in compose:
         fail(f"{rel(COMPOSE)} has a top-level `version:`; the compose spec has none")
-    for name in ("mock", "envoy"):
+    for name in ("mock", "envoy", QUOTA_SERVICE, REDIS_SERVICE):
         if not isinstance(compose["services"].get(name), dict):
             fail(f"{rel(COMPOSE)} has no service `{name}`")
     ok(f"{rel(COMPOSE)} parses; services: {', '.join(compose['services'])}")
@@ -263,9 +272,16 @@ def check_wiring(compose, mounts):
     ok(f"service envoy: the filter loads {filename} = {rel(WASM_BUILD)}")
 
     # Every provider cluster points at a compose service and a port its mock listens on.
+    sluice = json.loads(wasm["configuration"]["value"])
+    quota_cluster = (sluice.get("global") or {}).get("cluster")
+    if not quota_cluster:
+        fail(f"{rel(GENERATED)}: the Sluice configuration has no `global` section with a cluster "
+             "(the compose demo runs with global limits)")
     mocks = mock_providers(compose)
     cluster_port = {}
     for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"] == quota_cluster:
+            continue
         for group in cluster["load_assignment"]["endpoints"]:
             for lb_endpoint in group["lb_endpoints"]:
                 address = lb_endpoint["endpoint"]["address"]["socket_address"]
@@ -293,7 +309,6 @@ def check_wiring(compose, mounts):
     for key in host_env_keys:
         if not envoy_env.get(key):
             fail(f"service envoy: {key} (in host_env_keys) is not set in its environment")
-    sluice = json.loads(wasm["configuration"]["value"])
     for provider in sluice["providers"]:
         port = cluster_port.get(provider["cluster"])
         if port is None:
@@ -311,7 +326,104 @@ def check_wiring(compose, mounts):
             fail(f"Sluice provider {provider['name']} uses path prefix {provider['path_prefix']!r}, "
                  f"mock provider {mock['name']} serves {mock['prefix']!r}")
     ok(f"provider keys ({', '.join(host_env_keys)}) and path prefixes agree between envoy and mock")
+    check_global(compose, config, sluice, quota_cluster)
     return envoy_env
+
+
+def flag_value(args, flag):
+    """The value of `--flag VALUE` or `--flag=VALUE` in a command list, or None."""
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def waits_for(compose, service, dependency):
+    """`service` starts only once `dependency` is healthy, and `dependency` has a healthcheck."""
+    depends = compose["services"][service].get("depends_on") or {}
+    condition = depends.get(dependency, {}).get("condition") if isinstance(depends, dict) else None
+    if condition != "service_healthy":
+        fail(f"service {service}: needs `depends_on: {dependency}: condition: service_healthy` "
+             f"(found {depends!r})")
+    test = (compose["services"][dependency].get("healthcheck") or {}).get("test")
+    if not test or test == ["NONE"]:
+        fail(f"service {dependency}: has no healthcheck, so service_healthy never holds")
+
+
+def check_global(compose, config, sluice, quota_cluster):
+    """Envoy -> quota service -> Redis: names, ports, HTTP/2, durability, start order."""
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    cluster = clusters.get(quota_cluster)
+    if cluster is None:
+        fail(f"{rel(GENERATED)}: global.cluster {quota_cluster!r} is not a cluster")
+    if cluster.get("type") not in ("STRICT_DNS", "LOGICAL_DNS"):
+        fail(f"cluster {quota_cluster}: type {cluster.get('type')} cannot resolve a compose "
+             "service name; use STRICT_DNS")
+    options = (cluster.get("typed_extension_protocol_options") or {}).get(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions") or {}
+    if "http2_protocol_options" not in (options.get("explicit_http_config") or {}):
+        fail(f"cluster {quota_cluster}: not HTTP/2 (explicit_http_config: "
+             "{ http2_protocol_options: {} }); the filter's callouts expect h2c")
+    endpoints = [lb["endpoint"]["address"]["socket_address"]
+                 for group in cluster["load_assignment"]["endpoints"] for lb in group["lb_endpoints"]]
+    if len(endpoints) != 1:
+        fail(f"cluster {quota_cluster}: expected one endpoint, found {len(endpoints)}")
+    host, port = endpoints[0]["address"], endpoints[0]["port_value"]
+    if host != QUOTA_SERVICE:
+        fail(f"cluster {quota_cluster}: endpoint host {host!r} is not the compose service "
+             f"{QUOTA_SERVICE}")
+    quota = compose["services"][QUOTA_SERVICE]
+    args = command_list(quota)
+    listen = flag_value(args, "--listen")
+    if listen != f"0.0.0.0:{port}":
+        fail(f"service {QUOTA_SERVICE}: --listen is {listen!r}; Envoy's cluster {quota_cluster} "
+             f"expects it on 0.0.0.0:{port} (in a container, every interface)")
+    build = quota.get("build") or {}
+    dockerfile = (COMPOSE.parent / build.get("context", ".") / build.get("dockerfile", "Dockerfile"))
+    if "sluice-quota" not in dockerfile.read_text():
+        fail(f"service {QUOTA_SERVICE}: {rel(dockerfile)} does not build sluice-quota")
+    ok(f"global limits: cluster {quota_cluster} (STRICT_DNS, HTTP/2) -> {host}:{port}, where "
+       f"sluice-quota listens (--listen {listen})")
+
+    redis_url = flag_value(args, "--redis") or ""
+    match = re.fullmatch(r"redis://([^:/@]+)(?::(\d+))?/(\d*)", redis_url)
+    if not match:
+        fail(f"service {QUOTA_SERVICE}: --redis {redis_url!r} is not redis://HOST[:PORT]/[DB]")
+    redis_host, redis_port = match.group(1), int(match.group(2) or 6379)
+    if redis_host != REDIS_SERVICE:
+        fail(f"service {QUOTA_SERVICE}: --redis names host {redis_host!r}, not the compose "
+             f"service {REDIS_SERVICE}")
+    redis = compose["services"][REDIS_SERVICE]
+    image = str(redis.get("image", ""))
+    if not re.fullmatch(r"(docker\.io/)?(library/)?redis:7(\.\d+)*(-\S+)?", image):
+        fail(f"service {REDIS_SERVICE}: image {image!r} is not the official redis:7")
+    redis_args = command_list(redis)
+    if redis_args[:1] != ["redis-server"]:
+        fail(f"service {REDIS_SERVICE}: command should start with redis-server, found {redis_args}")
+    served_port = int(flag_value(redis_args, "--port") or 6379)
+    if served_port != redis_port:
+        fail(f"service {REDIS_SERVICE}: serves port {served_port}, the quota service's --redis "
+             f"says {redis_port}")
+    if flag_value(redis_args, "--appendonly") != "yes":
+        fail(f"service {REDIS_SERVICE}: needs --appendonly yes (counters and monthly budgets "
+             "must survive a restart)")
+    fsync = flag_value(redis_args, "--appendfsync") or "everysec"
+    if fsync not in ("everysec", "always"):
+        fail(f"service {REDIS_SERVICE}: --appendfsync {fsync} may lose more than a second")
+    named = compose.get("volumes") or {}
+    data = [v for v in redis.get("volumes") or []
+            if isinstance(v, str) and v.split(":")[1:2] == ["/data"] and v.split(":")[0] in named]
+    if not data:
+        fail(f"service {REDIS_SERVICE}: /data (where the AOF goes) is not a named volume, so "
+             "the counters would vanish with the container")
+    ok(f"global limits: sluice-quota -> {redis_url} = service {REDIS_SERVICE} ({image}, "
+       f"appendonly yes, appendfsync {fsync}, /data in volume {data[0].split(':')[0]})")
+
+    waits_for(compose, "envoy", QUOTA_SERVICE)
+    waits_for(compose, QUOTA_SERVICE, REDIS_SERVICE)
+    ok(f"start order: {REDIS_SERVICE} healthy -> {QUOTA_SERVICE} healthy -> envoy")
 
 
 # ---------------------------------------------------------------- Dockerfile build stage
@@ -414,7 +526,7 @@ def replay_build_stage(dockerfile, context):
                     shutil.copy2(src, out)
                 copied.append(source)
         if shutil.which("cargo") is None:
-            fail("cargo is not on PATH; it is needed to check mock/Dockerfile's build stage")
+            fail(f"cargo is not on PATH; it is needed to check {rel(dockerfile)}'s build stage")
         # `cargo fetch` loads every workspace member's manifest and targets, as `cargo build`
         # does, without compiling; --locked fails if Cargo.lock is missing or stale.
         run = subprocess.run(["cargo", "fetch", "--locked"], cwd=image / cargo_workdir.lstrip("/"),
@@ -474,9 +586,13 @@ def main():
     check_ports(compose)
     check_image(compose)
     envoy_env = check_wiring(compose, mounts)
-    build = compose["services"]["mock"]["build"]
-    context = (COMPOSE.parent / build["context"]).resolve()
-    replay_build_stage(context / build.get("dockerfile", "Dockerfile"), context)
+    for service in compose["services"].values():
+        build = service.get("build")
+        if build is None:
+            continue
+        build = {"context": build} if isinstance(build, str) else build
+        context = (COMPOSE.parent / build.get("context", ".")).resolve()
+        replay_build_stage(context / build.get("dockerfile", "Dockerfile"), context)
     check_generated()
     validate(envoy_env)
     print("check_compose: OK (without Docker)")

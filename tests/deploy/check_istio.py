@@ -7,7 +7,10 @@ Run from the repository root:
         .venv/bin/python tests/deploy/check_istio.py
 
 1. Parses every YAML document under envoy/istio/ and checks kinds, apiVersions and the
-   fields the setup relies on: the EnvoyFilter's ECDS wiring (EXTENSION_CONFIG ADD +
+   fields the setup relies on: the global limits' wiring (with more than one gateway replica
+   the Sluice JSON must have a `global` section; its cluster is Istio's outbound cluster of a
+   Service with an HTTP/2 port, selecting the quota Deployment that listens there, whose
+   --redis names a Service of the manifests); the EnvoyFilter's ECDS wiring (EXTENSION_CONFIG ADD +
    HTTP_FILTER INSERT_BEFORE the router through config_discovery), FAIL_CLOSED,
    allow_on_headers_stop_iteration, the remote wasm source; that the provider key
    variables agree between the filter (host_env_keys and each provider's api_key_env), the
@@ -17,7 +20,8 @@ Run from the repository root:
    originates TLS with SNI equal to its host; selectors and gateway injection.
 2. Transplants each EnvoyFilter's Wasm config into a minimal Envoy bootstrap (the listener,
    access log, router and stats patches applied; routes translated from the
-   VirtualService; the wasm code switched to `local: {filename: $SLUICE_WASM}`) and runs
+   VirtualService; the quota service's cluster added as Istio would generate it; the wasm
+   code switched to `local: {filename: $SLUICE_WASM}`) and runs
    `$SLUICE_ENVOY --mode validate`. Validation loads the VM and runs Sluice's configure
    step, so this proves Sluice accepts the embedded JSON. As a control, the same bootstrap
    with one unknown field added to the Sluice JSON must FAIL validation.
@@ -27,7 +31,10 @@ Run from the repository root:
    reproducible, and the digests the script reports are the layout's.
 
 Options: --live also runs the gateway configuration in a real Envoy against the mock
-providers (needs target/release/sluice-mock or $SLUICE_MOCK: `make mock`); --dir DIR checks
+providers (needs target/release/sluice-mock or $SLUICE_MOCK: `make mock`), and, when the
+configuration has a `global` section, against a real quota service and Redis (needs
+target/release/sluice-quota or $SLUICE_QUOTA, and redis-server on PATH or
+$SLUICE_REDIS_SERVER: `make quota redis`); --dir DIR checks
 another copy of the manifests; --keep leaves the work files (bootstraps, logs) in /tmp.
 
 Exit status 0 when every check passes, 1 otherwise (each failure is printed), 2 when a
@@ -72,7 +79,7 @@ DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 
 KNOWN_KINDS = {
     ("v1", "Namespace"), ("v1", "Secret"), ("v1", "ServiceAccount"), ("v1", "Service"),
-    ("apps/v1", "Deployment"),
+    ("apps/v1", "Deployment"), ("apps/v1", "StatefulSet"), ("policy/v1", "PodDisruptionBudget"),
     ("rbac.authorization.k8s.io/v1", "Role"), ("rbac.authorization.k8s.io/v1", "RoleBinding"),
     ("networking.istio.io/v1alpha3", "EnvoyFilter"),
     ("networking.istio.io/v1", "Gateway"), ("networking.istio.io/v1", "VirtualService"),
@@ -330,6 +337,9 @@ def check_gateway_setup(docs, f) -> dict:
                                    and dig(s, "tls", "credentialName") for s in servers),
              f"{g['__where']}: every server is HTTPS with a credentialName (tenant keys never in clear)")
 
+    # Global limits: the quota service's cluster, Service, Deployment and Redis.
+    out["quota"] = check_global(docs, f, deps[0] if deps else None)
+
     # ServiceEntry, DestinationRules, VirtualService.
     se_hosts, se_ports = {}, {}
     for se in by_kind(docs, "ServiceEntry", ns):
@@ -408,9 +418,127 @@ def check_gateway_setup(docs, f) -> dict:
     return out
 
 
+OUTBOUND_CLUSTER = re.compile(r"^outbound\|(\d+)\|\|([a-z0-9.-]+)$")
+GLOBAL_LIMITS = {"requests_per_minute", "tokens_per_minute", "concurrent_requests", "monthly_tokens",
+                 "monthly_budget_usd"}
+
+
+def service_for_host(docs, host: str):
+    """The Service whose cluster-local name (name.namespace.svc.cluster.local) is `host`."""
+    for svc in by_kind(docs, "Service"):
+        name, ns = dig(svc, "metadata", "name"), dig(svc, "metadata", "namespace")
+        if host in (f"{name}.{ns}.svc.cluster.local", f"{name}.{ns}.svc"):
+            return svc
+    return None
+
+
+def istio_protocol(port: dict) -> str:
+    """Istio's protocol selection for a Service port: appProtocol, else the name's prefix."""
+    proto = port.get("appProtocol") or str(port.get("name", "")).split("-", 1)[0]
+    return str(proto).lower()
+
+
+def container_args(dep) -> list[str]:
+    cs = dig(dep, "spec", "template", "spec", "containers", default=[]) or []
+    return [str(a) for c in cs for a in (c.get("command") or []) + (c.get("args") or [])]
+
+
+def flag_value(args: list[str], flag: str):
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def check_global(docs, f, gateway_dep) -> dict | None:
+    """The `global` section's cluster is a quota Service/Deployment that reaches Redis."""
+    ns = dig(f["ef"], "metadata", "namespace")
+    g = f["sluice"].get("global")
+    replicas = dig(gateway_dep, "spec", "replicas", default=1) if gateway_dep else 1
+    if not C.ok(g is not None or replicas == 1,
+                f"the gateway runs {replicas} replicas and the Sluice configuration has a `global` section",
+                "without it every replica enforces the limits on its own (N times the limits)"):
+        return None
+    if g is None:
+        return None
+    w = f"{f['ef']['__where']}: global"
+    cluster = str(g.get("cluster", ""))
+    m = OUTBOUND_CLUSTER.match(cluster)
+    if not C.ok(bool(m), f"{w}.cluster is an Istio outbound cluster, outbound|PORT||HOST ({cluster})",
+                "the name must be exactly the one istiod generates for the quota Service"):
+        return None
+    port, host = int(m.group(1)), m.group(2)
+    C.ok(g.get("authority") in (None, host), f"{w}.authority is the quota Service's host ({g.get('authority')})")
+    C.ok(g.get("on_engine_failure") in ("deny", "local"), f"{w}.on_engine_failure is deny or local ({g.get('on_engine_failure')})",
+         "never unlimited")
+    C.ok(set(g.get("limits", [])) == GLOBAL_LIMITS, f"{w}.limits: every tenant limit is global",
+         f"{sorted(set(g.get('limits', [])))}: the others would be per replica")
+    svc = service_for_host(docs, host)
+    if not C.ok(svc is not None, f"{w}.cluster's host {host} is a Service of these manifests"):
+        return None
+    sp = [p for p in dig(svc, "spec", "ports", default=[]) or [] if p.get("port") == port]
+    if not C.ok(len(sp) == 1, f"{svc['__where']}: has port {port}"):
+        return None
+    C.ok(istio_protocol(sp[0]) in ("http2", "grpc"),
+         f"{svc['__where']}: port {port} is HTTP/2 for Istio (appProtocol or name prefix http2/grpc: {istio_protocol(sp[0])})",
+         "otherwise Istio's cluster speaks HTTP/1.1 and the callouts are not multiplexed")
+    target = sp[0].get("targetPort", port)
+    sel = dig(svc, "spec", "selector", default={})
+    deps = [d for d in by_kind(docs, "Deployment", dig(svc, "metadata", "namespace"))
+            if selects(sel, dig(d, "spec", "template", "metadata", "labels", default={}))]
+    if not C.ok(len(deps) == 1, f"{svc['__where']}: selects one Deployment's pods (the quota service)", f"found {len(deps)}"):
+        return None
+    dep = deps[0]
+    args = container_args(dep)
+    C.ok(flag_value(args, "--listen") == f"0.0.0.0:{target}",
+         f"{dep['__where']}: sluice-quota --listen 0.0.0.0:{target} (the Service's targetPort)",
+         f"found --listen {flag_value(args, '--listen')!r}")
+    ports = [p.get("containerPort") for c in dig(dep, "spec", "template", "spec", "containers", default=[]) for p in c.get("ports", [])]
+    C.ok(target in ports, f"{dep['__where']}: declares containerPort {target}")
+    C.ok(dig(dep, "spec", "replicas", default=1) >= 2, f"{dep['__where']}: at least 2 replicas (the gateways refuse requests without it)")
+    probes = [c.get("readinessProbe") for c in dig(dep, "spec", "template", "spec", "containers", default=[])]
+    C.ok(any(dig(p, "httpGet", "path") == "/healthz" for p in probes if p), f"{dep['__where']}: readiness probe GET /healthz")
+    redis_url = flag_value(args, "--redis") or ""
+    rm = re.fullmatch(r"redis://([^:/@]+)(?::(\d+))?/(\d*)", redis_url)
+    if C.ok(bool(rm), f"{dep['__where']}: --redis is redis://HOST[:PORT]/ ({redis_url})"):
+        rhost, rport = rm.group(1), int(rm.group(2) or 6379)
+        rsvc = service_for_host(docs, rhost)
+        if C.ok(rsvc is not None, f"{dep['__where']}: Redis host {rhost} is a Service of these manifests"):
+            C.ok(any(p.get("port") == rport for p in dig(rsvc, "spec", "ports", default=[])),
+                 f"{rsvc['__where']}: has port {rport}")
+            C.ok(rsvc["__file"].parent != ISTIO_DIR,
+                 f"{rsvc['__where']}: the trial Redis is not at the top level of envoy/istio/ (applied only on purpose)")
+            sts = [d for d in by_kind(docs, "StatefulSet", dig(rsvc, "metadata", "namespace"))
+                   if selects(dig(rsvc, "spec", "selector", default={}), dig(d, "spec", "template", "metadata", "labels", default={}))]
+            if C.ok(len(sts) == 1, f"{rsvc['__where']}: selects one StatefulSet's pods"):
+                rargs = container_args(sts[0])
+                C.ok(flag_value(rargs, "--appendonly") == "yes" and flag_value(rargs, "--appendfsync") in ("everysec", "always"),
+                     f"{sts[0]['__where']}: AOF on (--appendonly yes, --appendfsync everysec)")
+                mounts = [m.get("mountPath") for c in dig(sts[0], "spec", "template", "spec", "containers", default=[])
+                          for m in c.get("volumeMounts", [])]
+                claims = dig(sts[0], "spec", "volumeClaimTemplates", default=[]) or []
+                C.ok("/data" in mounts and bool(claims), f"{sts[0]['__where']}: /data on a PersistentVolumeClaim")
+    return {"name": cluster, "host": host, "port": port}
+
+
 # ---------------------------------------------------------------------------------------
 # 2. Envoy --mode validate on a transplanted bootstrap
 # ---------------------------------------------------------------------------------------
+
+H2_OPTIONS = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+    "explicit_http_config": {"http2_protocol_options": {}}}}
+
+
+def quota_cluster(quota: dict, address: str | None = None, port: int | None = None) -> dict:
+    """The quota Service's cluster as Istio generates it (HTTP/2, by its name), on DNS."""
+    return {"name": quota["name"], "type": "STRICT_DNS" if address is None else "STATIC",
+            "connect_timeout": "1s", "typed_extension_protocol_options": copy.deepcopy(H2_OPTIONS),
+            "load_assignment": {"cluster_name": quota["name"], "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {
+                    "address": address or quota["host"], "port_value": port or quota["port"]}}}}]}]}}
 
 def duration(s: str | None, default: str) -> str:
     return s if s else default
@@ -461,6 +589,8 @@ def envoy_clusters(route_info) -> list[dict]:
                 "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
                 "sni": tls.get("sni"), "common_tls_context": {"validation_context": validation}}},
         })
+    if route_info.get("quota"):
+        clusters.append(quota_cluster(route_info["quota"]))
     return clusters
 
 
@@ -668,7 +798,8 @@ def ecds_file(path: Path, f, wasm: Path, sluice: dict, version: str) -> None:
     os.replace(tmp, path)  # atomic: Envoy watches the directory for moves
 
 
-def live_bootstrap(f, route_info, ecds: Path, mock_ports: dict, port: int, admin: int, log: Path) -> dict:
+def live_bootstrap(f, route_info, ecds: Path, mock_ports: dict, port: int, admin: int, log: Path,
+                   quota_port: int | None = None) -> dict:
     b = transplant(f, route_info, Path("/unused"))
     b["admin"] = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}}
     lst = b["static_resources"]["listeners"][0]
@@ -685,6 +816,10 @@ def live_bootstrap(f, route_info, ecds: Path, mock_ports: dict, port: int, admin
     # Provider clusters point at the mock providers, in plain HTTP.
     clusters = []
     for c in b["static_resources"]["clusters"]:
+        if route_info.get("quota") and c["name"] == route_info["quota"]["name"]:
+            # The quota service started by live_check, on loopback.
+            clusters.append(quota_cluster(route_info["quota"], "127.0.0.1", quota_port))
+            continue
         host = c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["address"]
         clusters.append({"name": c["name"], "type": "STATIC", "connect_timeout": "1s", "load_assignment": {
             "cluster_name": c["name"], "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
@@ -714,6 +849,27 @@ def live_check(envoy: str, wasm: Path, f, route_info, workdir: Path, mock: str) 
     procs = []
     try:
         procs.append(subprocess.Popen([mock] + args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        quota_port = None
+        if route_info.get("quota"):
+            # Global limits: a scratch Redis and the quota service on free loopback ports.
+            import shutil
+            redis_bin = os.environ.get("SLUICE_REDIS_SERVER") or shutil.which("redis-server")
+            quota_bin = os.environ.get("SLUICE_QUOTA") or str(ROOT / "target/release/sluice-quota")
+            if not C.ok(bool(redis_bin) and Path(redis_bin).is_file() and Path(quota_bin).is_file(),
+                        f"live: redis-server ({redis_bin}) and sluice-quota ({quota_bin}) for the global limits",
+                        "run `make redis quota`, or set SLUICE_REDIS_SERVER and SLUICE_QUOTA"):
+                return
+            redis_port, quota_port = free_port(), free_port()
+            procs.append(subprocess.Popen([redis_bin, "--port", str(redis_port), "--bind", "127.0.0.1",
+                                           "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+                                          stdout=open(workdir / "redis.log", "w"), stderr=subprocess.STDOUT))
+            procs.append(subprocess.Popen([quota_bin, "--listen", f"127.0.0.1:{quota_port}",
+                                           "--redis", f"redis://127.0.0.1:{redis_port}/"],
+                                          stdout=open(workdir / "quota.log", "w"), stderr=subprocess.STDOUT))
+            up = wait_for(lambda: http("GET", f"http://127.0.0.1:{quota_port}/healthz", timeout=1)[0] == 200, 20)
+            if not C.ok(up, "live: the quota service answers /healthz",
+                        (workdir / "quota.log").read_text()[-2000:] + (workdir / "redis.log").read_text()[-1000:]):
+                return
         ecds = workdir / "ecds" / "sluice.yaml"
         ecds.parent.mkdir()
         ecds_file(ecds, f, wasm, sluice, "1")
@@ -722,7 +878,7 @@ def live_check(envoy: str, wasm: Path, f, route_info, workdir: Path, mock: str) 
             port, admin = free_port(), free_port()
             boot = workdir / f"{name}.yaml"
             boot.write_text(yaml.safe_dump(live_bootstrap(f, route_info, ecds, mock_ports, port, admin,
-                                                          workdir / access_log), sort_keys=False))
+                                                          workdir / access_log, quota_port), sort_keys=False))
             log = open(workdir / f"{name}.log", "w")
             procs.append(subprocess.Popen([envoy, "-c", str(boot), "--concurrency", str(concurrency),
                                            "--disable-hot-restart", "--use-dynamic-base-id", "--log-level", "info",
@@ -774,6 +930,10 @@ def live_check(envoy: str, wasm: Path, f, route_info, workdir: Path, mock: str) 
         time.sleep(0.5)
         logged = (workdir / "access.log").read_text() if (workdir / "access.log").exists() else ""
         C.ok('"tenant":"live-check"' in logged, "live: the access log carries Sluice's usage record")
+        if route_info.get("quota"):
+            C.ok('"limits_engine":"global"' in logged,
+                 "live: the limits were decided by the quota service (usage record limits_engine: global)",
+                 logged[-1000:])
         stats = http("GET", f"http://127.0.0.1:{admin}/stats/prometheus")[2].decode()
         C.ok('sluice_requests_total{tenant="live-check"' in stats, "live: Prometheus stats carry tenant labels (BOOTSTRAP stats_tags patch)")
 
@@ -841,7 +1001,8 @@ def main() -> int:
         print(f"check_istio: wasm not found at {wasm}; run `make wasm` or set SLUICE_WASM", file=sys.stderr)
         return 2
     wasm = wasm.resolve()
-    print(f"check_istio: {rel(ISTIO_DIR)} with envoy {envoy} and wasm {rel(wasm)}")
+    envoy = str(Path(envoy).resolve())  # validation runs in a scratch directory
+    print(f"check_istio: {rel(ISTIO_DIR)} with envoy {rel(Path(envoy))} and wasm {rel(wasm)}")
 
     C.section("manifests: parse, kinds, apiVersions")
     docs = load_docs()

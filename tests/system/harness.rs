@@ -226,6 +226,19 @@ impl Gateway {
         }
     }
 
+    /// Kills Envoy outright (SIGKILL: no drain, no `on_log`), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Adopts a new Envoy process (after [`Gateway::kill`]) on its new ports.
+    pub fn replace_process(&mut self, child: Child, admin: SocketAddr, addr: SocketAddr) {
+        self.child = child;
+        self.admin = admin;
+        self.addr = addr;
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }

@@ -9,6 +9,7 @@ mod auth;
 mod config;
 mod deploy;
 mod fairness;
+mod global;
 mod hardening;
 mod production;
 mod routing;

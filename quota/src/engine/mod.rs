@@ -1,0 +1,260 @@
+//! The Redis layer: each operation of the wire contract is one script call (one per
+//! settlement), so every decision is atomic and uses Redis's clock.
+//!
+//! Redis Cluster would need every key of one call in one hash slot. The keyspace gives a
+//! tenant's keys one hash tag, but a request may also carry a provider's limits; grouping
+//! calls by hash tag is left for when Cluster is supported. Standalone Redis (or Valkey) is
+//! what this serves today.
+
+mod checks;
+mod reply;
+mod scripts;
+
+pub use scripts::CALENDAR;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::ScriptInvocation;
+use sluice::global::wire::{
+    AdmitReply, AdmitRequest, PeekReply, PeekRequest, RenewReply, RenewRequest, SettleOutcome,
+    SettleReply, SettleRequest, Settlement,
+};
+use sluice::limits::{month_index, month_start_ms, LimitKind};
+use sluice::shared::keys::{month_key, reservation};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use reply::Decided;
+use scripts::Scripts;
+
+/// How long a month's counters outlive the month, for late settlements and for reading.
+const MONTH_KEPT_MS: u64 = 35 * 86_400_000;
+/// A month can change between the service's guess and the script's run at most once in
+/// practice; twice means a clock far from Redis's.
+const MONTH_TRIES: usize = 2;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// The request cannot be served exactly as asked (HTTP 400).
+    BadRequest(String),
+    /// Redis failed or did not answer as the scripts do (HTTP 503).
+    Redis(String),
+}
+
+impl From<redis::RedisError> for Error {
+    fn from(error: redis::RedisError) -> Self {
+        Error::Redis(format!("redis: {error}"))
+    }
+}
+
+impl From<redis::ParsingError> for Error {
+    fn from(error: redis::ParsingError) -> Self {
+        Error::Redis(format!("redis: unexpected script reply: {error}"))
+    }
+}
+
+/// Wall-clock ms since the Unix epoch.
+pub type Clock = fn() -> u64;
+
+pub fn system_clock() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
+pub struct Engine {
+    redis: ConnectionManager,
+    scripts: Scripts,
+    /// Only to guess the month of monthly keys; the scripts decide with Redis's clock.
+    clock: Clock,
+}
+
+impl Engine {
+    /// An engine for the Redis at `url`. Connects on first use and reconnects after a
+    /// failure, so the service starts (and answers 503) while Redis is down.
+    /// Fails only on a URL that is not one (the message says why).
+    pub fn new(url: &str, clock: Clock) -> Result<Engine, String> {
+        let client = redis::Client::open(url).map_err(|error| format!("redis URL: {error}"))?;
+        // Fail fast while Redis is down: one quick retry, then 503 until it is back.
+        let config = ConnectionManagerConfig::new()
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500))
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(2)));
+        let redis = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|error| format!("redis: {error}"))?;
+        Ok(Engine {
+            redis,
+            scripts: Scripts::new(),
+            clock,
+        })
+    }
+
+    /// Whether Redis answers.
+    pub async fn ping(&self) -> Result<(), Error> {
+        let mut redis = self.redis.clone();
+        let _: String = redis::cmd("PING").query_async(&mut redis).await?;
+        Ok(())
+    }
+
+    pub async fn admit(&self, request: &AdmitRequest) -> Result<AdmitReply, Error> {
+        checks::id(&request.id, "id")?;
+        checks::duration(request.lease_ms, "lease_ms")?;
+        checks::duration(request.hold_ms, "hold_ms")?;
+        checks::distinct_keys(request.demands.iter().map(|demand| demand.key.as_str()))?;
+        let mut limits = Vec::with_capacity(request.demands.len());
+        for (index, demand) in request.demands.iter().enumerate() {
+            let at = format!("demands[{index}]");
+            checks::exact(demand.amount, &format!("{at}.amount"))?;
+            checks::lease_amount(demand.kind, demand.amount, &format!("{at}.amount"))?;
+            limits.push(checks::limit_args(demand.kind, &at)?);
+        }
+        let first_key = request
+            .demands
+            .first()
+            .map_or("", |demand| demand.key.as_str());
+        let record = reservation(first_key, &request.id);
+        self.in_month(|month| {
+            let mut call = self.scripts.admit.prepare_invoke();
+            call.key(&record);
+            for demand in &request.demands {
+                call.key(limit_key(&demand.key, demand.kind, month));
+            }
+            month_args(&mut call, month);
+            call.arg(&request.id)
+                .arg(request.lease_ms)
+                .arg(request.hold_ms);
+            for (demand, limit) in request.demands.iter().zip(&limits) {
+                call.arg(limit.kind)
+                    .arg(demand.amount)
+                    .arg(limit.first)
+                    .arg(limit.second);
+            }
+            async move { reply::admit(self.run(&call).await?, request.demands.len()) }
+        })
+        .await
+    }
+
+    /// Settles each settlement in its own script, in order. On an error, the ones before
+    /// are settled: a retry finds them `duplicate`.
+    pub async fn settle(&self, request: &SettleRequest) -> Result<SettleReply, Error> {
+        for (index, settlement) in request.settlements.iter().enumerate() {
+            checks_settlement(settlement, &format!("settlements[{index}]"))?;
+        }
+        let mut outcomes = Vec::with_capacity(request.settlements.len());
+        for settlement in &request.settlements {
+            outcomes.push(self.settle_one(settlement).await?);
+        }
+        Ok(SettleReply { outcomes })
+    }
+
+    async fn settle_one(&self, settlement: &Settlement) -> Result<SettleOutcome, Error> {
+        let first_key = settlement
+            .items
+            .first()
+            .map_or("", |item| item.key.as_str());
+        let mut call = self.scripts.settle.prepare_invoke();
+        call.key(reservation(first_key, &settlement.id));
+        for item in &settlement.items {
+            call.key(limit_key(&item.key, item.kind, settlement.month));
+        }
+        call.arg(&settlement.id)
+            .arg(month_expiry_ms(settlement.month));
+        for item in &settlement.items {
+            let limit = checks::limit_args(item.kind, "")?;
+            call.arg(limit.kind)
+                .arg(item.reserved)
+                .arg(item.actual)
+                .arg(limit.first)
+                .arg(limit.second);
+        }
+        reply::settle(self.run(&call).await?)
+    }
+
+    pub async fn renew(&self, request: &RenewRequest) -> Result<RenewReply, Error> {
+        checks::duration(request.lease_ms, "lease_ms")?;
+        let mut call = self.scripts.renew.prepare_invoke();
+        call.arg(request.lease_ms);
+        for (index, lease) in request.leases.iter().enumerate() {
+            checks::id(&lease.id, &format!("leases[{index}].id"))?;
+            call.key(&lease.key).arg(&lease.id);
+        }
+        reply::renew(self.run(&call).await?)
+    }
+
+    pub async fn peek(&self, request: &PeekRequest) -> Result<PeekReply, Error> {
+        let mut limits = Vec::with_capacity(request.limits.len());
+        for (index, item) in request.limits.iter().enumerate() {
+            limits.push(checks::limit_args(item.kind, &format!("limits[{index}]"))?);
+        }
+        self.in_month(|month| {
+            let mut call = self.scripts.peek.prepare_invoke();
+            for item in &request.limits {
+                call.key(limit_key(&item.key, item.kind, month));
+            }
+            call.arg(month).arg(month_start_ms(month.saturating_add(1)));
+            for limit in &limits {
+                call.arg(limit.kind).arg(limit.first).arg(limit.second);
+            }
+            async move { reply::peek(self.run(&call).await?, request.limits.len()) }
+        })
+        .await
+    }
+
+    /// Runs `attempt` with the service's month, then, if Redis's clock is in another
+    /// month, once more with that one: monthly keys carry the month and must be named
+    /// before the script reads Redis's clock.
+    async fn in_month<T, F, Fut>(&self, attempt: F) -> Result<T, Error>
+    where
+        F: Fn(u32) -> Fut,
+        Fut: std::future::Future<Output = Result<Decided<T>, Error>>,
+    {
+        let mut month = month_index((self.clock)());
+        for _ in 0..MONTH_TRIES {
+            match attempt(month).await? {
+                Decided::Done(answer) => return Ok(answer),
+                Decided::OtherMonth(redis_month) => month = redis_month,
+            }
+        }
+        Err(Error::Redis(format!(
+            "redis: the month moved again while deciding (now {})",
+            month_key("", month).trim_start_matches(':')
+        )))
+    }
+
+    async fn run(&self, call: &ScriptInvocation<'_>) -> Result<redis::Value, Error> {
+        let mut redis = self.redis.clone();
+        Ok(call.invoke_async(&mut redis).await?)
+    }
+}
+
+fn checks_settlement(settlement: &Settlement, at: &str) -> Result<(), Error> {
+    checks::id(&settlement.id, &format!("{at}.id"))?;
+    for (index, item) in settlement.items.iter().enumerate() {
+        let at = format!("{at}.items[{index}]");
+        checks::exact(item.reserved, &format!("{at}.reserved"))?;
+        checks::exact(item.actual, &format!("{at}.actual"))?;
+        checks::limit_args(item.kind, &at)?;
+    }
+    Ok(())
+}
+
+/// A limit's Redis key: monthly limits add the month.
+fn limit_key(key: &str, kind: LimitKind, month: u32) -> String {
+    match kind {
+        LimitKind::Monthly { .. } => month_key(key, month),
+        LimitKind::Rate { .. } | LimitKind::Concurrency { .. } => key.to_string(),
+    }
+}
+
+/// The month the service names, when it ends, and when its counters may go.
+fn month_args(call: &mut ScriptInvocation<'_>, month: u32) {
+    call.arg(month)
+        .arg(month_start_ms(month.saturating_add(1)))
+        .arg(month_expiry_ms(month));
+}
+
+fn month_expiry_ms(month: u32) -> u64 {
+    month_start_ms(month.saturating_add(1)).saturating_add(MONTH_KEPT_MS)
+}
