@@ -10,13 +10,17 @@ direct_response serving a chat completion with usage) with the same request body
 For each: saturation throughput, latency p50/p99/p99.9 at 25% and 50% of (a)'s saturation,
 the gateway's CPU microseconds per request (from /proc, robust on a noisy machine) and
 peak memory. Several repetitions; medians with min-max spread; ratios against (a).
+For (g) also the CPU per request of the quota service and of Redis, and what (g) adds to (c):
+latency p50/p99 and Envoy CPU per request, against the targets of issue 14.
 
 With --baseline-wasm PATH (make bench-compare), (c0) is (c) loading another build of Sluice,
 e.g. the previous revision: (c0) and (c) run side by side, their repetitions interleaved in
 alternating order (c0 c, c c0, ...) so that the machine's drift falls on both alike, and
 results.md reports CPU per request and saturation throughput current/baseline.
 
-Usage: run.py OUT_DIR [--reps N] [--seconds S] [--no-litellm] [--only-ablation]
+With --only-global (make bench-global), only (a), (c) and (g), their repetitions interleaved.
+
+Usage: run.py OUT_DIR [--reps N] [--seconds S] [--no-litellm] [--only-ablation | --only-global]
               [--baseline-wasm PATH [--baseline-label TEXT]]
 """
 import argparse
@@ -31,15 +35,19 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import cluster_config  # noqa: E402  (the one home of the `global` section and the sluice_quota cluster)
 VENV = ROOT / ".venv"
 ENVOY = VENV / "bin" / "envoy"
 WASM = ROOT / "target/wasm32-wasip1/release/sluice.wasm"
 NOOP_WASM = ROOT / "target/wasm32-wasip1/release/sluice_bench_noop.wasm"
 MOCK = ROOT / "target/release/sluice-mock"
+QUOTA = ROOT / "target/release/sluice-quota"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 KEY = "sk-sluice-demo-acme"
 BODY = json.dumps(
@@ -123,6 +131,8 @@ class Proc:
         return total
 
     def stop(self):
+        if self.p.returncode is not None and self.log.closed:
+            return  # stopped before
         try:
             os.killpg(self.p.pid, signal.SIGTERM)
             self.p.wait(timeout=10)
@@ -182,6 +192,90 @@ static_resources:
 """
 
 
+def wait_tcp(port, what, seconds=30):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{what} on port {port} not ready")
+
+
+def redis_server():
+    """redis-server as the tests find it: $SLUICE_REDIS_SERVER, else the one on PATH."""
+    path = os.environ.get("SLUICE_REDIS_SERVER") or shutil.which("redis-server")
+    if not path:
+        sys.exit("bench: redis-server not found: run `make redis` (or set SLUICE_REDIS_SERVER)")
+    return path
+
+
+class GlobalEngine:
+    """(g)'s engine on this machine: one sluice-quota process and its private redis-server.
+
+    Redis runs without persistence (--save "" --appendonly no): no fork for snapshots and no
+    append-only file written per command, so the bench measures the decisions and not the
+    disk. A production Redis keeps AOF on (appendfsync everysec), which costs Redis more."""
+
+    def __init__(self, tmp):
+        data = Path(tmp) / "redis"
+        data.mkdir(exist_ok=True)
+        self.redis_port, self.quota_port = free_port(), free_port()
+        exe = redis_server()
+        self.redis_version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.strip()
+        self.redis = Proc([exe, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
+                           "--appendonly", "no", "--dir", str(data), "--logfile", ""], Path(tmp) / "redis.log")
+        self.quota = None
+        try:
+            wait_tcp(self.redis_port, "redis-server")
+            self.quota = Proc([str(QUOTA), "--listen", f"127.0.0.1:{self.quota_port}",
+                               "--redis", f"redis://127.0.0.1:{self.redis_port}/"], Path(tmp) / "quota.log")
+            # 200 only once the service reaches Redis.
+            wait_http(f"http://127.0.0.1:{self.quota_port}/healthz")
+        except BaseException:
+            self.stop()
+            raise
+
+    def procs(self):
+        """The processes whose CPU (g) also reports, by name."""
+        return {"quota": self.quota, "redis": self.redis}
+
+    def stop(self):
+        for p in (self.quota, self.redis):
+            if p is not None:
+                p.stop()
+
+
+def envoy_stats(admin, pattern):
+    """Envoy's counters whose names match `pattern` (a regex), as name -> int."""
+    query = urllib.parse.quote(pattern, safe="")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats?usedonly&filter={query}", timeout=5).read().decode()
+    out = {}
+    for line in text.strip().splitlines():
+        name, _, value = line.partition(": ")
+        if value.strip().isdigit():
+            out[name] = int(value)
+    return out
+
+
+def check_global_calls(admin):
+    """Fails the run unless (g)'s requests were decided by the quota service: at least one
+    answered call to the sluice_quota cluster per successful request (the admission; the
+    settlements go in batches on top), and no call that failed or timed out."""
+    stats = envoy_stats(admin, "^(cluster\\.sluice_quota\\.upstream_rq_.*|http\\.sluice\\.downstream_rq_[0-9]xx)$")
+    requests = stats.get("http.sluice.downstream_rq_2xx", 0)
+    calls = stats.get("cluster.sluice_quota.upstream_rq_2xx", 0)
+    failed = sum(v for k, v in stats.items()
+                 if k.startswith("cluster.sluice_quota.upstream_rq_") and (k[-3:] in ("4xx", "5xx") or k.endswith("_timeout")))
+    other = sum(v for k, v in stats.items() if k.startswith("http.sluice.downstream_rq_") and not k.endswith("2xx"))
+    summary = {"requests_2xx": requests, "requests_other": other, "quota_calls_2xx": calls, "quota_calls_failed": failed}
+    if requests == 0 or calls < requests or failed or other:
+        sys.exit(f"bench: (g) was not decided by the quota service as expected: {summary}")
+    print(f"bench: (g) made {calls} quota service calls for {requests} requests, none failed", flush=True)
+    return summary
+
+
 def upstream_yaml(port, admin):
     """The fast upstream: an Envoy direct_response with a chat completion and usage.
 
@@ -237,10 +331,21 @@ def noop_filter():
 """
 
 
-def sluice_yaml(tmp, listen, admin, upstream_port, access_log=True, limits=True, wasm=WASM):
+# The gold tier's limits in (c) and (g): all checked and settled, set so high that they never
+# reject. Tokens per minute stays within what a global rate can count exactly (rate x burst
+# x 60 parts at most 2^52: 75,000,000,000 per minute at burst 1), so that (g) can take the
+# very same limits.
+HIGH_LIMITS = {"requests_per_minute": 1_000_000_000, "tokens_per_minute": 10_000_000_000,
+               "concurrent_requests": 1_000_000}
+# (g): every tenant limit global, none of the providers' (the demo's providers have none).
+GLOBAL_SECTION = cluster_config.global_section(timeout_ms=50, limits=cluster_config.LIMITS, provider_limits=[])
+
+
+def sluice_yaml(tmp, listen, admin, upstream_port, access_log=True, limits=True, wasm=WASM, quota_port=None):
     """The demo configuration, pointed at the bench upstream, limits out of the way, loading
     the Sluice build at `wasm`. The ablation variants drop the access log (Envoy's work) and
-    the limits (shared data)."""
+    the limits (shared data). With `quota_port`, (g): the same plus the `global` section and
+    the sluice_quota cluster, added by scripts/cluster_config.py as for a real cluster."""
     text = (ROOT / "envoy/demo.yaml").read_text()
     for old, new in [("port_value: 9901", f"port_value: {admin}"), ("port_value: 10000", f"port_value: {listen}"),
                      ("filename: target/wasm32-wasip1/release/sluice.wasm", f"filename: {wasm}"),
@@ -256,14 +361,15 @@ def sluice_yaml(tmp, listen, admin, upstream_port, access_log=True, limits=True,
     while end < len(lines) and (not lines[end].strip() or len(lines[end]) - len(lines[end].lstrip()) >= indent):
         end += 1
     cfg = json.loads("\n".join(lines[at:end]))
-    cfg["tiers"]["gold"]["limits"] = {"requests_per_minute": 1_000_000_000, "tokens_per_minute": 1_000_000_000_000,
-                                      "concurrent_requests": 1_000_000} if limits else {}
+    cfg["tiers"]["gold"]["limits"] = dict(HIGH_LIMITS) if limits else {}
     lines[at:end] = [" " * indent + json.dumps(cfg)]
     text = "\n".join(lines) + "\n"
     if not access_log:
         start = text.index("          access_log:")
         end = text.index("          route_config:")
         text = text[:start] + text[end:]
+    if quota_port is not None:
+        text = cluster_config.generate(text, "bench/run.py's (c)", quota_port=quota_port, section=GLOBAL_SECTION)
     return text
 
 
@@ -291,17 +397,27 @@ def oha(url, seconds, conns, rate=None, headers=()):
     return json.loads(out)
 
 
-def measure(gateway, url, headers, seconds, reps, rates):
-    """Saturation runs (throughput, CPU/request) and fixed-rate runs (latency)."""
+def measure(gateway, url, headers, seconds, reps, rates, extras=None):
+    """Saturation runs (throughput, CPU/request) and fixed-rate runs (latency). `extras` maps
+    a name to another process serving the gateway (the quota service, Redis): its CPU per
+    request is reported as `<name>_cpu_us_per_req`."""
+    extras = extras or {}
     sat = []
     for _ in range(reps):
         t0 = gateway.cpu_ticks()
+        e0 = {n: p.cpu_ticks() for n, p in extras.items()}
         r = oha(url, seconds, 32, headers=headers)
+        if extras:
+            # The last requests' settlements leave on the next 10 ms tick: count them too.
+            time.sleep(0.1)
         ticks = gateway.cpu_ticks() - t0
+        extra_ticks = {n: p.cpu_ticks() - e0[n] for n, p in extras.items()}
         ok = sum(v for k, v in r["statusCodeDistribution"].items() if k.startswith("2"))
         total = sum(r["statusCodeDistribution"].values())
         sat.append({"rps": r["summary"]["requestsPerSec"], "ok": ok, "total": total,
                     "cpu_us_per_req": ticks * 1e6 / CLK_TCK / max(ok, 1)})
+        for n, t in extra_ticks.items():
+            sat[-1][f"{n}_cpu_us_per_req"] = t * 1e6 / CLK_TCK / max(ok, 1)
     lat = {}
     for label, rate in rates.items():
         runs = []
@@ -312,31 +428,41 @@ def measure(gateway, url, headers, seconds, reps, rates):
                          "ok_ratio": sum(v for k, v in r["statusCodeDistribution"].items() if k.startswith("2"))
                          / max(sum(r["statusCodeDistribution"].values()), 1)})
         lat[label] = runs
-    return {"saturation": sat, "latency": lat, "peak_rss_kb": gateway.peak_rss_kb()}
+    out = {"saturation": sat, "latency": lat, "peak_rss_kb": gateway.peak_rss_kb()}
+    for n, p in extras.items():
+        out[f"{n}_peak_rss_kb"] = p.peak_rss_kb()
+    return out
 
 
 def measure_interleaved(gateways, headers, seconds, reps, rates):
     """measure() for several gateways running side by side, repetition by repetition: each
     repetition runs every gateway once, in an order rotated by one per repetition (for two:
-    A B, B A, A B, ...), so that a slow drift of the machine falls on all of them alike.
-    `gateways` maps a name to (gateway, url); returns name -> measure()'s result, plus the
-    order of each repetition."""
+    A B, B A, A B, ...; for three: A B C, B C A, C A B, ...), so that a slow drift of the
+    machine falls on all of them alike. `gateways` maps a name to (gateway, url) or
+    (gateway, url, extras) (measure()'s `extras`); returns name -> measure()'s result, plus
+    the order of each repetition."""
     names = list(gateways)
     results = {n: {"saturation": [], "latency": {label: [] for label in rates}} for n in names}
     orders = []
+
+    def run(n, rates):
+        gw, url, *extras = gateways[n]
+        return measure(gw, url, headers, seconds, 1, rates, extras[0] if extras else None)
+
     for i in range(reps):
         order = names[i % len(names):] + names[:i % len(names)]
         orders.append(order)
         for n in order:
-            gw, url = gateways[n]
-            results[n]["saturation"] += measure(gw, url, headers, seconds, 1, {})["saturation"]
+            results[n]["saturation"] += run(n, {})["saturation"]
     for label, rate in rates.items():
         for i in range(reps):
             for n in orders[i]:
-                gw, url = gateways[n]
-                results[n]["latency"][label] += measure(gw, url, headers, seconds, 1, {label: rate})["latency"][label]
+                results[n]["latency"][label] += run(n, {label: rate})["latency"][label]
     for n in names:
-        results[n]["peak_rss_kb"] = gateways[n][0].peak_rss_kb()
+        gw, _, *extras = gateways[n]
+        results[n]["peak_rss_kb"] = gw.peak_rss_kb()
+        for e, p in (extras[0] if extras else {}).items():
+            results[n][f"{e}_peak_rss_kb"] = p.peak_rss_kb()
     return results, orders
 
 
@@ -370,7 +496,10 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--no-litellm", action="store_true")
-    ap.add_argument("--only-ablation", action="store_true", help="(a), (c) and the ablation only")
+    only = ap.add_mutually_exclusive_group()
+    only.add_argument("--only-ablation", action="store_true", help="(a), (c) and the ablation only")
+    only.add_argument("--only-global", action="store_true",
+                      help="(a), (c) and (g) only, their repetitions interleaved (make bench-global)")
     ap.add_argument("--baseline-wasm", type=Path, metavar="PATH",
                     help="also measure (c0): (c) loading this Sluice build, interleaved with (c), and compare")
     ap.add_argument("--baseline-label", metavar="TEXT", help="what the baseline build is (default: its path)")
@@ -380,6 +509,11 @@ def main():
     for path, how in [(ENVOY, "run `make envoy`"), (WASM, "run `make wasm`"), (NOOP_WASM, "run `make bench`"),
                       (MOCK, "run `make mock`"), (OHA, "run `make bench` (installs oha)")]:
         need(path, how)
+    # (g) runs in `make bench` and `make bench-global`, not in the ablation-only runs.
+    with_global = not args.only_ablation
+    if with_global:
+        need(QUOTA, "run `make quota`")
+        redis_server()
     builds = None
     if args.baseline_wasm:
         args.baseline_wasm = args.baseline_wasm.resolve()
@@ -404,6 +538,8 @@ def main():
             port, admin = free_port(), free_port()
             if kind == "sluice":
                 yaml = sluice_yaml(tmp, port, admin, upstream_port)
+            elif kind == "sluice-global":
+                yaml = sluice_yaml(tmp, port, admin, upstream_port, quota_port=engine.quota_port)
             elif kind == "sluice-baseline":
                 yaml = sluice_yaml(tmp, port, admin, upstream_port, wasm=args.baseline_wasm)
             elif kind == "sluice-nolog":
@@ -414,12 +550,16 @@ def main():
                 filters = noop_filter() if kind == "noop" else ""
                 yaml = envoy_yaml(port, admin, filters, cluster("upstream", upstream_port),
                                   "route: {cluster: upstream, timeout: 60s}")
-            return start_envoy(tmp, f"{kind}-{upstream_port}", yaml, admin), f"http://127.0.0.1:{port}"
+            gw = start_envoy(tmp, f"{kind}-{upstream_port}", yaml, admin)
+            gw.admin = admin
+            procs.append(gw)  # stopped by the caller; here in case of an error
+            return gw, f"http://127.0.0.1:{port}"
 
         rates = None
         auth = [f"authorization: Bearer {KEY}"]
+        group = {}  # gateways measured interleaved with (c): (a) with --only-global, (c0), (g)
         for name, kind in [("a_plain_envoy", "plain"), ("b_noop_wasm", "noop"), ("c_sluice", "sluice")]:
-            if args.only_ablation and kind == "noop":
+            if (args.only_ablation or args.only_global) and kind == "noop":
                 continue
             gw, base = gateway(kind, up_port)
             url = f"{base}/v1/chat/completions"
@@ -428,49 +568,68 @@ def main():
                 sat = probe["saturation"][0]["rps"]
                 rates = {"25%": max(int(sat * 0.25), 1), "50%": max(int(sat * 0.5), 1)}
                 results["rates"] = rates
-            if kind == "sluice" and args.baseline_wasm:
-                # (c0) and (c) side by side, repetitions interleaved; (c0) listed first.
-                base_gw, base_base = gateway("sluice-baseline", up_port)
-                print(f"bench: c0_sluice_baseline and {name}, interleaved ...", flush=True)
-                pair, orders = measure_interleaved(
-                    {"c0_sluice_baseline": (base_gw, f"{base_base}/v1/chat/completions"), name: (gw, url)},
-                    auth, args.seconds, args.reps, rates)
-                base_gw.stop()
-                results["configs"].update(pair)
-                results["compare"] = dict(builds, orders=orders)
-                for key in ("cpu_us_per_req", "rps"):
-                    results["compare"][f"{key}_ratio"] = (med([x[key] for x in pair[name]["saturation"]])
-                                                          / med([x[key] for x in pair["c0_sluice_baseline"]["saturation"]]))
+            if kind == "plain" and args.only_global:
+                group[name] = (gw, url)  # kept up, measured with (c) and (g)
+                continue
+            if kind == "sluice" and (args.baseline_wasm or with_global):
+                # (c) side by side with (c0) (listed first) and (g), repetitions interleaved.
+                if args.baseline_wasm:
+                    base_gw, base_base = gateway("sluice-baseline", up_port)
+                    group["c0_sluice_baseline"] = (base_gw, f"{base_base}/v1/chat/completions")
+                group[name] = (gw, url)
+                if with_global:
+                    engine = GlobalEngine(tmp)
+                    procs += [engine.redis, engine.quota]
+                    g_gw, g_base = gateway("sluice-global", up_port)
+                    group["g_sluice_global"] = (g_gw, f"{g_base}/v1/chat/completions", engine.procs())
+                print(f"bench: {', '.join(group)}, interleaved ...", flush=True)
+                measured, orders = measure_interleaved(group, auth, args.seconds, args.reps, rates)
+                results["configs"].update(measured)
+                if args.baseline_wasm:
+                    results["compare"] = dict(builds, orders=orders)
+                    for key in ("cpu_us_per_req", "rps"):
+                        results["compare"][f"{key}_ratio"] = (med([x[key] for x in measured[name]["saturation"]])
+                                                              / med([x[key] for x in measured["c0_sluice_baseline"]["saturation"]]))
+                if with_global:
+                    results["global"] = {"orders": orders, "section": GLOBAL_SECTION, "limits": HIGH_LIMITS,
+                                         "redis": engine.redis_version + " (--save '' --appendonly no)",
+                                         "calls": check_global_calls(g_gw.admin)}
+                    g_gw.stop()
+                    engine.stop()
+                for other in group.values():
+                    other[0].stop()
             else:
                 print(f"bench: {name} ...", flush=True)
                 results["configs"][name] = measure(gw, url, auth, args.seconds, args.reps, rates)
             gw.stop()
 
-        # Ablation of (c): CPU per request without Envoy's access log, then without limits.
-        ablation = {}
-        for name, kind in [("c1_sluice_no_access_log", "sluice-nolog"),
-                           ("c2_sluice_no_access_log_no_limits", "sluice-nolog-nolimits")]:
-            gw, base = gateway(kind, up_port)
-            print(f"bench: {name} ...", flush=True)
-            ablation[name] = measure(gw, f"{base}/v1/chat/completions", auth, args.seconds, args.reps, {})
-            gw.stop()
-        results["ablation"] = ablation
+        if not args.only_global:
+            # Ablation of (c): CPU per request without Envoy's access log, then without limits.
+            ablation = {}
+            for name, kind in [("c1_sluice_no_access_log", "sluice-nolog"),
+                               ("c2_sluice_no_access_log_no_limits", "sluice-nolog-nolimits")]:
+                gw, base = gateway(kind, up_port)
+                print(f"bench: {name} ...", flush=True)
+                ablation[name] = measure(gw, f"{base}/v1/chat/completions", auth, args.seconds, args.reps, {})
+                gw.stop()
+            results["ablation"] = ablation
         assert_upstream_connections_reused(up_admin)
 
-        # (d) streaming through (a) and (c) from the paced mock.
-        stream = {}
-        for name, kind in [("a_plain_envoy", "plain"), ("c_sluice", "sluice")]:
-            gw, base = gateway(kind, mock_port)
-            # Plain Envoy forwards the client's header, so it carries the mock's own key.
-            headers = auth if kind == "sluice" else ["authorization: Bearer sk-bench"]
-            stream[name] = ttfb(f"{base}/v1/chat/completions", headers, 30)
-            gw.stop()
-        results["streaming"] = stream
+        if not args.only_global:
+            # (d) streaming through (a) and (c) from the paced mock.
+            stream = {}
+            for name, kind in [("a_plain_envoy", "plain"), ("c_sluice", "sluice")]:
+                gw, base = gateway(kind, mock_port)
+                # Plain Envoy forwards the client's header, so it carries the mock's own key.
+                headers = auth if kind == "sluice" else ["authorization: Bearer sk-bench"]
+                stream[name] = ttfb(f"{base}/v1/chat/completions", headers, 30)
+                gw.stop()
+            results["streaming"] = stream
 
-        if not args.no_litellm and not args.only_ablation:
+        if not args.no_litellm and not args.only_ablation and not args.only_global:
             results["configs"]["e_litellm"] = litellm(tmp, up_port, args, rates)
     finally:
-        for p in procs:
+        for p in reversed(procs):
             p.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))

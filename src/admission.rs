@@ -355,8 +355,17 @@ fn take(
 /// settlement's retries, with room to spare.
 pub const GLOBAL_HOLD_MS: u64 = 60 * 60 * 1000;
 
+/// Gives back everything `items` took, as a refusal must (best effort, like the local
+/// decision's own rollback: a failed give-back leaves that amount taken).
+fn give_back(store: &dyn Store, items: &[(LimitId, Taken)], now_ms: u64) {
+    let limiter = Limiter::new(store);
+    for (_, taken) in items.iter().rev() {
+        let _ = limiter.settle(taken, 0, now_ms);
+    }
+}
+
 /// A refusal that comes after the local limits took the request: the error, and what
-/// they took, to give back.
+/// is still held (nothing: the local limits were given back).
 #[derive(Debug)]
 pub struct Refusal {
     pub error: ApiError,
@@ -406,7 +415,16 @@ impl PendingGlobal {
         flavour: ApiFlavour,
         now_ms: u64,
     ) -> Result<Admitted, Box<Refusal>> {
-        let refused = |error, held| Box::new(Refusal { error, held });
+        // A refused request consumes nothing: what the local limits took goes back now,
+        // requests per minute included (settlement would keep those).
+        let refused = |error, held: Held| {
+            give_back(store, &held.items, now_ms);
+            let held = Held {
+                reserved: held.reserved,
+                ..Held::default()
+            };
+            Box::new(Refusal { error, held })
+        };
         let answer = match answer {
             Ok(AdmitReply::Admitted { snapshots, .. }) if snapshots.len() != self.global.len() => {
                 let error = engine_unusable("it answered for a different number of limits");
@@ -857,5 +875,76 @@ mod tests {
             !names.iter().any(|n| n.starts_with("x-ratelimit")),
             "{names:?}"
         );
+    }
+
+    #[test]
+    fn global_measures_split_the_plan_and_settlement_keeps_every_item() {
+        let mut p = policy(
+            json!({"requests_per_minute": 10, "tokens_per_minute": 1000, "monthly_tokens": 100000}),
+            json!({"requests_per_minute": 100}),
+        );
+        p.global = Some(crate::policy::GlobalLimits {
+            cluster: "q".into(),
+            authority: "q".into(),
+            timeout_ms: 50,
+            tenant_measures: crate::policy::MeasureSet::default()
+                .with(LimitMeasure::RequestsPerMinute)
+                .with(LimitMeasure::MonthlyTokens),
+            provider_measures: crate::policy::MeasureSet::default()
+                .with(LimitMeasure::RequestsPerMinute),
+            on_engine_failure: OnEngineFailure::Deny,
+            lease_ms: 30_000,
+            settle_attempts: 3,
+        });
+        let Plan { local, global } = plan(&p, BETA, RES);
+        let local: Vec<&str> = local.iter().map(|(_, d)| d.key.as_str()).collect();
+        assert_eq!(local, ["sluice:t:beta:tpm"]);
+        let global_keys: Vec<(&str, &str)> = global
+            .iter()
+            .map(|g| (g.demand.key.as_str(), g.local_key.as_str()))
+            .collect();
+        assert_eq!(
+            global_keys,
+            [
+                ("sluice:{t:beta}:rpm", "sluice:t:beta:rpm"),
+                ("sluice:{t:beta}:mtok", "sluice:t:beta:mtok"),
+                ("sluice:{p:openai}:rpm", "sluice:p:openai:rpm"),
+            ]
+        );
+        let store = MemoryStore::new();
+        let Decision::Pending(pending) =
+            admit(&p, &store, BETA, RES, ApiFlavour::OpenAi, 0).unwrap()
+        else {
+            panic!("global limits wait for the quota service");
+        };
+        let snapshot = Snapshot {
+            limit: 10,
+            remaining: 9,
+            reset_ms: 6_000,
+        };
+        let reply = AdmitReply::Admitted {
+            snapshots: vec![snapshot; 3],
+            month: 7,
+        };
+        let admitted = pending
+            .conclude(&p, &store, "r1".into(), Ok(reply), ApiFlavour::OpenAi, 0)
+            .unwrap();
+        let settled = settle(&store, &admitted.held, 100, 0, 0);
+        let global = settled.global.unwrap();
+        // Every item, the first one first: the service finds the reservation record by it.
+        let items: Vec<(&str, u64, u64)> = global
+            .items
+            .iter()
+            .map(|i| (i.key.as_str(), i.reserved, i.actual))
+            .collect();
+        assert_eq!(
+            items,
+            [
+                ("sluice:{t:beta}:rpm", 1, 1),
+                ("sluice:{t:beta}:mtok", 500, 100),
+                ("sluice:{p:openai}:rpm", 1, 1),
+            ]
+        );
+        assert_eq!(global.month, 7);
     }
 }

@@ -443,13 +443,16 @@ async fn buckets_survive_envoy_restarts_and_months_survive_a_redis_crash() {
     let mut quota = Quota::start(&redis, &dir, &[]);
     let opts = GlobalOptions::default();
     let mut a = global_gateway(quota.port, &opts).await;
-    for _ in 0..6 {
-        assert_eq!(send(&a, INITECH, &chat_body(16), &[]).await.0, 200);
+    let mut b = global_gateway(quota.port, &opts).await;
+    for gw in [&a, &b, &a, &b, &a, &b] {
+        assert_eq!(send(gw, INITECH, &chat_body(16), &[]).await.0, 200);
     }
     restart(&mut a).await;
+    restart(&mut b).await;
     // 4 left of the minute's 10, whichever Envoy process asks.
     let body = chat_body(16);
-    let results = join_all((0..6).map(|_| send(&a, INITECH, &body, &[]))).await;
+    let calls = (0..6).map(|i| send(if i % 2 == 0 { &a } else { &b }, INITECH, &body, &[]));
+    let results = join_all(calls).await;
     assert_eq!(
         results.iter().filter(|r| r.0 == 200).count(),
         4,
@@ -473,8 +476,8 @@ async fn buckets_survive_envoy_restarts_and_months_survive_a_redis_crash() {
         "the append-only file kept the month's spend"
     );
     // The Envoy needs its cluster to point at the new service: a new gateway, same Redis.
-    let b = global_gateway(quota.port, &opts).await;
-    let report = usage(&b, INITECH).await;
+    let fresh = global_gateway(quota.port, &opts).await;
+    let report = usage(&fresh, INITECH).await;
     assert_eq!(
         limit_line(&report, "monthly_budget_usd")["used"],
         json!(before as f64 / 1e6),

@@ -1,7 +1,9 @@
 //! The request state machine natively: routing and refusals here; how requests end in
-//! `ending.rs`; providers' queues in `queue.rs`.
+//! `ending.rs`; providers' queues in `queue.rs`; global limits (the quota service's
+//! answers, settlements, the usage endpoint) in `global.rs`.
 
 mod ending;
+mod global;
 mod queue;
 
 use super::*;
