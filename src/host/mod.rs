@@ -13,7 +13,7 @@ use crate::errors::LocalReply;
 use crate::global::{Courier, Outgoing, Report};
 use crate::lifecycle::queue::{QueueAction, WorkerQueue, TICK_MS};
 use crate::metrics::{GlobalEvent, MetricKey, Metrics};
-use crate::policy::Policy;
+use crate::policy::{GlobalLimits, Policy};
 use metrics::{HostMetrics, NoMetrics};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -100,20 +100,7 @@ impl SluiceRoot {
         let _ = hostcalls::set_effective_context(self.context_id);
         let mut reports = Vec::new();
         for Outgoing { path, body, errand } in due {
-            let headers = vec![
-                (":method", "POST"),
-                (":path", path),
-                (":authority", global.authority.as_str()),
-                ("content-type", "application/json"),
-            ];
-            let timeout = Duration::from_millis(global.timeout_ms);
-            match hostcalls::dispatch_http_call(
-                &global.cluster,
-                headers,
-                Some(&body),
-                vec![],
-                timeout,
-            ) {
+            match call_quota_service(global, path, &body) {
                 Ok(token) => courier.sent(token, errand),
                 Err(s) => reports.extend(courier.undelivered(errand, &format!("{s:?}"), now)),
             }
@@ -187,6 +174,23 @@ impl Context for SluiceRoot {
         };
         self.report(reports);
     }
+}
+
+/// Sends one call to the quota service from the current context; its answer comes to
+/// that context's `on_http_call_response`.
+fn call_quota_service(
+    global: &GlobalLimits,
+    path: &str,
+    body: &[u8],
+) -> Result<u32, proxy_wasm::types::Status> {
+    let headers = vec![
+        (":method", "POST"),
+        (":path", path),
+        (":authority", global.authority.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let timeout = Duration::from_millis(global.timeout_ms);
+    hostcalls::dispatch_http_call(&global.cluster, headers, Some(body), vec![], timeout)
 }
 
 /// The answer to a call to the quota service: its body for a 200, else why not.

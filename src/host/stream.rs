@@ -2,14 +2,15 @@
 
 use super::metrics::NoMetrics;
 use super::store::SharedData;
-use super::{call_answer, log, now_ms, run_queue_actions, send_reply, Configured};
+use super::{
+    call_answer, call_quota_service, log, now_ms, run_queue_actions, send_reply, Configured,
+};
 use crate::headers::RequestHeaders;
 use crate::lifecycle::{BodyEnv, Callout, Exchange, Next, Step};
 use crate::usage::Passthrough;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
-use std::time::Duration;
 
 /// Filter-state key of the usage record; the access log reads it as
 /// `filter_state['wasm.sluice_usage']` in a `%CEL(...)%` command.
@@ -87,27 +88,13 @@ impl SluiceHttp {
     /// Sends the quota service call of a paused request; its answer comes to
     /// `on_http_call_response`. A call that cannot be sent is answered at once as failed.
     fn call(&mut self, callout: Callout) -> Action {
-        let global = self
-            .configured
-            .as_ref()
-            .and_then(|c| c.policy.global.clone());
-        let Some(global) = global else {
+        let Some(policy) = self.configured.as_ref().map(|c| c.policy.clone()) else {
+            return self.fail("no configuration");
+        };
+        let Some(global) = policy.global.as_ref() else {
             return self.fail("a quota service call without a `global` section");
         };
-        let headers = vec![
-            (":method", "POST"),
-            (":path", callout.path),
-            (":authority", global.authority.as_str()),
-            ("content-type", "application/json"),
-        ];
-        let timeout = Duration::from_millis(global.timeout_ms);
-        match hostcalls::dispatch_http_call(
-            &global.cluster,
-            headers,
-            Some(&callout.body),
-            vec![],
-            timeout,
-        ) {
+        match call_quota_service(global, callout.path, &callout.body) {
             Ok(_token) => Action::Pause,
             Err(s) => {
                 let why = format!("cannot call cluster `{}`: {s:?}", global.cluster);

@@ -262,26 +262,6 @@ fn chat_body(max_tokens: u64) -> Value {
            "messages": [{"role": "user", "content": "global limits"}]})
 }
 
-async fn send(
-    gw: &Gateway,
-    key: &str,
-    body: &Value,
-    extra: &[(&str, &str)],
-) -> (u16, reqwest::header::HeaderMap, Value) {
-    let mut req = gw
-        .client
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(key)
-        .json(body);
-    for (k, v) in extra {
-        req = req.header(*k, *v);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    (status, headers, resp.json().await.unwrap_or(Value::Null))
-}
-
 async fn usage(gw: &Gateway, key: &str) -> Value {
     let resp = gw
         .client
@@ -327,7 +307,7 @@ async fn thirty_requests_over_two_envoys_admit_exactly_ten() {
     let body = chat_body(16);
     let calls = (0..30).map(|i| {
         let gw = if i % 2 == 0 { &a } else { &b };
-        send(gw, INITECH, &body, &[])
+        gw.chat_with(INITECH, &body, &[])
     });
     let results = join_all(calls).await;
     let admitted = results.iter().filter(|r| r.0 == 200).count();
@@ -387,7 +367,7 @@ async fn a_budget_spent_through_one_envoy_is_refused_by_the_other_and_survives_r
     // (plus the prompt): a second such request does not fit in the 200 micro-USD budget.
     let body = chat_body(100);
     let spend = [("x-mock-output-tokens", "100")];
-    let (status, _, first) = send(&a, INITECH, &body, &spend).await;
+    let (status, _, first) = a.chat_with(INITECH, &body, &spend).await;
     assert_eq!(status, 200, "{first}");
     let spent = a.access_log(1).await[0]["sluice"]["cost_micro_usd"]
         .as_u64()
@@ -400,7 +380,7 @@ async fn a_budget_spent_through_one_envoy_is_refused_by_the_other_and_survives_r
             && redis_month_total(&redis, key) == spent
     })
     .await;
-    let (status, headers, refused) = send(&b, INITECH, &body, &spend).await;
+    let (status, headers, refused) = b.chat_with(INITECH, &body, &spend).await;
     assert_eq!(status, 429, "{refused}");
     assert_eq!(refused["error"]["code"], "insufficient_quota", "{refused}");
     assert_eq!(headers["x-sluice-reason"], "monthly_budget");
@@ -413,7 +393,7 @@ async fn a_budget_spent_through_one_envoy_is_refused_by_the_other_and_survives_r
     restart(&mut a).await;
     restart(&mut b).await;
     for gw in [&a, &b] {
-        let (status, _, body) = send(gw, INITECH, &chat_body(100), &spend).await;
+        let (status, _, body) = gw.chat_with(INITECH, &chat_body(100), &spend).await;
         assert_eq!(status, 429, "after a restart: {body}");
         assert_eq!(body["error"]["code"], "insufficient_quota");
     }
@@ -445,13 +425,13 @@ async fn buckets_survive_envoy_restarts_and_months_survive_a_redis_crash() {
     let mut a = global_gateway(quota.port, &opts).await;
     let mut b = global_gateway(quota.port, &opts).await;
     for gw in [&a, &b, &a, &b, &a, &b] {
-        assert_eq!(send(gw, INITECH, &chat_body(16), &[]).await.0, 200);
+        assert_eq!(gw.chat_with(INITECH, &chat_body(16), &[]).await.0, 200);
     }
     restart(&mut a).await;
     restart(&mut b).await;
     // 4 left of the minute's 10, whichever Envoy process asks.
     let body = chat_body(16);
-    let calls = (0..6).map(|i| send(if i % 2 == 0 { &a } else { &b }, INITECH, &body, &[]));
+    let calls = (0..6).map(|i| (if i % 2 == 0 { &a } else { &b }).chat_with(INITECH, &body, &[]));
     let results = join_all(calls).await;
     assert_eq!(
         results.iter().filter(|r| r.0 == 200).count(),
@@ -528,7 +508,7 @@ async fn a_killed_envoys_concurrency_slots_come_back_within_the_lease() {
     .await;
     // While they run (longer than a lease), renewals keep the slots taken.
     tokio::time::sleep(Duration::from_millis(3_000)).await;
-    let (status, headers, body) = send(&b, ACME, &chat_body(16), &[]).await;
+    let (status, headers, body) = b.chat_with(ACME, &chat_body(16), &[]).await;
     assert_eq!(status, 429, "{body}");
     assert_eq!(headers["x-sluice-reason"], "concurrent_requests");
 
@@ -536,7 +516,7 @@ async fn a_killed_envoys_concurrency_slots_come_back_within_the_lease() {
     a.kill();
     let mut freed_after = None;
     while killed_at.elapsed() < Duration::from_secs(10) {
-        if send(&b, ACME, &chat_body(16), &[]).await.0 == 200 {
+        if b.chat_with(ACME, &chat_body(16), &[]).await.0 == 200 {
             freed_after = Some(killed_at.elapsed());
             break;
         }
@@ -563,10 +543,10 @@ async fn a_stopped_quota_service_denies_or_falls_back_to_local_limits() {
         ..GlobalOptions::default()
     };
     let local = global_gateway(quota.port, &local_opts).await;
-    assert_eq!(send(&deny, ACME, &chat_body(16), &[]).await.0, 200);
+    assert_eq!(deny.chat_with(ACME, &chat_body(16), &[]).await.0, 200);
     quota.stop();
 
-    let (status, headers, body) = send(&deny, ACME, &chat_body(16), &[]).await;
+    let (status, headers, body) = deny.chat_with(ACME, &chat_body(16), &[]).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(headers["x-sluice-reason"], "quota_engine_unavailable");
     assert_eq!(body["error"]["code"], "quota_engine_unavailable");
@@ -593,7 +573,7 @@ async fn a_stopped_quota_service_denies_or_falls_back_to_local_limits() {
 
     // `local`: still served, and never unlimited: bronze's 10 requests/min hold locally.
     let body = chat_body(16);
-    let results = join_all((0..12).map(|_| send(&local, INITECH, &body, &[]))).await;
+    let results = join_all((0..12).map(|_| local.chat_with(INITECH, &body, &[]))).await;
     assert_eq!(
         results.iter().filter(|r| r.0 == 200).count(),
         10,
@@ -637,13 +617,9 @@ async fn a_settlement_whose_answer_is_lost_counts_once() {
         ..GlobalOptions::default()
     };
     let gw = global_gateway(quota.port, &opts).await;
-    let (status, _, body) = send(
-        &gw,
-        INITECH,
-        &chat_body(100),
-        &[("x-mock-output-tokens", "40")],
-    )
-    .await;
+    let (status, _, body) = gw
+        .chat_with(INITECH, &chat_body(100), &[("x-mock-output-tokens", "40")])
+        .await;
     assert_eq!(status, 200, "{body}");
     let cost = gw.access_log(1).await[0]["sluice"]["cost_micro_usd"]
         .as_u64()
@@ -690,13 +666,13 @@ async fn reservation_then_settlement_leaves_the_global_bucket_at_capacity_minus_
     let gw = global_gateway(quota.port, &opts).await;
     // Reserve 5,000 output tokens, use 40.
     let started = Instant::now();
-    let (status, headers, body) = send(
-        &gw,
-        INITECH,
-        &chat_body(5_000),
-        &[("x-mock-output-tokens", "40")],
-    )
-    .await;
+    let (status, headers, body) = gw
+        .chat_with(
+            INITECH,
+            &chat_body(5_000),
+            &[("x-mock-output-tokens", "40")],
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     let after_reserving: u64 = headers["x-ratelimit-remaining-tokens"]
         .to_str()

@@ -313,6 +313,28 @@ impl Gateway {
         self.admin_get("/stats/prometheus").await
     }
 
+    /// POST a chat completion with a tenant key and extra headers: (status, headers, JSON
+    /// body or null).
+    pub async fn chat_with(
+        &self,
+        key: &str,
+        body: &Value,
+        extra: &[(&str, &str)],
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let mut req = self
+            .client
+            .post(self.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(body);
+        for (k, v) in extra {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        (status, headers, resp.json().await.unwrap_or(Value::Null))
+    }
+
     /// POST a JSON body with a tenant key as Bearer.
     pub async fn post(&self, path: &str, key: &str, body: Value) -> reqwest::Response {
         self.client

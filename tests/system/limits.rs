@@ -27,23 +27,7 @@ async fn burst(
     body: &Value,
     extra: &[(&str, &str)],
 ) -> Vec<(u16, reqwest::header::HeaderMap, Value)> {
-    let calls = (0..n).map(|_| {
-        let mut req = gw
-            .client
-            .post(gw.url("/v1/chat/completions"))
-            .bearer_auth(key)
-            .json(body);
-        for (k, v) in extra {
-            req = req.header(*k, *v);
-        }
-        async move {
-            let resp = req.send().await.unwrap();
-            let status = resp.status().as_u16();
-            let headers = resp.headers().clone();
-            let body: Value = resp.json().await.unwrap_or(Value::Null);
-            (status, headers, body)
-        }
-    });
+    let calls = (0..n).map(|_| gw.chat_with(key, body, extra));
     join_all(calls).await
 }
 
