@@ -98,8 +98,9 @@ fairness-report: setup
 	  cargo test -p sluice --test system fairness -- --nocapture
 	$(PYTHON) scripts/fairness_report.py docs/fairness/run.json docs/fairness
 
-# The benchmark (loopback only, ~12 minutes): gateways side by side, then Criterion. (g),
-# global limits, runs a private redis-server and the quota service beside (c).
+# The benchmark (loopback only, ~10 minutes, plus 15 runs of 5 s for (g)): gateways side by
+# side, then Criterion. (g), global limits, runs a private redis-server and the quota service
+# and is measured interleaved with (c).
 # Installs its tools from registries: oha (crates.io) into .tools, LiteLLM (PyPI) into its
 # own virtualenv, matplotlib into .venv.
 BENCH_OUT ?= bench/results/latest
@@ -112,14 +113,16 @@ bench: wasm mock envoy quota redis
 	$(PYTHON) bench/run.py $(BENCH_OUT)
 	cargo bench --bench hot_paths --features vm-bench
 
-# Global limits alone (about 4 minutes with BENCH_REPS=3): (a), (c) and (g), their repetitions
+# Global limits alone (about 6 minutes with BENCH_REPS=3): (a), (c) and (g), their repetitions
 # interleaved; (g) is (c) with every tenant limit decided by sluice-quota over a private Redis.
 # Reports what (g) adds to (c) (latency, Envoy CPU) and the CPU of the quota service and
 # Redis. Writes bench/results/global unless BENCH_OUT is given.
 .PHONY: bench-global
 bench-global: BENCH_OUT := $(if $(filter file,$(origin BENCH_OUT)),bench/results/global,$(BENCH_OUT))
 bench-global: wasm mock envoy quota redis
+	cargo build --release --target wasm32-wasip1 -p sluice-bench-noop
 	@test -x .tools/bin/oha || cargo install oha --locked --root .tools
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check matplotlib
 	$(PYTHON) bench/run.py $(BENCH_OUT) --reps $(BENCH_REPS) --only-global
 
 # Where Sluice's CPU goes (about 6 minutes): the price of each kind of host call, from a

@@ -16,8 +16,7 @@ from pathlib import Path
 import run
 from run import med, spread
 
-SLUICE_CALLS = ("body=1 header_map=1 body_header_set=5 shared=5 metric=5 time=4 "
-                "response_header_get=2 response_header_set=6 response_body=1 property=1")
+SLUICE_CALLS = run.SLUICE_CALLS
 
 # name: (probe plan, base variant, calls counted); the plan always includes the base's.
 VARIANTS = {
@@ -73,18 +72,6 @@ def probe_yaml(port, admin, upstream_port, plan):
                           "route: {cluster: upstream, timeout: 60s}")
 
 
-def probe_in_sluice_config(tmp, port, admin, upstream_port, plan):
-    """`make bench`'s configuration (c) with the probe in Sluice's place."""
-    text = run.sluice_yaml(tmp, port, admin, upstream_port)
-    assert text.count(str(run.WASM)) == 1
-    text = text.replace(str(run.WASM), str(run.NOOP_WASM))
-    lines = text.splitlines()
-    at = lines.index(next(l for l in lines if l.strip() == "value: |")) + 1
-    lines[at - 1] = lines[at - 1].replace("value: |", f'value: "{plan}"')
-    del lines[at]  # sluice_yaml put the whole JSON configuration on this one line
-    return "\n".join(lines) + "\n"
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -108,7 +95,7 @@ def main():
             if name == "sluice":
                 yaml = run.sluice_yaml(tmp, port, admin, up_port)
             elif name == "sluice_shaped_demo_config":
-                yaml = probe_in_sluice_config(tmp, port, admin, up_port, plan)
+                yaml = run.probe_in_sluice_config(tmp, port, admin, up_port, plan)
             else:
                 yaml = probe_yaml(port, admin, up_port, plan)
             gw = run.start_envoy(tmp, name, yaml, admin)

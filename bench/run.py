@@ -11,14 +11,17 @@ For each: saturation throughput, latency p50/p99/p99.9 at 25% and 50% of (a)'s s
 the gateway's CPU microseconds per request (from /proc, robust on a noisy machine) and
 peak memory. Several repetitions; medians with min-max spread; ratios against (a).
 For (g) also the CPU per request of the quota service and of Redis, and what (g) adds to (c):
-latency p50/p99 and Envoy CPU per request, against the targets of issue 14.
+latency p50/p99 and Envoy CPU per request, against the targets of issue 14; (c) and (g) are
+also measured at 10% of (a)'s saturation, where (g) is far from its own.
 
 With --baseline-wasm PATH (make bench-compare), (c0) is (c) loading another build of Sluice,
 e.g. the previous revision: (c0) and (c) run side by side, their repetitions interleaved in
 alternating order (c0 c, c c0, ...) so that the machine's drift falls on both alike, and
 results.md reports CPU per request and saturation throughput current/baseline.
 
-With --only-global (make bench-global), only (a), (c) and (g), their repetitions interleaved.
+With --only-global (make bench-global), only (a), (c) and (g), their repetitions interleaved,
+and two saturation-only variants that split (g)'s extra Envoy CPU: the probe filter
+(bench/noop) making Sluice's host calls, without and with one callout to the quota service.
 
 Usage: run.py OUT_DIR [--reps N] [--seconds S] [--no-litellm] [--only-ablation | --only-global]
               [--baseline-wasm PATH [--baseline-label TEXT]]
@@ -223,7 +226,8 @@ class GlobalEngine:
         data.mkdir(exist_ok=True)
         self.redis_port, self.quota_port = free_port(), free_port()
         exe = redis_server()
-        self.redis_version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.strip()
+        version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+        self.redis_version = next((f"Redis {w[2:]}" for w in version.split() if w.startswith("v=")), version.strip())
         self.redis = Proc([exe, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
                            "--appendonly", "no", "--dir", str(data), "--logfile", ""], Path(tmp) / "redis.log")
         self.quota = None
@@ -267,10 +271,14 @@ def check_global_calls(admin):
     stats = envoy_stats(admin, "^(cluster\\.sluice_quota\\.upstream_rq_.*|http\\.sluice\\.downstream_rq_[0-9]xx)$")
     requests = stats.get("http.sluice.downstream_rq_2xx", 0)
     calls = stats.get("cluster.sluice_quota.upstream_rq_2xx", 0)
-    failed = sum(v for k, v in stats.items()
-                 if k.startswith("cluster.sluice_quota.upstream_rq_") and (k[-3:] in ("4xx", "5xx") or k.endswith("_timeout")))
+    failures = {k.rsplit(".", 1)[1]: v for k, v in stats.items() if v and k.startswith("cluster.sluice_quota.upstream_rq_")
+                and (k[-3:] in ("4xx", "5xx") or "timeout" in k or "reset" in k or "cancelled" in k)}
+    # A call that times out or is reset is answered 504/503 by Envoy, so 4xx + 5xx counts every
+    # failed call once; the other counters say why.
+    failed = failures.get("upstream_rq_4xx", 0) + failures.get("upstream_rq_5xx", 0)
     other = sum(v for k, v in stats.items() if k.startswith("http.sluice.downstream_rq_") and not k.endswith("2xx"))
-    summary = {"requests_2xx": requests, "requests_other": other, "quota_calls_2xx": calls, "quota_calls_failed": failed}
+    summary = {"requests_2xx": requests, "requests_other": other, "quota_calls_2xx": calls, "quota_calls_failed": failed,
+               "quota_call_failures": failures}
     if requests == 0 or calls < requests:
         sys.exit(f"bench: (g) was not decided by the quota service: {summary}")
     print(f"bench: (g) made {calls} answered quota service calls for {requests} requests; "
@@ -377,6 +385,29 @@ def sluice_yaml(tmp, listen, admin, upstream_port, access_log=True, limits=True,
     return text
 
 
+# The host calls Sluice makes on the bench request, as the probe filter's plan (bench/noop):
+# gold tier, 3 limits taken at admission, 2 settled (requests/min needs no settlement),
+# 5 metric updates.
+SLUICE_CALLS = ("body=1 header_map=1 body_header_set=5 shared=5 metric=5 time=4 "
+                "response_header_get=2 response_header_set=6 response_body=1 property=1")
+
+
+def probe_in_sluice_config(tmp, port, admin, upstream_port, plan, quota_port=None):
+    """Configuration (c) with the probe filter (bench/noop) in Sluice's place, making the
+    host calls of `plan`. With `quota_port`, also the sluice_quota cluster (for `callout`)."""
+    text = sluice_yaml(tmp, port, admin, upstream_port)
+    assert text.count(str(WASM)) == 1
+    text = text.replace(str(WASM), str(NOOP_WASM))
+    lines = text.splitlines()
+    at = lines.index(next(l for l in lines if l.strip() == "value: |")) + 1
+    lines[at - 1] = lines[at - 1].replace("value: |", f'value: "{plan}"')
+    del lines[at]  # sluice_yaml put the whole JSON configuration on this one line
+    text = "\n".join(lines) + "\n"
+    if quota_port is not None:
+        text = cluster_config.add_quota_cluster(text, "127.0.0.1", quota_port, "STATIC", "the probe's configuration")
+    return text
+
+
 ENV = dict(os.environ, OPENAI_API_KEY="sk-bench", ANTHROPIC_API_KEY="sk-bench", DEEPSEEK_API_KEY="sk-bench",
            GEMINI_API_KEY="sk-bench")
 
@@ -438,13 +469,14 @@ def measure(gateway, url, headers, seconds, reps, rates, extras=None):
     return out
 
 
-def measure_interleaved(gateways, headers, seconds, reps, rates):
+def measure_interleaved(gateways, headers, seconds, reps, rates, saturation_only=()):
     """measure() for several gateways running side by side, repetition by repetition: each
     repetition runs every gateway once, in an order rotated by one per repetition (for two:
     A B, B A, A B, ...; for three: A B C, B C A, C A B, ...), so that a slow drift of the
     machine falls on all of them alike. `gateways` maps a name to (gateway, url) or
-    (gateway, url, extras) (measure()'s `extras`); returns name -> measure()'s result, plus
-    the order of each repetition."""
+    (gateway, url, extras) (measure()'s `extras`); the gateways named in `saturation_only`
+    skip the fixed-rate runs. Returns name -> measure()'s result, plus the order of each
+    repetition."""
     names = list(gateways)
     results = {n: {"saturation": [], "latency": {label: [] for label in rates}} for n in names}
     orders = []
@@ -461,7 +493,10 @@ def measure_interleaved(gateways, headers, seconds, reps, rates):
     for label, rate in rates.items():
         for i in range(reps):
             for n in orders[i]:
-                results[n]["latency"][label] += run(n, {label: rate})["latency"][label]
+                if n not in saturation_only:
+                    results[n]["latency"][label] += run(n, {label: rate})["latency"][label]
+    for n in saturation_only:
+        del results[n]["latency"]
     for n in names:
         gw, _, *extras = gateways[n]
         results[n]["peak_rss_kb"] = gw.peak_rss_kb()
@@ -546,6 +581,11 @@ def main():
                 yaml = sluice_yaml(tmp, port, admin, upstream_port)
             elif kind == "sluice-global":
                 yaml = sluice_yaml(tmp, port, admin, upstream_port, quota_port=engine.quota_port)
+            elif kind == "probe":
+                yaml = probe_in_sluice_config(tmp, port, admin, upstream_port, PROBE_PLAN)
+            elif kind == "probe-callout":
+                yaml = probe_in_sluice_config(tmp, port, admin, upstream_port, PROBE_PLAN + " callout=1",
+                                              quota_port=engine.quota_port)
             elif kind == "sluice-baseline":
                 yaml = sluice_yaml(tmp, port, admin, upstream_port, wasm=args.baseline_wasm)
             elif kind == "sluice-nolog":
@@ -574,6 +614,7 @@ def main():
                 sat = probe["saturation"][0]["rps"]
                 rates = {"25%": max(int(sat * 0.25), 1), "50%": max(int(sat * 0.5), 1)}
                 results["rates"] = rates
+                results["rate_probe_rps"] = sat
             if kind == "plain" and args.only_global:
                 group[name] = (gw, url)  # kept up, measured with (c) and (g)
                 continue
@@ -588,8 +629,23 @@ def main():
                     procs += [engine.redis, engine.quota]
                     g_gw, g_base = gateway("sluice-global", up_port)
                     group["g_sluice_global"] = (g_gw, f"{g_base}/v1/chat/completions", engine.procs())
+                probes = ()
+                if args.only_global:
+                    # Where (g)'s extra Envoy CPU goes: the probe filter making Sluice's host
+                    # calls, without and with one admission-shaped callout to the quota service.
+                    for pname, pkind in PROBES.items():
+                        p_gw, p_base = gateway(pkind, up_port)
+                        group[pname] = (p_gw, f"{p_base}/v1/chat/completions")
+                    probes = tuple(PROBES)
+                group_rates = rates
+                if with_global:
+                    # Also a rate low enough that (g), which shares the 2 cores with the quota
+                    # service and Redis, is far from saturation: the round trip without queueing.
+                    group_rates = {"10%": max(int(results["rate_probe_rps"] * 0.1), 1), **rates}
+                    results["global_rates"] = group_rates
                 print(f"bench: {', '.join(group)}, interleaved ...", flush=True)
-                measured, orders = measure_interleaved(group, auth, args.seconds, args.reps, rates)
+                measured, orders = measure_interleaved(group, auth, args.seconds, args.reps, group_rates, probes)
+                breakdown = {n: measured.pop(n) for n in probes}
                 results["configs"].update(measured)
                 if args.baseline_wasm:
                     results["compare"] = dict(builds, orders=orders)
@@ -600,6 +656,8 @@ def main():
                     results["global"] = {"orders": orders, "section": GLOBAL_SECTION, "limits": HIGH_LIMITS,
                                          "redis": engine.redis_version + " (--save '' --appendonly no)",
                                          "calls": check_global_calls(g_gw.admin)}
+                    if breakdown:
+                        results["global"]["breakdown"] = dict(breakdown, plan=PROBE_PLAN)
                     g_gw.stop()
                     engine.stop()
                 for other in group.values():
@@ -712,6 +770,11 @@ def compare_lines(results):
     ] + rows
 
 
+# --only-global's breakdown of (g)'s Envoy CPU: the probe filter in (c)'s configuration making
+# Sluice's host calls, then the same plus the quota service callout (saturation runs only).
+PROBE_PLAN = SLUICE_CALLS + " cluster=1"
+PROBES = {"p_probe_sluice_calls": "probe", "q_probe_sluice_calls_callout": "probe-callout"}
+
 # Issue 14's targets for global limits, against local mode (c).
 GLOBAL_P50_TARGET_US = 500
 GLOBAL_ENVOY_CPU_TARGET_US = 25
@@ -755,8 +818,8 @@ def global_lines(results):
         f"| saturation req/s | {cell(c_rps, '.0f')} | {cell(g_rps, '.0f')} | {med(g_rps) / med(c_rps):.2f}x |",
     ]
     added = {}
-    for label in ("25%", "50%"):
-        rate = results["rates"][label]
+    rates = results.get("global_rates", results["rates"])
+    for label, rate in rates.items():
         for key, what in (("p50_us", "p50"), ("p99_us", "p99")):
             cs = [x[key] for x in c["latency"][label]]
             gs = [x[key] for x in g["latency"][label]]
@@ -764,25 +827,53 @@ def global_lines(results):
             added[(label, what)] = med(gs) - med(cs)
             lines.append(f"| latency {what} us at {rate} req/s ({label}) | {cell(cs, '.0f')} | {cell(gs, '.0f')}{errors} | "
                          f"{diff(cs, gs, '.0f')} |")
+    breakdown = info.get("breakdown")
+    if breakdown:
+        p_cpu = sat(breakdown["p_probe_sluice_calls"], "cpu_us_per_req")
+        q_cpu = sat(breakdown["q_probe_sluice_calls_callout"], "cpu_us_per_req")
+        callout = med(q_cpu) - med(p_cpu)
+        extra = med(g_cpu) - med(c_cpu)
+        lines += [
+            "",
+            "Where (g)'s extra Envoy CPU goes, same run, saturation: the probe filter (bench/noop) in (c)'s "
+            f"configuration making Sluice's host calls (`{breakdown['plan']}`), then the same plus one "
+            "admission-shaped call to the same quota service (`callout=1`: POST /v1/admit, about 400 bytes out and "
+            "200 back, the request paused until the answer is read) and nothing else.",
+            "",
+            "| step | Envoy CPU us/request | added |",
+            "|---|---|---|",
+            f"| probe: Sluice's host calls | {cell(p_cpu)} | |",
+            f"| probe: + the quota service callout | {cell(q_cpu)} | {diff(p_cpu, q_cpu)} |",
+            f"| (c) Sluice, local limits | {cell(c_cpu)} | |",
+            f"| (g) Sluice, global limits | {cell(g_cpu)} | {diff(c_cpu, g_cpu)} |",
+            "",
+            f"So of the {extra:+.1f} us that (g) adds to (c), the callout itself (Envoy's HTTP/2 client, dispatching "
+            f"and answering it, pausing and resuming the request) is {callout:+.1f} us, and the remaining "
+            f"{extra - callout:+.1f} us is the rest of global mode inside the filter: Sluice's code for it (encoding the "
+            "admission, decoding the answer, queueing and encoding the settlement, lease bookkeeping), the batched "
+            "settlement calls (one per 10 ms tick), less what (g) no longer does: (c)'s limit checks and settlements "
+            "in shared data.",
+        ]
     lines += [
         "",
         f"Quota service calls answered: {calls['quota_calls_2xx']} for {calls['requests_2xx']} successful requests "
         f"({calls['quota_calls_2xx'] / max(calls['requests_2xx'], 1):.3f} per request: one admission each, plus "
-        f"settlement batches and lease renewals); failed or timed out: {calls['quota_calls_failed']}; requests "
-        f"not 2xx: {calls['requests_other']}.",
+        f"settlement batches and lease renewals); failed or timed out: {calls['quota_calls_failed']}"
+        + (f" ({', '.join(f'{k} {v}' for k, v in calls.get('quota_call_failures', {}).items())})"
+           if calls['quota_calls_failed'] else "")
+        + f"; requests not 2xx: {calls['requests_other']} (an admission that fails is refused, "
+        "on_engine_failure deny; a settlement that fails is retried).",
         "",
         "| target (issue 14) | result | verdict |",
         "|---|---|---|",
     ]
-    p50 = added[("25%", "p50")]
+    for label, rate in rates.items():
+        p50 = added[(label, "p50")]
+        lines.append(f"| the global round trip adds at most {GLOBAL_P50_TARGET_US} us p50 on loopback, at {rate} req/s "
+                     f"({label}) | {p50:+.0f} us p50 | **{'met' if p50 <= GLOBAL_P50_TARGET_US else 'missed'}** |")
     cpu = med(g_cpu) - med(c_cpu)
-    lines += [
-        f"| the global round trip adds at most {GLOBAL_P50_TARGET_US} us p50 on loopback (at {results['rates']['25%']} "
-        f"req/s, 25%) | {p50:+.0f} us p50 (at 50%: {added[('50%', 'p50')]:+.0f} us) | "
-        f"**{'met' if p50 <= GLOBAL_P50_TARGET_US else 'missed'}** |",
-        f"| Envoy CPU per request at most {GLOBAL_ENVOY_CPU_TARGET_US} us more than local mode | {cpu:+.1f} us | "
-        f"**{'met' if cpu <= GLOBAL_ENVOY_CPU_TARGET_US else 'missed'}** |",
-    ]
+    lines.append(f"| Envoy CPU per request at most {GLOBAL_ENVOY_CPU_TARGET_US} us more than local mode | {cpu:+.1f} us | "
+                 f"**{'met' if cpu <= GLOBAL_ENVOY_CPU_TARGET_US else 'missed'}** |")
     return lines
 
 

@@ -4,7 +4,8 @@
 //!
 //! Configured with `op=count` words (for example `body=1 shared=6`), it also makes exactly
 //! those host calls per request and nothing else, so `bench/hostcalls.py` can price each
-//! kind of host call Sluice makes (see BENCHMARKS.md, "Price of each host call").
+//! kind of host call Sluice makes (see BENCHMARKS.md, "Price of each host call"), and
+//! `bench/run.py --only-global` the price of the quota service callout (`callout=1`).
 
 #[cfg(target_arch = "wasm32")]
 mod filter {
@@ -47,6 +48,11 @@ mod filter {
         property: u32,
         /// Set Sluice's cluster header in the body callback (for Sluice's Envoy config).
         cluster: u32,
+        /// At the end of the request body (needs `body`), this many admission-shaped calls,
+        /// one after the other, to the quota service (cluster `sluice_quota`, POST
+        /// /v1/admit, HTTP/2), the request paused until the last answer has been read; as
+        /// Sluice's global admission, without Sluice's code.
+        callout: u32,
     }
 
     impl Plan {
@@ -71,6 +77,7 @@ mod filter {
                     "response_body" => &mut plan.response_body,
                     "property" => &mut plan.property,
                     "cluster" => &mut plan.cluster,
+                    "callout" => &mut plan.callout,
                     _ => return Err(format!("unknown op `{op}`")),
                 };
                 *slot = n;
@@ -111,6 +118,7 @@ mod filter {
             Some(Box::new(Probe {
                 plan: self.plan.clone(),
                 counter: self.counter,
+                callouts_left: 0,
             }))
         }
         fn get_type(&self) -> Option<ContextType> {
@@ -121,7 +129,19 @@ mod filter {
     struct Probe {
         plan: Rc<Plan>,
         counter: u32,
+        callouts_left: u32,
     }
+
+    /// The quota service's cluster and an admission of the bench request's shape: the gold
+    /// tier's three limits (concurrency, requests and tokens per minute) of a tenant of its
+    /// own, the sizes of Sluice's (about 400 bytes out, 200 back).
+    const QUOTA_CLUSTER: &str = "sluice_quota";
+    const ADMISSION: &str = concat!(
+        r#"{"id":"0000000000000000-probe","lease_ms":30000,"hold_ms":3600000,"demands":["#,
+        r#"{"key":"sluice:{t:probe}:conc","kind":{"concurrency":{"max":1000000}},"amount":1},"#,
+        r#"{"key":"sluice:{t:probe}:rpm","kind":{"rate":{"per_minute":1000000000,"burst_milli":1000}},"amount":1},"#,
+        r#"{"key":"sluice:{t:probe}:tpm","kind":{"rate":{"per_minute":10000000000,"burst_milli":1000}},"amount":72}]}"#
+    );
 
     const SHARED_KEYS: [&str; 8] = [
         "probe/0", "probe/1", "probe/2", "probe/3", "probe/4", "probe/5", "probe/6", "probe/7",
@@ -138,6 +158,25 @@ mod filter {
     ];
 
     impl Probe {
+        /// Sends the next callout; false if it could not be sent.
+        fn call(&mut self) -> bool {
+            self.callouts_left -= 1;
+            let headers = vec![
+                (":method", "POST"),
+                (":path", "/v1/admit"),
+                (":authority", QUOTA_CLUSTER),
+                ("content-type", "application/json"),
+            ];
+            hostcalls::dispatch_http_call(
+                QUOTA_CLUSTER,
+                headers,
+                Some(ADMISSION.as_bytes()),
+                vec![],
+                std::time::Duration::from_millis(50),
+            )
+            .is_ok()
+        }
+
         fn shared(&self) {
             for i in 0..self.plan.shared as usize {
                 let key = SHARED_KEYS[i % SHARED_KEYS.len()];
@@ -150,7 +189,20 @@ mod filter {
         }
     }
 
-    impl Context for Probe {}
+    impl Context for Probe {
+        fn on_http_call_response(
+            &mut self,
+            _token: u32,
+            _headers: usize,
+            size: usize,
+            _trailers: usize,
+        ) {
+            let _ = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, size);
+            if self.callouts_left == 0 || !self.call() {
+                let _ = hostcalls::resume_http_request();
+            }
+        }
+    }
     impl HttpContext for Probe {
         fn on_http_request_headers(&mut self, _n: usize, eos: bool) -> Action {
             let p = self.plan.clone();
@@ -202,6 +254,10 @@ mod filter {
                     HEADERS[i % HEADERS.len()],
                     Some("probe-value"),
                 );
+            }
+            self.callouts_left = p.callout;
+            if self.callouts_left > 0 && self.call() {
+                return Action::Pause;
             }
             Action::Continue
         }
