@@ -15,8 +15,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sluice::global::wire::{
-    AdmitRequest, ErrorReply, PeekRequest, RenewRequest, SettleRequest, ADMIT_PATH, HEALTH_PATH,
-    PEEK_PATH, RENEW_PATH, SETTLE_PATH,
+    AdmitBatch, AdmitRequest, ErrorReply, PeekRequest, RenewRequest, SettleRequest,
+    ADMIT_BATCH_PATH, ADMIT_PATH, HEALTH_PATH, PEEK_PATH, RENEW_PATH, SETTLE_PATH,
 };
 use std::convert::Infallible;
 use std::future::Future;
@@ -67,6 +67,10 @@ async fn handle(engine: Arc<Engine>, request: Request<Incoming>) -> Result<Reply
         HEALTH_PATH => health(&engine, request.method()).await,
         ADMIT_PATH => match body::<AdmitRequest>(request).await {
             Ok(call) => answer(engine.admit(&call).await),
+            Err(refused) => refused,
+        },
+        ADMIT_BATCH_PATH => match body::<AdmitBatch>(request).await {
+            Ok(batch) => answer(Ok::<_, Error>(engine.admit_batch(&batch).await)),
             Err(refused) => refused,
         },
         SETTLE_PATH => match body::<SettleRequest>(request).await {

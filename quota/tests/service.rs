@@ -7,9 +7,9 @@ mod support;
 
 use redis::AsyncCommands;
 use sluice::global::wire::{
-    AdmitReply, Lease, PeekItem, PeekReply, PeekRequest, RenewReply, RenewRequest, SettleItem,
-    SettleOutcome, SettleReply, SettleRequest, Settlement, ADMIT_PATH, PEEK_PATH, RENEW_PATH,
-    SETTLE_PATH,
+    AdmitBatch, AdmitBatchReply, AdmitOutcome, AdmitReply, Lease, PeekItem, PeekReply, PeekRequest,
+    RenewReply, RenewRequest, SettleItem, SettleOutcome, SettleReply, SettleRequest, Settlement,
+    ADMIT_BATCH_PATH, ADMIT_PATH, PEEK_PATH, RENEW_PATH, SETTLE_PATH,
 };
 use sluice::limits::{
     month_index, month_start_ms, Admission, Demand, LimitKind, Limiter, Snapshot, Taken,
@@ -425,6 +425,37 @@ async fn a_refusal_at_a_later_demand_takes_nothing() {
     assert_eq!(total, 5);
     let exists: bool = redis.exists(reservation(conc, "r2")).await.unwrap();
     assert!(!exists, "a refused request has nothing to settle");
+}
+
+#[tokio::test]
+async fn a_batch_decides_each_admission_on_its_own() {
+    let server = Redis::start();
+    let service = Service::start(&server.url()).await;
+    let api = &service.api;
+    let rpm = "sluice:{t:b}:rpm";
+    let batch = AdmitBatch {
+        admissions: vec![
+            admit("b1", vec![rate(rpm, 2, 1)]),
+            admit("b2", vec![rate(rpm, 2, 1), rate(rpm, 2, 1)]),
+            admit("b3", vec![rate(rpm, 2, 1)]),
+            admit("b4", vec![rate(rpm, 2, 1)]),
+        ],
+    };
+    let reply: AdmitBatchReply = api.call(ADMIT_BATCH_PATH, &batch).await;
+    let decided: Vec<&str> = reply
+        .outcomes
+        .iter()
+        .map(|o| match o {
+            AdmitOutcome::Decided(AdmitReply::Admitted { .. }) => "admitted",
+            AdmitOutcome::Decided(AdmitReply::Rejected { .. }) => "rejected",
+            AdmitOutcome::Failed { .. } => "failed",
+        })
+        .collect();
+    // Two fit in the bucket; the bad one (a key twice) fails alone and takes nothing.
+    let admitted = decided.iter().filter(|d| **d == "admitted").count();
+    assert_eq!(decided[1], "failed", "{reply:?}");
+    assert_eq!(admitted, 2, "{decided:?}");
+    assert_eq!(decided.iter().filter(|d| **d == "rejected").count(), 1);
 }
 
 #[tokio::test]

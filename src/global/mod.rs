@@ -1,20 +1,35 @@
 //! Global limits: the ones a configuration's `global` section moves from this Envoy's
 //! shared data to Redis, reached through the stateless quota service (`quota/`).
 //!
-//! Admission is per request (the lifecycle's `Admitting` stage). What outlives a request
-//! lives here, one [`Courier`] per worker: settlements to deliver after their stream ended
-//! (a stream's own callouts die with it), retried a bounded number of times, and the
-//! leases of the global concurrency slots this worker's requests hold, renewed every third
-//! of the lease while they run.
+//! All of a worker's traffic to the quota service goes through its [`Courier`], sent from
+//! the worker's root context (a stream's own calls die with the stream, and one call can
+//! carry several requests' business):
+//! - admissions: a request waiting for its global limits (the lifecycle's `Admitting`
+//!   stage) is sent at once when fewer than [`ADMISSION_CALLS`] admission calls are in
+//!   flight; otherwise it waits for one to come back and goes with the others waiting, in
+//!   one call (group commit). At low load every request has its own call; under load one
+//!   call serves many, which is what keeps the callout's cost per request down. Each
+//!   admission is still decided on its own, atomically, in Redis.
+//! - settlements, after their stream ended, batched, retried a bounded number of times;
+//! - the leases of the global concurrency slots this worker's requests hold, renewed every
+//!   third of the lease while they run.
 
 pub mod wire;
 
 use crate::policy::GlobalLimits;
 use std::collections::HashMap;
-use wire::{Lease, RenewReply, RenewRequest, SettleReply, SettleRequest, Settlement};
+use wire::{
+    AdmitBatch, AdmitBatchReply, AdmitOutcome, AdmitReply, AdmitRequest, Lease, RenewReply,
+    RenewRequest, SettleReply, SettleRequest, Settlement,
+};
 
-/// Most settlements in one call.
+/// Most settlements, or admissions, in one call.
 const MAX_BATCH: usize = 256;
+/// Admission calls a worker has in flight at most; more requests wait for the next call.
+pub const ADMISSION_CALLS: usize = 2;
+/// An admission call unanswered this long after its timeout is given up (its answer was
+/// lost), and its requests get the no-answer treatment.
+const OVERDUE_GRACE_MS: u64 = 1_000;
 /// First retry of a failed settlement after this long, doubling with each attempt.
 const RETRY_BASE_MS: u64 = 200;
 
@@ -59,11 +74,20 @@ pub enum Report {
     RenewFailed(String),
 }
 
-/// This worker's settlements in transit and leases held.
+/// One request's admission decision, for the stream `context`: the service's answer, or
+/// why there is none.
+pub type Decision = (u32, Result<AdmitReply, String>);
+
+/// This worker's admissions, settlements in transit and leases held.
 #[derive(Debug)]
 pub struct Courier {
     lease_ms: u64,
+    timeout_ms: u64,
     settle_attempts: u32,
+    /// Admissions waiting for a call, by stream.
+    admissions: Vec<(u32, AdmitRequest)>,
+    /// Admission calls in flight: the streams each carries, and when it was sent.
+    admitting: HashMap<u32, (Vec<u32>, u64)>,
     /// Waiting to be sent, with the earliest time to send each.
     queued: Vec<(Attempted, u64)>,
     in_flight: HashMap<u32, Errand>,
@@ -75,12 +99,104 @@ impl Courier {
     pub fn new(global: &GlobalLimits) -> Self {
         Courier {
             lease_ms: global.lease_ms,
+            timeout_ms: global.timeout_ms,
             settle_attempts: global.settle_attempts,
+            admissions: Vec::new(),
+            admitting: HashMap::new(),
             queued: Vec::new(),
             in_flight: HashMap::new(),
             leases: HashMap::new(),
             next_renewal_ms: 0,
         }
+    }
+
+    /// Stream `context` waits for the decision on `request`.
+    pub fn admit(&mut self, context: u32, request: AdmitRequest) {
+        self.admissions.push((context, request));
+    }
+
+    /// Stream `context` ended: if its admission is still waiting, it is not sent. (If it
+    /// is in flight, its decision is dropped; the stream's settlement releases whatever
+    /// the service took.)
+    pub fn forget_admission(&mut self, context: u32) {
+        self.admissions.retain(|(c, _)| *c != context);
+    }
+
+    /// The admission call to make now, if there are admissions waiting and fewer than
+    /// [`ADMISSION_CALLS`] in flight: its body and the streams it carries. Report it with
+    /// [`Courier::admission_sent`], or [`Courier::admission_unsent`].
+    pub fn admission_call(&mut self) -> Option<(Vec<u8>, Vec<u32>)> {
+        if self.admissions.is_empty() || self.admitting.len() >= ADMISSION_CALLS {
+            return None;
+        }
+        let rest = self
+            .admissions
+            .split_off(self.admissions.len().min(MAX_BATCH));
+        let taken = std::mem::replace(&mut self.admissions, rest);
+        let (contexts, admissions): (Vec<u32>, Vec<AdmitRequest>) = taken.into_iter().unzip();
+        let body = serde_json::to_vec(&AdmitBatch { admissions }).ok()?;
+        Some((body, contexts))
+    }
+
+    pub fn admission_sent(&mut self, token: u32, contexts: Vec<u32>, now_ms: u64) {
+        self.admitting.insert(token, (contexts, now_ms));
+    }
+
+    /// The call could not be dispatched: its requests are decided as unanswered.
+    pub fn admission_unsent(contexts: Vec<u32>, why: &str) -> Vec<Decision> {
+        contexts
+            .into_iter()
+            .map(|c| (c, Err(why.to_string())))
+            .collect()
+    }
+
+    /// The answer to call `token` if it is an admission call: one decision per stream it
+    /// carried. `None`: not an admission call.
+    pub fn admission_answered(
+        &mut self,
+        token: u32,
+        answer: Result<&[u8], String>,
+    ) -> Option<Vec<Decision>> {
+        let (contexts, _) = self.admitting.remove(&token)?;
+        let outcomes = answer.and_then(|body| {
+            let reply: AdmitBatchReply =
+                serde_json::from_slice(body).map_err(|e| format!("unusable answer: {e}"))?;
+            if reply.outcomes.len() == contexts.len() {
+                Ok(reply.outcomes)
+            } else {
+                Err("unusable answer: not one decision per admission".into())
+            }
+        });
+        Some(match outcomes {
+            Ok(outcomes) => contexts
+                .into_iter()
+                .zip(outcomes)
+                .map(|(c, outcome)| match outcome {
+                    AdmitOutcome::Decided(reply) => (c, Ok(reply)),
+                    AdmitOutcome::Failed { error } => (c, Err(error)),
+                })
+                .collect(),
+            Err(why) => Self::admission_unsent(contexts, &why),
+        })
+    }
+
+    /// Admission calls whose answer never came (Envoy answers every call, at the latest
+    /// with its timeout: this only catches a lost one): their requests, as unanswered.
+    pub fn overdue_admissions(&mut self, now_ms: u64) -> Vec<Decision> {
+        let limit = self.timeout_ms.saturating_add(OVERDUE_GRACE_MS);
+        let overdue: Vec<u32> = self
+            .admitting
+            .iter()
+            .filter(|(_, (_, sent))| now_ms.saturating_sub(*sent) > limit)
+            .map(|(token, _)| *token)
+            .collect();
+        let mut out = Vec::new();
+        for token in overdue {
+            if let Some((contexts, _)) = self.admitting.remove(&token) {
+                out.extend(Self::admission_unsent(contexts, "no answer"));
+            }
+        }
+        out
     }
 
     /// A finished request's settlement, sent at the next [`Courier::due`].

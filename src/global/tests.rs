@@ -156,3 +156,86 @@ fn leases_are_renewed_every_third_of_a_lease_while_held() {
     assert_eq!(c.leases_held(), 0);
     assert!(c.due(10_000).is_empty());
 }
+
+fn admission(id: &str) -> super::wire::AdmitRequest {
+    super::wire::AdmitRequest {
+        id: id.into(),
+        lease_ms: 3_000,
+        hold_ms: 60_000,
+        demands: Vec::new(),
+    }
+}
+
+fn decided(n: usize) -> Vec<u8> {
+    use super::wire::{AdmitBatchReply, AdmitOutcome, AdmitReply};
+    let mut outcomes = vec![
+        AdmitOutcome::Decided(AdmitReply::Admitted {
+            snapshots: Vec::new(),
+            month: 1,
+        });
+        n
+    ];
+    if let Some(last) = outcomes.last_mut() {
+        *last = AdmitOutcome::Failed {
+            error: "bad".into(),
+        };
+    }
+    serde_json::to_vec(&AdmitBatchReply { outcomes }).unwrap()
+}
+
+#[test]
+fn admissions_go_out_at_once_until_calls_are_in_flight_then_together() {
+    let mut c = courier(3);
+    c.admit(1, admission("a"));
+    let (body, contexts) = c.admission_call().unwrap();
+    assert_eq!(contexts, vec![1]);
+    let batch: super::wire::AdmitBatch = serde_json::from_slice(&body).unwrap();
+    assert_eq!(batch.admissions, vec![admission("a")]);
+    c.admission_sent(10, contexts, 0);
+    c.admit(2, admission("b"));
+    let (_, contexts) = c.admission_call().unwrap();
+    c.admission_sent(11, contexts, 0);
+    assert_eq!(ADMISSION_CALLS, 2);
+    // Two calls in flight: the next ones wait, and go together when one comes back.
+    c.admit(3, admission("c"));
+    c.admit(4, admission("d"));
+    c.admit(5, admission("e"));
+    c.forget_admission(5);
+    assert!(c.admission_call().is_none());
+    let decisions = c.admission_answered(10, Ok(&decided(1))).unwrap();
+    assert_eq!(decisions.len(), 1);
+    assert_eq!(decisions[0].0, 1);
+    let (_, contexts) = c.admission_call().unwrap();
+    assert_eq!(contexts, vec![3, 4], "the stream that ended is not sent");
+    c.admission_sent(12, contexts, 0);
+    // One decision each, in order; a failed one is that request's alone.
+    let decisions = c.admission_answered(12, Ok(&decided(2))).unwrap();
+    assert!(decisions[0].1.is_ok());
+    assert_eq!(decisions[1], (4, Err("bad".into())));
+    // Not an admission call: the settlement path answers it.
+    assert!(c.admission_answered(99, Ok(b"{}")).is_none());
+}
+
+#[test]
+fn a_bad_or_missing_answer_leaves_every_request_of_the_call_unanswered() {
+    let mut c = courier(3);
+    c.admit(1, admission("a"));
+    c.admit(2, admission("b"));
+    let (_, contexts) = c.admission_call().unwrap();
+    c.admission_sent(1, contexts, 0);
+    let decisions = c.admission_answered(1, Ok(&decided(1))).unwrap();
+    assert!(decisions.iter().all(|(_, d)| d.is_err()), "{decisions:?}");
+    c.admit(3, admission("c"));
+    let (_, contexts) = c.admission_call().unwrap();
+    c.admission_sent(2, contexts, 0);
+    assert!(
+        c.overdue_admissions(50 + 1_000).is_empty(),
+        "timeout + grace not passed"
+    );
+    let overdue = c.overdue_admissions(50 + 1_001);
+    assert_eq!(overdue, vec![(3, Err("no answer".into()))]);
+    assert!(
+        c.admission_answered(2, Ok(&decided(1))).is_none(),
+        "given up already"
+    );
+}

@@ -13,6 +13,7 @@ use crate::limits::{Demand, LimitKind, Snapshot};
 use serde::{Deserialize, Serialize};
 
 pub const ADMIT_PATH: &str = "/v1/admit";
+pub const ADMIT_BATCH_PATH: &str = "/v1/admit-batch";
 pub const SETTLE_PATH: &str = "/v1/settle";
 pub const RENEW_PATH: &str = "/v1/renew";
 pub const PEEK_PATH: &str = "/v1/peek";
@@ -50,6 +51,30 @@ pub enum AdmitReply {
         retry_after_ms: Option<u64>,
         snapshot: Snapshot,
     },
+}
+
+/// Several admissions in one call: what one Envoy worker has waiting while its previous
+/// call is answered. Each is decided on its own, exactly as [`ADMIT_PATH`] decides one
+/// (its own atomic script), so one's refusal or bad request changes nothing for another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmitBatch {
+    pub admissions: Vec<AdmitRequest>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmitBatchReply {
+    /// One per admission, in order.
+    pub outcomes: Vec<AdmitOutcome>,
+}
+
+/// One admission's decision, or why there is none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum AdmitOutcome {
+    Decided(AdmitReply),
+    Failed { error: String },
 }
 
 /// Settles finished requests; each settlement counts at most once.

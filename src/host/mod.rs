@@ -10,15 +10,18 @@ mod stream;
 
 use crate::config;
 use crate::errors::LocalReply;
-use crate::global::{Courier, Outgoing, Report};
+use crate::global::wire::{AdmitRequest, ADMIT_BATCH_PATH};
+use crate::global::{Courier, Decision, Outgoing, Report};
 use crate::lifecycle::queue::{QueueAction, WorkerQueue, TICK_MS};
+use crate::lifecycle::{BodyEnv, Exchange, Next};
 use crate::metrics::{GlobalEvent, MetricKey, Metrics};
 use crate::policy::{GlobalLimits, Policy};
 use metrics::{HostMetrics, NoMetrics};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, LogLevel, MapType};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 use store::SharedData;
@@ -74,6 +77,50 @@ struct Configured {
     courier: Option<Rc<RefCell<Courier>>>,
     /// Random per VM: names this VM's admissions at the quota service.
     nonce: u64,
+    /// Requests waiting for the quota service's admission decision, by stream: the root
+    /// context hands each its decision.
+    admitting: Rc<RefCell<HashMap<u32, Rc<RefCell<Exchange>>>>>,
+    /// This worker's shared queue that wakes its root context to send admissions now
+    /// (rather than at the next tick), and whether a wake is already on its way.
+    wake_queue: Option<u32>,
+    wake_pending: Rc<Cell<bool>>,
+}
+
+impl Configured {
+    /// Stream `context` waits for the decision on `request`; the root context is woken
+    /// to send it. False if there is no quota service to ask.
+    fn wait_for_admission(
+        &self,
+        context: u32,
+        exchange: &Rc<RefCell<Exchange>>,
+        request: AdmitRequest,
+    ) -> bool {
+        let Some(Ok(mut courier)) = self.courier.as_ref().map(|c| c.try_borrow_mut()) else {
+            return false;
+        };
+        let Ok(mut admitting) = self.admitting.try_borrow_mut() else {
+            return false;
+        };
+        admitting.insert(context, exchange.clone());
+        courier.admit(context, request);
+        drop((courier, admitting));
+        if !self.wake_pending.get() {
+            if let Some(queue) = self.wake_queue {
+                // Failing that, the next tick sends it.
+                let woken = hostcalls::enqueue_shared_queue(queue, Some(b"!"));
+                self.wake_pending.set(woken.is_ok());
+            }
+        }
+        true
+    }
+
+    /// This worker's id in providers' queues (0 when no provider has a capacity).
+    fn worker(&self) -> u32 {
+        self.queue
+            .as_ref()
+            .and_then(|q| q.try_borrow().ok().map(|q| q.worker()))
+            .unwrap_or(0)
+    }
 }
 
 struct SluiceRoot {
@@ -82,6 +129,89 @@ struct SluiceRoot {
 }
 
 impl SluiceRoot {
+    /// Sends admission calls while the courier has admissions waiting and room for a call.
+    fn send_admissions(&self) {
+        let Some(c) = &self.configured else { return };
+        let (Some(courier), Some(global)) = (&c.courier, &c.policy.global) else {
+            return;
+        };
+        let mut unsent = Vec::new();
+        loop {
+            let Ok(mut courier) = courier.try_borrow_mut() else {
+                break;
+            };
+            let Some((body, contexts)) = courier.admission_call() else {
+                break;
+            };
+            let _ = hostcalls::set_effective_context(self.context_id);
+            match call_quota_service(global, ADMIT_BATCH_PATH, &body) {
+                Ok(token) => courier.admission_sent(token, contexts, now_ms()),
+                Err(s) => unsent.extend(Courier::admission_unsent(contexts, &format!("{s:?}"))),
+            }
+        }
+        self.deliver(unsent);
+    }
+
+    /// Hands each waiting stream its admission decision and carries out what follows
+    /// (resume, answer, or wait for a provider), each on its own stream. No borrow is held
+    /// while a stream is resumed: resuming can run that stream's callbacks.
+    fn deliver(&self, decisions: Vec<Decision>) {
+        let Some(c) = &self.configured else { return };
+        if decisions.is_empty() {
+            return;
+        }
+        for (context, answer) in decisions {
+            let exchange = match c.admitting.try_borrow_mut() {
+                Ok(mut admitting) => admitting.remove(&context),
+                Err(_) => None,
+            };
+            // Gone: the stream ended while its admission was decided.
+            let Some(exchange) = exchange else { continue };
+            if hostcalls::set_effective_context(context).is_err() {
+                continue;
+            }
+            let env = BodyEnv {
+                store: &SharedData,
+                now_ms: now_ms(),
+                worker: c.worker(),
+                context,
+                nonce: c.nonce,
+            };
+            let Ok(mut ex) = exchange.try_borrow_mut() else {
+                continue;
+            };
+            let step = ex.on_admission_answer(&c.policy, &env, answer);
+            let leases = ex.leases();
+            drop(ex);
+            if let Some(Ok(mut courier)) = c.courier.as_ref().map(|c| c.try_borrow_mut()) {
+                courier.hold(context, leases);
+            }
+            let carried = match step.next {
+                Next::Continue => hostcalls::resume_http_request().map_err(|s| format!("{s:?}")),
+                Next::Reply(reply) => {
+                    send_reply(&reply);
+                    Ok(())
+                }
+                Next::Wait(waiter) => match c.queue.as_ref().map(|q| q.try_borrow_mut()) {
+                    Some(Ok(mut q)) => {
+                        q.add(waiter);
+                        Ok(())
+                    }
+                    _ => Err("no queue for the waiting request".into()),
+                },
+                Next::Pause => Ok(()),
+                Next::Admit(_) | Next::Call(_) => Err("a second call after admission".into()),
+            };
+            if let Err(why) = carried {
+                log(
+                    LogLevel::Warn,
+                    &format!("sluice: after admission of stream {context}: {why}"),
+                );
+            }
+        }
+        let _ = hostcalls::set_effective_context(self.context_id);
+    }
+
     /// Sends what the courier has due, as calls of this root context (never of a
     /// stream: those calls would be cancelled when the stream ends).
     fn send_courier_calls(&self) {
@@ -166,10 +296,19 @@ impl Context for SluiceRoot {
             return;
         };
         let answer = call_answer(num_headers, body_size);
+        let answer = answer.as_deref().map_err(Clone::clone);
+        let decisions = match courier.try_borrow_mut() {
+            Ok(mut courier) => courier.admission_answered(token_id, answer.clone()),
+            Err(_) => None,
+        };
+        if let Some(decisions) = decisions {
+            self.deliver(decisions);
+            // Room for the next call: send what waited for it.
+            self.send_admissions();
+            return;
+        }
         let reports = match courier.try_borrow_mut() {
-            Ok(mut courier) => {
-                courier.answered(token_id, answer.as_deref().map_err(Clone::clone), now_ms())
-            }
+            Ok(mut courier) => courier.answered(token_id, answer, now_ms()),
             Err(_) => Vec::new(),
         };
         self.report(reports);
@@ -229,7 +368,26 @@ impl RootContext for SluiceRoot {
         }
     }
 
+    fn on_queue_ready(&mut self, _queue_id: u32) {
+        if let Some(c) = &self.configured {
+            c.wake_pending.set(false);
+            if let Some(queue) = c.wake_queue {
+                while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue) {}
+            }
+        }
+        self.send_admissions();
+    }
+
     fn on_tick(&mut self) {
+        let overdue = match self.configured.as_ref().and_then(|c| c.courier.as_ref()) {
+            Some(courier) => match courier.try_borrow_mut() {
+                Ok(mut courier) => courier.overdue_admissions(now_ms()),
+                Err(_) => Vec::new(),
+            },
+            None => Vec::new(),
+        };
+        self.deliver(overdue);
+        self.send_admissions();
         self.send_courier_calls();
         let Some(Configured {
             queue: Some(queue),
@@ -286,6 +444,15 @@ fn configure(size: usize) -> Result<Configured, String> {
     let queue = WorkerQueue::for_policy(&policy, &SharedData)
         .map_err(|e| format!("sluice: cannot allocate a worker id: {e:?}"))?;
     let courier = policy.global.as_ref().map(Courier::new);
+    let nonce = vm_nonce();
+    // One queue per worker VM (the name is this VM's): it wakes this root context.
+    let wake_queue = match courier {
+        Some(_) => Some(
+            hostcalls::register_shared_queue(&format!("sluice-admissions-{nonce:016x}"))
+                .map_err(|s| format!("sluice: cannot register the admissions queue: {s:?}"))?,
+        ),
+        None => None,
+    };
     if queue.is_some() || courier.is_some() {
         hostcalls::set_tick_period(Duration::from_millis(TICK_MS))
             .map_err(|s| format!("sluice: cannot set the tick: {s:?}"))?;
@@ -300,7 +467,10 @@ fn configure(size: usize) -> Result<Configured, String> {
         queue: queue.map(|q| Rc::new(RefCell::new(q))),
         debug,
         courier: courier.map(|c| Rc::new(RefCell::new(c))),
-        nonce: vm_nonce(),
+        nonce,
+        admitting: Rc::new(RefCell::new(HashMap::new())),
+        wake_queue,
+        wake_pending: Rc::new(Cell::new(false)),
     })
 }
 

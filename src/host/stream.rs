@@ -11,6 +11,8 @@ use crate::usage::Passthrough;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
+use std::cell::RefCell;
+use std::rc::Rc;
 
 /// Filter-state key of the usage record; the access log reads it as
 /// `filter_state['wasm.sluice_usage']` in a `%CEL(...)%` command.
@@ -20,7 +22,9 @@ pub(super) struct SluiceHttp {
     context_id: u32,
     /// `None` only if Envoy created a stream without a successful configure; refuse all.
     configured: Option<Configured>,
-    exchange: Exchange,
+    /// Shared with this worker's root context while the quota service decides the
+    /// request's admission: the root hands it the decision.
+    exchange: Rc<RefCell<Exchange>>,
     /// Test builds only: the callback in which to trap (`x-sluice-test-trap`).
     #[cfg(feature = "test-trap")]
     trap_at: Option<Vec<u8>>,
@@ -60,7 +64,7 @@ impl SluiceHttp {
         SluiceHttp {
             context_id,
             configured,
-            exchange: Exchange::new(),
+            exchange: Rc::new(RefCell::new(Exchange::new())),
             #[cfg(feature = "test-trap")]
             trap_at: None,
         }
@@ -109,10 +113,13 @@ impl SluiceHttp {
             return self.fail("no configuration");
         };
         let env = self.body_env();
-        let step = self.exchange.on_call_answer(&policy, &env, answer);
+        let step = self
+            .exchange
+            .borrow_mut()
+            .on_call_answer(&policy, &env, answer);
         if let Some(courier) = self.configured.as_ref().and_then(|c| c.courier.as_ref()) {
             if let Ok(mut courier) = courier.try_borrow_mut() {
-                courier.hold(self.context_id, self.exchange.leases());
+                courier.hold(self.context_id, self.exchange.borrow().leases());
             }
         }
         self.apply(step, 0)
@@ -124,7 +131,7 @@ impl SluiceHttp {
             return self.fail(&what);
         }
         if let Some(c) = self.configured.as_ref().filter(|c| c.debug && step.routed) {
-            if let Some(line) = self.exchange.describe_route(&c.policy) {
+            if let Some(line) = self.exchange.borrow().describe_route(&c.policy) {
                 log(LogLevel::Debug, &line);
             }
         }
@@ -152,6 +159,18 @@ impl SluiceHttp {
                 Action::Pause
             }
             Next::Call(callout) => self.call(callout),
+            Next::Admit(request) => {
+                // The worker's root context sends it, with the other admissions waiting,
+                // and hands this stream the decision.
+                let waiting = self.configured.as_ref().is_some_and(|c| {
+                    c.wait_for_admission(self.context_id, &self.exchange, request)
+                });
+                if waiting {
+                    Action::Pause
+                } else {
+                    self.fail("queue the admission for the quota service")
+                }
+            }
         }
     }
 
@@ -162,7 +181,7 @@ impl SluiceHttp {
             LogLevel::Error,
             &format!("sluice: host call failed ({what}); answering 500"),
         );
-        let failed = self.exchange.fail(&SharedData, now_ms());
+        let failed = self.exchange.borrow_mut().fail(&SharedData, now_ms());
         if let Some(settlement) = failed.settlement {
             if let Some(Ok(mut courier)) = self
                 .configured
@@ -222,9 +241,10 @@ impl HttpContext for SluiceHttp {
             trap_if(&self.trap_at, b"request-headers");
         }
         let env = self.body_env();
-        let step = self
-            .exchange
-            .on_request_headers(&policy, &env, &headers, end_of_stream);
+        let step =
+            self.exchange
+                .borrow_mut()
+                .on_request_headers(&policy, &env, &headers, end_of_stream);
         self.apply(step, 0)
     }
 
@@ -240,9 +260,13 @@ impl HttpContext for SluiceHttp {
             Err(_) => None,
         };
         let env = self.body_env();
-        let step = self
-            .exchange
-            .on_request_body(&policy, &env, body_size, end_of_stream, read);
+        let step = self.exchange.borrow_mut().on_request_body(
+            &policy,
+            &env,
+            body_size,
+            end_of_stream,
+            read,
+        );
         self.apply(step, body_size)
     }
 
@@ -257,7 +281,7 @@ impl HttpContext for SluiceHttp {
             .and_then(|s| s.parse::<u16>().ok())
             .unwrap_or(0);
         let content_type = header("content-type");
-        let edits = self.exchange.on_response_headers(
+        let edits = self.exchange.borrow_mut().on_response_headers(
             status,
             content_type.as_deref(),
             end_of_stream,
@@ -276,7 +300,7 @@ impl HttpContext for SluiceHttp {
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         #[cfg(feature = "test-trap")]
         trap_if(&self.trap_at, b"response-body");
-        if !self.exchange.meters_response() {
+        if !self.exchange.borrow().meters_response() {
             return Action::Continue;
         }
         let chunk = match hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size) {
@@ -290,10 +314,11 @@ impl HttpContext for SluiceHttp {
                 return Action::Continue;
             }
         };
-        if let Passthrough::Replace(out) =
-            self.exchange
-                .on_response_body(&chunk, end_of_stream, now_ms())
-        {
+        let passed = self
+            .exchange
+            .borrow_mut()
+            .on_response_body(&chunk, end_of_stream, now_ms());
+        if let Passthrough::Replace(out) = passed {
             if let Err(s) = hostcalls::set_buffer(BufferType::HttpResponseBody, 0, body_size, &out)
             {
                 log(
@@ -310,7 +335,7 @@ impl HttpContext for SluiceHttp {
             return;
         };
         // One host call fewer for the usual request: only an unfinished stream needs it.
-        let details = if self.exchange.needs_end_details() {
+        let details = if self.exchange.borrow().needs_end_details() {
             hostcalls::get_property(vec!["response", "code_details"])
                 .ok()
                 .flatten()
@@ -324,16 +349,23 @@ impl HttpContext for SluiceHttp {
         let courier = c.courier.as_ref().map(|c| c.try_borrow_mut());
         if let Some(Ok(mut courier)) = courier {
             courier.release(self.context_id);
+            courier.forget_admission(self.context_id);
+        }
+        if let Ok(mut admitting) = c.admitting.try_borrow_mut() {
+            admitting.remove(&self.context_id);
         }
         let (store, details, now) = (&SharedData, details.as_deref(), now_ms());
         // Never lose the record or the settlement: count without metrics if must be.
         let finished = match c.metrics.try_borrow_mut() {
             Ok(mut m) => self
                 .exchange
+                .borrow_mut()
                 .finish(&c.policy, store, details, now, &mut *m),
-            Err(_) => self
-                .exchange
-                .finish(&c.policy, store, details, now, &mut NoMetrics),
+            Err(_) => {
+                self.exchange
+                    .borrow_mut()
+                    .finish(&c.policy, store, details, now, &mut NoMetrics)
+            }
         };
         let Some(done) = finished else {
             return;

@@ -30,7 +30,7 @@ mod usage_report;
 use crate::admission::{self, Decision};
 use crate::auth::{presented_key, KeyOwner};
 use crate::errors::{ApiError, ApiFlavour, ErrorKind, LocalReply};
-use crate::global::wire::{AdmitReply, Lease, PeekReply, Settlement, ADMIT_PATH, PEEK_PATH};
+use crate::global::wire::{AdmitReply, AdmitRequest, Lease, PeekReply, Settlement, PEEK_PATH};
 use crate::headers::RequestHeaders;
 use crate::metrics::{Metrics, Outcome};
 use crate::policy::Policy;
@@ -69,8 +69,12 @@ pub enum Next {
     Wait(Waiter),
     /// Answer the client directly; the host sends it and then pauses for good.
     Reply(LocalReply),
+    /// Hold the request until the quota service decides this admission; the decision
+    /// goes to [`Exchange::on_admission_answer`]. The host sends it with the other
+    /// admissions its worker has waiting (one call for several).
+    Admit(AdmitRequest),
     /// Hold the request and call the quota service; its answer goes to
-    /// [`Exchange::on_admission_answer`].
+    /// [`Exchange::on_call_answer`].
     Call(Callout),
 }
 
@@ -413,19 +417,8 @@ impl Exchange {
                     pending,
                     id,
                 });
-                match serde_json::to_vec(&request) {
-                    Ok(body) => {
-                        step.next = Next::Call(Callout {
-                            path: ADMIT_PATH,
-                            body,
-                        });
-                        step
-                    }
-                    Err(e) => {
-                        let answer = Err(format!("cannot encode the call: {e}"));
-                        self.on_admission_answer(policy, env, answer)
-                    }
-                }
+                step.next = Next::Admit(request);
+                step
             }
         }
     }
@@ -567,8 +560,8 @@ impl Exchange {
         }
     }
 
-    /// The answer to this request's call to the quota service (`Ok`: a 200's body; `Err`:
-    /// no usable answer, with why).
+    /// The answer to this request's own call to the quota service (the usage endpoint's
+    /// readings; `Ok`: a 200's body; `Err`: no usable answer, with why).
     pub fn on_call_answer(
         &mut self,
         policy: &Policy,
@@ -576,14 +569,6 @@ impl Exchange {
         answer: Result<&[u8], String>,
     ) -> Step {
         match std::mem::take(&mut self.stage) {
-            admitting @ Stage::Admitting(_) => {
-                self.stage = admitting;
-                let answer = answer.and_then(|body| {
-                    serde_json::from_slice::<AdmitReply>(body)
-                        .map_err(|e| format!("unusable answer: {e}"))
-                });
-                self.on_admission_answer(policy, env, answer)
-            }
             Stage::Reading { owner, draft } => {
                 let known = Known::Tenant(owner);
                 let readings = answer.and_then(|body| {

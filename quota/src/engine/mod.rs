@@ -15,8 +15,8 @@ pub use scripts::CALENDAR;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::ScriptInvocation;
 use sluice::global::wire::{
-    AdmitReply, AdmitRequest, PeekReply, PeekRequest, RenewReply, RenewRequest, SettleOutcome,
-    SettleReply, SettleRequest, Settlement,
+    AdmitBatch, AdmitBatchReply, AdmitOutcome, AdmitReply, AdmitRequest, PeekReply, PeekRequest,
+    RenewReply, RenewRequest, SettleOutcome, SettleReply, SettleRequest, Settlement,
 };
 use sluice::limits::{month_index, month_start_ms, LimitKind};
 use sluice::shared::keys::{month_key, reservation};
@@ -138,6 +138,26 @@ impl Engine {
 
     /// Settles each settlement in its own script, in order. On an error, the ones before
     /// are settled: a retry finds them `duplicate`.
+    /// Decides each admission of a batch on its own (concurrently: the connection
+    /// pipelines them), so that one that fails changes nothing for the others.
+    pub async fn admit_batch(&self, batch: &AdmitBatch) -> AdmitBatchReply {
+        let decisions = batch
+            .admissions
+            .iter()
+            .map(|admission| self.admit(admission));
+        let outcomes = futures_util::future::join_all(decisions)
+            .await
+            .into_iter()
+            .map(|decided| match decided {
+                Ok(reply) => AdmitOutcome::Decided(reply),
+                Err(Error::BadRequest(error) | Error::Redis(error)) => {
+                    AdmitOutcome::Failed { error }
+                }
+            })
+            .collect();
+        AdmitBatchReply { outcomes }
+    }
+
     pub async fn settle(&self, request: &SettleRequest) -> Result<SettleReply, Error> {
         for (index, settlement) in request.settlements.iter().enumerate() {
             checks_settlement(settlement, &format!("settlements[{index}]"))?;

@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::global::wire::{
-    AdmitReply, AdmitRequest, PeekReply, PeekRequest, Reading, SettleItem, ADMIT_PATH, PEEK_PATH,
+    AdmitReply, AdmitRequest, PeekReply, PeekRequest, Reading, SettleItem, PEEK_PATH,
 };
 use crate::limits::{LimitKind, Limiter, Snapshot};
 
@@ -48,14 +48,16 @@ fn call(p: &Policy, store: &MemoryStore) -> (Exchange, AdmitRequest) {
         "the upstream edits are made while the call runs"
     );
     assert_eq!(set(&step, CLUSTER_HEADER), Some("deepseek"));
-    let Next::Call(callout) = step.next else {
-        panic!("expected a call to the quota service, got {:?}", step.next);
+    let Next::Admit(request) = step.next else {
+        panic!(
+            "expected an admission by the quota service, got {:?}",
+            step.next
+        );
     };
-    assert_eq!(callout.path, ADMIT_PATH);
-    (ex, serde_json::from_slice(&callout.body).unwrap())
+    (ex, request)
 }
 
-fn admitted(request: &AdmitRequest) -> Vec<u8> {
+fn admitted(request: &AdmitRequest) -> AdmitReply {
     let snapshots = request
         .demands
         .iter()
@@ -65,11 +67,10 @@ fn admitted(request: &AdmitRequest) -> Vec<u8> {
             reset_ms: 0,
         })
         .collect();
-    serde_json::to_vec(&AdmitReply::Admitted {
+    AdmitReply::Admitted {
         snapshots,
         month: 24_322,
-    })
-    .unwrap()
+    }
 }
 
 fn local_rpm_left(store: &MemoryStore) -> u64 {
@@ -96,7 +97,7 @@ fn global_limits_are_asked_of_the_quota_service_in_one_call() {
     assert_eq!(keys, ["sluice:{t:initech}:conc", "sluice:{t:initech}:musd"]);
     assert_eq!(local_rpm_left(&store), 9, "the local limit was taken first");
 
-    let step = ex.on_call_answer(&p, &test_env(&store), Ok(&admitted(&request)));
+    let step = ex.on_admission_answer(&p, &test_env(&store), Ok(admitted(&request)));
     assert_eq!(step.next, Next::Continue);
     assert_eq!(
         ex.leases().len(),
@@ -143,8 +144,7 @@ fn a_global_refusal_gives_back_the_local_limits() {
             reset_ms: 1_000,
         },
     };
-    let answer = serde_json::to_vec(&refusal).unwrap();
-    let step = ex.on_call_answer(&p, &test_env(&store), Ok(&answer));
+    let step = ex.on_admission_answer(&p, &test_env(&store), Ok(refusal));
     let (reply, body) = reply_of(&step);
     assert_eq!(reply.status, 429);
     assert_eq!(body["error"]["code"], "insufficient_quota", "{body}");
@@ -169,7 +169,7 @@ fn no_answer_denies_or_falls_back_to_local_counters_never_unlimited() {
     let store = MemoryStore::new();
     let deny = global_policy("deny");
     let (mut ex, _) = call(&deny, &store);
-    let step = ex.on_call_answer(&deny, &test_env(&store), Err("no answer".into()));
+    let step = ex.on_admission_answer(&deny, &test_env(&store), Err("no answer".into()));
     let (reply, body) = reply_of(&step);
     assert_eq!(reply.status, 503);
     assert_eq!(body["error"]["code"], "quota_engine_unavailable");
@@ -183,12 +183,12 @@ fn no_answer_denies_or_falls_back_to_local_counters_never_unlimited() {
     let mut held = Vec::new();
     for _ in 0..2 {
         let (mut ex, _) = call(&local, &store);
-        let step = ex.on_call_answer(&local, &test_env(&store), Err("no answer".into()));
+        let step = ex.on_admission_answer(&local, &test_env(&store), Err("no answer".into()));
         assert_eq!(step.next, Next::Continue);
         held.push(ex);
     }
     let (mut third, _) = call(&local, &store);
-    let step = third.on_call_answer(&local, &test_env(&store), Err("no answer".into()));
+    let step = third.on_admission_answer(&local, &test_env(&store), Err("no answer".into()));
     let (reply, _) = reply_of(&step);
     assert_eq!(reply.header("x-sluice-reason"), Some("concurrent_requests"));
     let mut metrics = FakeMetrics::default();
@@ -239,7 +239,7 @@ fn a_request_abandoned_while_the_service_decides_releases_whatever_it_may_have_t
          }| { *actual == 0 || (key.ends_with(":rpm") && actual == reserved) }
     ));
     // A late answer finds the stream finished and changes nothing.
-    let step = ex.on_call_answer(&p, &test_env(&store), Ok(&admitted(&request)));
+    let step = ex.on_admission_answer(&p, &test_env(&store), Ok(admitted(&request)));
     assert_eq!(step, Step::default());
 }
 
