@@ -263,14 +263,33 @@ def envoy_stats(admin, pattern):
     return out
 
 
-def check_global_calls(admin):
-    """Fails the run unless (g)'s requests were decided by the quota service: at least one
-    answered call to the sluice_quota cluster per successful request (the admission; the
-    settlements go in batches on top). Calls that failed or timed out, and requests that got
+def redis_script_calls(port):
+    """Scripts Redis ran (EVALSHA and EVAL), from INFO commandstats (one RESP bulk string)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(b"*2\r\n$4\r\nINFO\r\n$12\r\ncommandstats\r\n")
+        data = b""
+        while b"\r\n" not in data or len(data) < data.index(b"\r\n") + 2 + int(data[1:data.index(b"\r\n")]):
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    total = 0
+    for line in data.decode(errors="replace").splitlines():
+        if line.startswith(("cmdstat_evalsha:", "cmdstat_eval:")):
+            total += int(line.split("calls=")[1].split(",")[0])
+    return total
+
+
+def check_global_calls(admin, redis_port):
+    """Fails the run unless (g)'s requests were decided by the quota service: Redis ran at
+    least one script per successful request (its admission; settlements run on top). The
+    filter groups the admissions a worker has waiting into one call, so there are fewer
+    calls than requests under load. Calls that failed or timed out, and requests that got
     no 2xx (refused when the quota service did not answer in time), are counted and reported."""
     stats = envoy_stats(admin, "^(cluster\\.sluice_quota\\.upstream_rq_.*|http\\.sluice\\.downstream_rq_[0-9]xx)$")
     requests = stats.get("http.sluice.downstream_rq_2xx", 0)
     calls = stats.get("cluster.sluice_quota.upstream_rq_2xx", 0)
+    scripts = redis_script_calls(redis_port)
     failures = {k.rsplit(".", 1)[1]: v for k, v in stats.items() if v and k.startswith("cluster.sluice_quota.upstream_rq_")
                 and (k[-3:] in ("4xx", "5xx") or "timeout" in k or "reset" in k or "cancelled" in k)}
     # A call that times out or is reset is answered 504/503 by Envoy, so 4xx + 5xx counts every
@@ -278,8 +297,8 @@ def check_global_calls(admin):
     failed = failures.get("upstream_rq_4xx", 0) + failures.get("upstream_rq_5xx", 0)
     other = sum(v for k, v in stats.items() if k.startswith("http.sluice.downstream_rq_") and not k.endswith("2xx"))
     summary = {"requests_2xx": requests, "requests_other": other, "quota_calls_2xx": calls, "quota_calls_failed": failed,
-               "quota_call_failures": failures}
-    if requests == 0 or calls < requests:
+               "quota_call_failures": failures, "redis_scripts": scripts}
+    if requests == 0 or scripts < requests:
         sys.exit(f"bench: (g) was not decided by the quota service: {summary}")
     print(f"bench: (g) made {calls} answered quota service calls for {requests} requests; "
           f"{failed} calls failed, {other} requests not 2xx", flush=True)
@@ -655,7 +674,7 @@ def main():
                 if with_global:
                     results["global"] = {"orders": orders, "section": GLOBAL_SECTION, "limits": HIGH_LIMITS,
                                          "redis": engine.redis_version + " (--save '' --appendonly no)",
-                                         "calls": check_global_calls(g_gw.admin)}
+                                         "calls": check_global_calls(g_gw.admin, engine.redis_port)}
                     if breakdown:
                         results["global"]["breakdown"] = dict(breakdown, plan=PROBE_PLAN)
                     g_gw.stop()
@@ -847,18 +866,20 @@ def global_lines(results):
             f"| (c) Sluice, local limits | {cell(c_cpu)} | |",
             f"| (g) Sluice, global limits | {cell(g_cpu)} | {diff(c_cpu, g_cpu)} |",
             "",
-            f"So of the {extra:+.1f} us that (g) adds to (c), the callout itself (Envoy's HTTP/2 client, dispatching "
-            f"and answering it, pausing and resuming the request) is {callout:+.1f} us, and the remaining "
-            f"{extra - callout:+.1f} us is the rest of global mode inside the filter: Sluice's code for it (encoding the "
-            "admission, decoding the answer, queueing and encoding the settlement, lease bookkeeping), the batched "
-            "settlement calls (one per 10 ms tick), less what (g) no longer does: (c)'s limit checks and settlements "
-            "in shared data.",
+            f"One call per request, as the probe makes, costs Envoy {callout:+.1f} us. (g) adds {extra:+.1f} us to "
+            f"(c) because it makes far fewer calls than requests ({calls['quota_calls_2xx'] / max(calls['requests_2xx'], 1):.3f} "
+            "per request, below): a worker sends an admission at once when fewer than 2 admission calls are in "
+            "flight, and otherwise groups those waiting into the next call; settlements go in batches each tick. "
+            "The rest is Sluice's code for global mode (encoding admissions, decoding decisions, settlements, "
+            "lease bookkeeping), less what (g) no longer does: (c)'s limit checks and settlements in shared data.",
         ]
     lines += [
         "",
         f"Quota service calls answered: {calls['quota_calls_2xx']} for {calls['requests_2xx']} successful requests "
-        f"({calls['quota_calls_2xx'] / max(calls['requests_2xx'], 1):.3f} per request: one admission each, plus "
-        f"settlement batches and lease renewals); failed or timed out: {calls['quota_calls_failed']}"
+        f"({calls['quota_calls_2xx'] / max(calls['requests_2xx'], 1):.3f} per request: admissions grouped while "
+        f"calls are in flight, settlement batches, lease renewals); Redis scripts run: "
+        f"{calls.get('redis_scripts', 0)} ({calls.get('redis_scripts', 0) / max(calls['requests_2xx'], 1):.3f} per "
+        f"request: one admission each, plus settlements); failed or timed out: {calls['quota_calls_failed']}"
         + (f" ({', '.join(f'{k} {v}' for k, v in calls.get('quota_call_failures', {}).items())})"
            if calls['quota_calls_failed'] else "")
         + f"; requests not 2xx: {calls['requests_other']} (an admission that fails is refused, "
