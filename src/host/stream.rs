@@ -107,7 +107,8 @@ impl SluiceHttp {
         }
     }
 
-    /// Hands the quota service's answer to the exchange and carries out what follows.
+    /// Hands the answer to this stream's own call (the usage endpoint's readings) to the
+    /// exchange and carries out what follows.
     fn call_answered(&mut self, answer: Result<&[u8], String>) -> Action {
         let Some(policy) = self.configured.as_ref().map(|c| c.policy.clone()) else {
             return self.fail("no configuration");
@@ -117,11 +118,6 @@ impl SluiceHttp {
             .exchange
             .borrow_mut()
             .on_call_answer(&policy, &env, answer);
-        if let Some(courier) = self.configured.as_ref().and_then(|c| c.courier.as_ref()) {
-            if let Ok(mut courier) = courier.try_borrow_mut() {
-                courier.hold(self.context_id, self.exchange.borrow().leases());
-            }
-        }
         self.apply(step, 0)
     }
 

@@ -431,15 +431,22 @@ impl Exchange {
         env: &BodyEnv,
         answer: Result<AdmitReply, String>,
     ) -> Step {
-        let Stage::Admitting(Admitting {
+        let Admitting {
             caller,
             route,
             pending,
             id,
-        }) = std::mem::take(&mut self.stage)
-        else {
-            // The stream ended meanwhile (`finish` released what it held): nothing to do.
-            return Step::default();
+        } = match std::mem::take(&mut self.stage) {
+            Stage::Admitting(admitting) => admitting,
+            // Not waiting for it (the stream ended, or was answered, meanwhile: `finish`
+            // releases what it held): nothing changes, and nothing resumes.
+            other => {
+                self.stage = other;
+                return Step {
+                    next: Next::Pause,
+                    ..Step::default()
+                };
+            }
         };
         match pending.conclude(policy, env.store, id, answer, self.flavour, env.now_ms) {
             Ok(admission::Admitted { held, headers }) => {
@@ -586,10 +593,13 @@ impl Exchange {
                     Err(err) => self.refuse(Step::default(), err, known),
                 }
             }
-            // The stream ended meanwhile: nothing to do.
+            // Not waiting for it: nothing changes, and nothing resumes.
             other => {
                 self.stage = other;
-                Step::default()
+                Step {
+                    next: Next::Pause,
+                    ..Step::default()
+                }
             }
         }
     }

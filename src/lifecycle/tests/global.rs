@@ -240,7 +240,12 @@ fn a_request_abandoned_while_the_service_decides_releases_whatever_it_may_have_t
     ));
     // A late answer finds the stream finished and changes nothing.
     let step = ex.on_admission_answer(&p, &test_env(&store), Ok(admitted(&request)));
-    assert_eq!(step, Step::default());
+    assert_eq!(step.next, Next::Pause, "nothing to resume");
+    assert!(
+        ex.finish(&p, &store, None, 0, &mut FakeMetrics::default())
+            .is_none(),
+        "finished once"
+    );
 }
 
 #[test]
