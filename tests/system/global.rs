@@ -404,6 +404,23 @@ async fn a_budget_spent_through_one_envoy_is_refused_by_the_other_and_survives_r
     );
 }
 
+/// Waits until no global concurrency lease of bronze is held: every request's settlement
+/// reached Redis.
+async fn all_settled(gw: &Gateway) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let report = usage(gw, INITECH).await;
+        if limit_line(&report, "concurrent_requests")["used"] == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "settlements did not land: {report}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn redis_month_total(redis: &Redis, base: &str) -> u64 {
     let keys = redis.cli(&["KEYS", &format!("{base}:*")]);
     let Some(key) = keys.lines().find(|l| l.starts_with("sluice:")) else {
@@ -424,27 +441,30 @@ async fn buckets_survive_envoy_restarts_and_months_survive_a_redis_crash() {
     let opts = GlobalOptions::default();
     let mut a = global_gateway(quota.port, &opts).await;
     let mut b = global_gateway(quota.port, &opts).await;
+    let started = Instant::now();
+    // Bronze refills one request every 6 s: what the bucket may have regained since.
+    let refilled = || (started.elapsed().as_millis() / 6_000) as usize;
     for gw in [&a, &b, &a, &b, &a, &b] {
         assert_eq!(gw.chat_with(INITECH, &chat_body(16), &[]).await.0, 200);
     }
+    // Settlements leave from each worker's tick after the response: let them land, so
+    // that a restart is not also a crash with requests unsettled.
+    all_settled(&a).await;
     restart(&mut a).await;
     restart(&mut b).await;
     // 4 left of the minute's 10, whichever Envoy process asks.
     let body = chat_body(16);
     let calls = (0..6).map(|i| (if i % 2 == 0 { &a } else { &b }).chat_with(INITECH, &body, &[]));
     let results = join_all(calls).await;
-    assert_eq!(
-        results.iter().filter(|r| r.0 == 200).count(),
-        4,
+    let admitted = results.iter().filter(|r| r.0 == 200).count();
+    assert!(
+        (4..=4 + refilled()).contains(&admitted),
         "{:?}",
         statuses(&results)
     );
+    all_settled(&a).await;
 
     let base = "sluice:{t:initech}:musd";
-    eventually("settlements reach Redis", || {
-        redis_month_total(&redis, base) > 0
-    })
-    .await;
     let before = redis_month_total(&redis, base);
     redis.crash();
     quota.stop();
@@ -463,11 +483,10 @@ async fn buckets_survive_envoy_restarts_and_months_survive_a_redis_crash() {
         json!(before as f64 / 1e6),
         "{report}"
     );
-    assert_eq!(
-        limit_line(&report, "requests_per_minute")["remaining"],
-        json!(0),
-        "{report}"
-    );
+    let remaining = limit_line(&report, "requests_per_minute")["remaining"]
+        .as_u64()
+        .unwrap() as usize;
+    assert!(remaining <= refilled(), "the bucket survived: {report}");
     drop(quota);
 }
 
@@ -524,7 +543,8 @@ async fn a_killed_envoys_concurrency_slots_come_back_within_the_lease() {
     }
     let freed_after = freed_after.expect("the killed Envoy's slots never came back");
     assert!(
-        freed_after <= Duration::from_millis(2_000 + 500),
+        // The lease, plus the polling and a loaded machine's scheduling.
+        freed_after <= Duration::from_millis(2_000 + 1_000),
         "slots came back after {freed_after:?}, lease 2 s"
     );
     for h in held {
