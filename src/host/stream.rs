@@ -70,20 +70,11 @@ impl SluiceHttp {
         }
     }
 
-    /// This worker's id in providers' queues (0 when no provider has a capacity).
-    fn worker(&self) -> u32 {
-        self.configured
-            .as_ref()
-            .and_then(|c| c.queue.as_ref())
-            .and_then(|q| q.try_borrow().ok().map(|q| q.worker()))
-            .unwrap_or(0)
-    }
-
     fn body_env(&self) -> BodyEnv<'static> {
         BodyEnv {
             store: &SharedData,
             now_ms: now_ms(),
-            worker: self.worker(),
+            worker: self.configured.as_ref().map_or(0, Configured::worker),
             context: self.context_id,
             nonce: self.configured.as_ref().map_or(0, |c| c.nonce),
         }
