@@ -19,7 +19,7 @@ Run from anywhere, with PyYAML installed (the project's .venv after `make sdk`):
    service's `--redis redis://HOST:PORT/` names the Redis service and its port; Redis runs
    with appendonly yes and keeps /data in a named volume; Envoy waits for the quota service
    and the quota service for Redis (depends_on ... service_healthy, with healthchecks).
-4. The build stage of every service built here (mock/Dockerfile, quota/Dockerfile): its COPY
+4. The build stage of every service built here (the repository's Dockerfile, once per PACKAGE): its COPY
    lines are replayed (honouring .dockerignore) and `cargo fetch --locked` must load the
    workspace from exactly those files.
 5. `scripts/compose_config.py --check`: envoy/compose/envoy.yaml is what envoy/demo.yaml generates.
@@ -382,8 +382,10 @@ def check_global(compose, config, sluice, quota_cluster):
              f"expects it on 0.0.0.0:{port} (in a container, every interface)")
     build = quota.get("build") or {}
     dockerfile = (COMPOSE.parent / build.get("context", ".") / build.get("dockerfile", "Dockerfile"))
-    if "sluice-quota" not in dockerfile.read_text():
-        fail(f"service {QUOTA_SERVICE}: {rel(dockerfile)} does not build sluice-quota")
+    package = (build.get("args") or {}).get("PACKAGE")
+    if package != "sluice-quota" or '-p "$PACKAGE"' not in dockerfile.read_text():
+        fail(f"service {QUOTA_SERVICE}: {rel(dockerfile)} with PACKAGE={package!r} does not build "
+             "sluice-quota")
     ok(f"global limits: cluster {quota_cluster} (STRICT_DNS, HTTP/2) -> {host}:{port}, where "
        f"sluice-quota listens (--listen {listen})")
 
