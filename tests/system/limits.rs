@@ -465,3 +465,65 @@ async fn counters_survive_a_listener_update_that_keeps_the_vm_id() {
     assert_eq!(resp.headers()["x-ratelimit-remaining-requests"], "0");
     assert_eq!(resp.headers()["x-config-generation"], "2");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_reads_its_own_usage_in_local_mode() {
+    let gw = Gateway::start().await;
+    let body = small_chat("gpt-4.1-mini", 16);
+    for _ in 0..2 {
+        assert_eq!(gw.chat_with(INITECH, &body, &[]).await.0, 200);
+    }
+    let cost: u64 = gw
+        .access_log(2)
+        .await
+        .iter()
+        .map(|r| r["sluice"]["cost_micro_usd"].as_u64().unwrap())
+        .sum();
+    let get = |key: &'static str| {
+        gw.client
+            .get(gw.url("/v1/sluice/usage"))
+            .bearer_auth(key)
+            .send()
+    };
+    let report: Value = get(INITECH).await.unwrap().json().await.unwrap();
+    assert_eq!(report["object"], "sluice.usage");
+    assert_eq!(report["tenant"], "initech", "{report}");
+    let line = |name: &str| {
+        report["limits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["limit_name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} in {report}"))
+    };
+    let rpm = line("requests_per_minute");
+    assert_eq!(rpm["engine"], "local");
+    assert_eq!(
+        (rpm["limit"].as_u64(), rpm["remaining"].as_u64()),
+        (Some(10), Some(8)),
+        "{rpm}"
+    );
+    let budget = line("monthly_budget_usd");
+    assert_eq!(budget["unit"], "usd");
+    assert_eq!(budget["used"], json!(cost as f64 / 1e6), "{budget}");
+    // Another tenant sees only its own: acme's report has no trace of initech's use.
+    let acme: Value = get(ACME).await.unwrap().json().await.unwrap();
+    assert_eq!(acme["tenant"], "acme");
+    let acme_rpm = acme["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["limit_name"] == "requests_per_minute")
+        .cloned()
+        .unwrap();
+    assert_eq!(acme_rpm["remaining"], acme_rpm["limit"], "{acme}");
+    // Without a key: 401, as every endpoint.
+    let anonymous = gw
+        .client
+        .get(gw.url("/v1/sluice/usage"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+}
