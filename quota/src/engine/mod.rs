@@ -136,8 +136,6 @@ impl Engine {
         .await
     }
 
-    /// Settles each settlement in its own script, in order. On an error, the ones before
-    /// are settled: a retry finds them `duplicate`.
     /// Decides each admission of a batch on its own (concurrently: the connection
     /// pipelines them), so that one that fails changes nothing for the others.
     pub async fn admit_batch(&self, batch: &AdmitBatch) -> AdmitBatchReply {
@@ -158,6 +156,8 @@ impl Engine {
         AdmitBatchReply { outcomes }
     }
 
+    /// Settles each settlement in its own script, in order. On an error, the ones before
+    /// are settled: a retry finds them `duplicate`.
     pub async fn settle(&self, request: &SettleRequest) -> Result<SettleReply, Error> {
         for (index, settlement) in request.settlements.iter().enumerate() {
             checks_settlement(settlement, &format!("settlements[{index}]"))?;
