@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 pub const USAGE: &str = "\
-usage: sluice-quota [--listen ADDR] [--redis URL]
+usage: sluice-quota [--listen ADDR] [--redis URL | --redis-cluster URL,URL,...]
 
 Sluice's quota service: decides global limits with Redis scripts; holds no state.
 
@@ -11,6 +11,9 @@ Sluice's quota service: decides global limits with Redis scripts; holds no state
                  default 127.0.0.1:18090; port 0 picks a free port)
   --redis URL    the Redis (or Valkey) to use (env SLUICE_REDIS_URL,
                  default redis://127.0.0.1:6379/)
+  --redis-cluster URL,URL,...
+                 a Redis Cluster instead, by some of its nodes (env
+                 SLUICE_REDIS_CLUSTER); calls are split by hash slot
   -h, --help     this text
 
 Flags override the environment. Starts while Redis is down, answering 503 until it is up.
@@ -25,6 +28,8 @@ pub const DEFAULT_REDIS: &str = "redis://127.0.0.1:6379/";
 pub struct Options {
     pub listen: SocketAddr,
     pub redis_url: String,
+    /// Nodes of a Redis Cluster to use instead of `redis_url`.
+    pub redis_cluster: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +42,7 @@ pub enum Command {
 pub fn parse(args: &[String], env: impl Fn(&str) -> Option<String>) -> Result<Command, String> {
     let mut listen = env("SLUICE_QUOTA_LISTEN").unwrap_or_else(|| DEFAULT_LISTEN.to_string());
     let mut redis_url = env("SLUICE_REDIS_URL").unwrap_or_else(|| DEFAULT_REDIS.to_string());
+    let mut cluster = env("SLUICE_REDIS_CLUSTER").unwrap_or_default();
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -47,6 +53,7 @@ pub fn parse(args: &[String], env: impl Fn(&str) -> Option<String>) -> Result<Co
             "-h" | "--help" => return Ok(Command::Help),
             "--listen" => &mut listen,
             "--redis" => &mut redis_url,
+            "--redis-cluster" => &mut cluster,
             other => return Err(format!("unknown argument {other:?}")),
         };
         *target = match inline.or_else(|| rest.next().cloned()) {
@@ -57,7 +64,17 @@ pub fn parse(args: &[String], env: impl Fn(&str) -> Option<String>) -> Result<Co
     let listen = listen
         .parse()
         .map_err(|problem| format!("listen address {listen:?}: {problem}"))?;
-    Ok(Command::Run(Options { listen, redis_url }))
+    let nodes: Vec<String> = cluster
+        .split(',')
+        .map(str::trim)
+        .filter(|node| !node.is_empty())
+        .map(str::to_string)
+        .collect();
+    Ok(Command::Run(Options {
+        listen,
+        redis_url,
+        redis_cluster: (!nodes.is_empty()).then_some(nodes),
+    }))
 }
 
 /// The URL without its password, for logs.
@@ -86,7 +103,8 @@ mod tests {
             parse(&[], none),
             Ok(Command::Run(Options {
                 listen: DEFAULT_LISTEN.parse().unwrap(),
-                redis_url: DEFAULT_REDIS.into()
+                redis_url: DEFAULT_REDIS.into(),
+                redis_cluster: None,
             }))
         );
         let env = |name: &str| match name {
@@ -98,7 +116,8 @@ mod tests {
             parse(&[], env),
             Ok(Command::Run(Options {
                 listen: "127.0.0.1:1".parse().unwrap(),
-                redis_url: "redis://env/".into()
+                redis_url: "redis://env/".into(),
+                redis_cluster: None,
             }))
         );
         assert_eq!(
@@ -108,8 +127,19 @@ mod tests {
             ),
             Ok(Command::Run(Options {
                 listen: "127.0.0.1:2".parse().unwrap(),
-                redis_url: "redis://flag/".into()
+                redis_url: "redis://flag/".into(),
+                redis_cluster: None,
             }))
+        );
+        let Ok(Command::Run(options)) = parse(
+            &args(&["--redis-cluster", "redis://a:1/, redis://b:2/"]),
+            none,
+        ) else {
+            panic!("a cluster by its nodes");
+        };
+        assert_eq!(
+            options.redis_cluster,
+            Some(vec!["redis://a:1/".to_string(), "redis://b:2/".to_string()])
         );
         assert_eq!(parse(&args(&["--help"]), none), Ok(Command::Help));
         assert!(parse(&args(&["--listen"]), none).is_err());

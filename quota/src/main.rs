@@ -33,7 +33,11 @@ fn main() -> ExitCode {
 }
 
 async fn run(options: Options) -> ExitCode {
-    let engine = match Engine::new(&options.redis_url, system_clock) {
+    let engine = match &options.redis_cluster {
+        Some(nodes) => Engine::cluster(nodes, system_clock),
+        None => Engine::new(&options.redis_url, system_clock),
+    };
+    let engine = match engine {
         Ok(engine) => engine,
         Err(problem) => {
             eprintln!("sluice-quota: {problem}");
@@ -53,10 +57,14 @@ async fn run(options: Options) -> ExitCode {
     let address = listener
         .local_addr()
         .map_or_else(|_| options.listen.to_string(), |bound| bound.to_string());
-    println!(
-        "sluice-quota: listening on {address} (HTTP/1.1 and h2c), redis {}",
-        cli::redacted(&options.redis_url)
-    );
+    let redis = match &options.redis_cluster {
+        Some(nodes) => {
+            let nodes: Vec<String> = nodes.iter().map(|n| cli::redacted(n)).collect();
+            format!("redis cluster {}", nodes.join(","))
+        }
+        None => format!("redis {}", cli::redacted(&options.redis_url)),
+    };
+    println!("sluice-quota: listening on {address} (HTTP/1.1 and h2c), {redis}");
     http::serve(listener, Arc::new(engine), stop_signal()).await;
     eprintln!("sluice-quota: stopped");
     ExitCode::SUCCESS

@@ -1,10 +1,13 @@
 //! The Redis layer: each operation of the wire contract is one script call (one per
 //! settlement), so every decision is atomic and uses Redis's clock.
 //!
-//! Redis Cluster would need every key of one call in one hash slot. The keyspace gives a
-//! tenant's keys one hash tag, but a request may also carry a provider's limits; grouping
-//! calls by hash tag is left for when Cluster is supported. Standalone Redis (or Valkey) is
-//! what this serves today.
+//! On Redis Cluster every key of one script must be in one hash slot. The keyspace gives a
+//! tenant's keys one hash tag (`{t:acme}`) and a provider's another (`{p:openai}`), so a
+//! call is split by hash tag there: a request's tenant limits are one atomic script, its
+//! provider limits another, run in order, and a refusal by a later one gives back what the
+//! earlier ones took (each group keeps its own reservation record, so settlement stays
+//! exactly-once per group). On a single Redis (or Valkey, or a Sentinel-managed primary)
+//! every call is one script, as written.
 
 mod checks;
 mod reply;
@@ -13,14 +16,18 @@ mod scripts;
 pub use scripts::CALENDAR;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
 use redis::ScriptInvocation;
 use sluice::global::wire::{
     AdmitBatch, AdmitBatchReply, AdmitOutcome, AdmitReply, AdmitRequest, PeekReply, PeekRequest,
     RenewReply, RenewRequest, SettleOutcome, SettleReply, SettleRequest, Settlement,
 };
+use sluice::global::wire::{Lease, Reading, SettleItem};
 use sluice::limits::{month_index, month_start_ms, LimitKind};
-use sluice::shared::keys::{month_key, reservation};
+use sluice::shared::keys::{hash_tag, month_key, reservation};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::OnceCell;
 
 use reply::Decided;
 use scripts::Scripts;
@@ -62,8 +69,26 @@ pub fn system_clock() -> u64 {
         })
 }
 
+/// How the service reaches Redis.
+enum Redis {
+    Single(ConnectionManager),
+    /// Connected on first use (the service starts while the cluster is down).
+    Cluster(Box<Cluster>),
+}
+
+struct Cluster {
+    client: ClusterClient,
+    connection: OnceCell<ClusterConnection>,
+}
+
+/// A connection for one call.
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
 pub struct Engine {
-    redis: ConnectionManager,
+    redis: Redis,
     scripts: Scripts,
     /// Only to guess the month of monthly keys; the scripts decide with Redis's clock.
     clock: Clock,
@@ -85,20 +110,129 @@ impl Engine {
         let redis = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(|error| format!("redis: {error}"))?;
         Ok(Engine {
-            redis,
+            redis: Redis::Single(redis),
             scripts: Scripts::new(),
             clock,
         })
     }
 
+    /// An engine for the Redis Cluster that `nodes` (URLs) belong to; calls are split by
+    /// hash slot. Connects on first use, so the service starts while the cluster is down.
+    pub fn cluster(nodes: &[String], clock: Clock) -> Result<Engine, String> {
+        let client = ClusterClient::builder(nodes.iter().map(String::as_str))
+            .retries(1)
+            .connection_timeout(Duration::from_secs(1))
+            .response_timeout(Duration::from_secs(2))
+            .build()
+            .map_err(|error| format!("redis cluster: {error}"))?;
+        Ok(Engine {
+            redis: Redis::Cluster(Box::new(Cluster {
+                client,
+                connection: OnceCell::new(),
+            })),
+            scripts: Scripts::new(),
+            clock,
+        })
+    }
+
+    async fn connection(&self) -> Result<Connection, Error> {
+        match &self.redis {
+            Redis::Single(manager) => Ok(Connection::Single(manager.clone())),
+            Redis::Cluster(cluster) => {
+                let connection = cluster
+                    .connection
+                    .get_or_try_init(|| cluster.client.get_async_connection())
+                    .await?;
+                Ok(Connection::Cluster(connection.clone()))
+            }
+        }
+    }
+
+    /// The positions of `keys` grouped by hash tag, in first-seen order: one group per
+    /// script. Everything is one group on a single Redis.
+    fn groups<'k>(&self, keys: impl Iterator<Item = &'k str>) -> Vec<Vec<usize>> {
+        let keys: Vec<&str> = keys.collect();
+        if matches!(self.redis, Redis::Single(_)) {
+            return vec![(0..keys.len()).collect()];
+        }
+        let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+        for (index, key) in keys.iter().enumerate() {
+            let tag = hash_tag(key).unwrap_or(key);
+            match groups.iter_mut().find(|(t, _)| *t == tag) {
+                Some((_, members)) => members.push(index),
+                None => groups.push((tag, vec![index])),
+            }
+        }
+        groups.into_iter().map(|(_, members)| members).collect()
+    }
+
     /// Whether Redis answers.
     pub async fn ping(&self) -> Result<(), Error> {
-        let mut redis = self.redis.clone();
-        let _: String = redis::cmd("PING").query_async(&mut redis).await?;
+        let ping = redis::cmd("PING");
+        let _: String = match self.connection().await? {
+            Connection::Single(mut c) => ping.query_async(&mut c).await?,
+            Connection::Cluster(mut c) => ping.query_async(&mut c).await?,
+        };
         Ok(())
     }
 
+    /// Takes all of a request's demands, or none: one script per hash-tag group (one on a
+    /// single Redis); a refusal by a later group gives back what the earlier ones took.
     pub async fn admit(&self, request: &AdmitRequest) -> Result<AdmitReply, Error> {
+        let groups = self.groups(request.demands.iter().map(|d| d.key.as_str()));
+        if groups.len() <= 1 {
+            return self.admit_group(request).await;
+        }
+        let mut snapshots = vec![None; request.demands.len()];
+        let mut month = 0;
+        let mut taken: Vec<(AdmitRequest, u32)> = Vec::new();
+        for members in &groups {
+            let part = AdmitRequest {
+                demands: pick(&request.demands, members),
+                ..request.clone()
+            };
+            let decided = self.admit_group(&part).await;
+            let outcome = match decided {
+                Ok(AdmitReply::Admitted {
+                    snapshots: part_snapshots,
+                    month: part_month,
+                }) => {
+                    for (&i, snapshot) in members.iter().zip(part_snapshots) {
+                        if let Some(slot) = snapshots.get_mut(i) {
+                            *slot = Some(snapshot);
+                        }
+                    }
+                    month = part_month;
+                    taken.push((part, part_month));
+                    continue;
+                }
+                Ok(AdmitReply::Rejected {
+                    index,
+                    retry_after_ms,
+                    snapshot,
+                }) => Ok(AdmitReply::Rejected {
+                    index: members.get(index).copied().unwrap_or(index),
+                    retry_after_ms,
+                    snapshot,
+                }),
+                Err(error) => Err(error),
+            };
+            for (part, part_month) in &taken {
+                // Best effort: what cannot be given back stays taken (conservative).
+                let _ = self
+                    .settle_group(&part.id, *part_month, &released(part))
+                    .await;
+            }
+            return outcome;
+        }
+        Ok(AdmitReply::Admitted {
+            snapshots: snapshots.into_iter().flatten().collect(),
+            month,
+        })
+    }
+
+    /// One script over `request`'s demands, which share a hash slot.
+    async fn admit_group(&self, request: &AdmitRequest) -> Result<AdmitReply, Error> {
         checks::id(&request.id, "id")?;
         checks::duration(request.lease_ms, "lease_ms")?;
         checks::duration(request.hold_ms, "hold_ms")?;
@@ -169,19 +303,39 @@ impl Engine {
         Ok(SettleReply { outcomes })
     }
 
+    /// One settlement, one script per hash-tag group: settled if any group still had its
+    /// reservation record.
     async fn settle_one(&self, settlement: &Settlement) -> Result<SettleOutcome, Error> {
-        let first_key = settlement
-            .items
-            .first()
-            .map_or("", |item| item.key.as_str());
-        let mut call = self.scripts.settle.prepare_invoke();
-        call.key(reservation(first_key, &settlement.id));
-        for item in &settlement.items {
-            call.key(limit_key(&item.key, item.kind, settlement.month));
+        let groups = self.groups(settlement.items.iter().map(|i| i.key.as_str()));
+        let mut outcome = SettleOutcome::Duplicate;
+        for members in groups {
+            let items = pick(&settlement.items, &members);
+            if self
+                .settle_group(&settlement.id, settlement.month, &items)
+                .await?
+                == SettleOutcome::Settled
+            {
+                outcome = SettleOutcome::Settled;
+            }
         }
-        call.arg(&settlement.id)
-            .arg(month_expiry_ms(settlement.month));
-        for item in &settlement.items {
+        Ok(outcome)
+    }
+
+    /// One script over `items`, which share a hash slot.
+    async fn settle_group(
+        &self,
+        id: &str,
+        month: u32,
+        items: &[SettleItem],
+    ) -> Result<SettleOutcome, Error> {
+        let first_key = items.first().map_or("", |item| item.key.as_str());
+        let mut call = self.scripts.settle.prepare_invoke();
+        call.key(reservation(first_key, id));
+        for item in items {
+            call.key(limit_key(&item.key, item.kind, month));
+        }
+        call.arg(id).arg(month_expiry_ms(month));
+        for item in items {
             let limit = checks::limit_args(item.kind, "")?;
             call.arg(limit.kind)
                 .arg(item.reserved)
@@ -194,16 +348,50 @@ impl Engine {
 
     pub async fn renew(&self, request: &RenewRequest) -> Result<RenewReply, Error> {
         checks::duration(request.lease_ms, "lease_ms")?;
-        let mut call = self.scripts.renew.prepare_invoke();
-        call.arg(request.lease_ms);
         for (index, lease) in request.leases.iter().enumerate() {
             checks::id(&lease.id, &format!("leases[{index}].id"))?;
-            call.key(&lease.key).arg(&lease.id);
         }
-        reply::renew(self.run(&call).await?)
+        let mut total = RenewReply {
+            renewed: 0,
+            lost: 0,
+        };
+        for members in self.groups(request.leases.iter().map(|l| l.key.as_str())) {
+            let leases: Vec<Lease> = pick(&request.leases, &members);
+            let mut call = self.scripts.renew.prepare_invoke();
+            call.arg(request.lease_ms);
+            for lease in &leases {
+                call.key(&lease.key).arg(&lease.id);
+            }
+            let part = reply::renew(self.run(&call).await?)?;
+            total.renewed += part.renewed;
+            total.lost += part.lost;
+        }
+        Ok(total)
     }
 
     pub async fn peek(&self, request: &PeekRequest) -> Result<PeekReply, Error> {
+        for (index, item) in request.limits.iter().enumerate() {
+            checks::limit_args(item.kind, &format!("limits[{index}]"))?;
+        }
+        let mut readings: Vec<Option<Reading>> = vec![None; request.limits.len()];
+        for members in self.groups(request.limits.iter().map(|l| l.key.as_str())) {
+            let part = PeekRequest {
+                limits: pick(&request.limits, &members),
+            };
+            let read = self.peek_group(&part).await?;
+            for (&i, reading) in members.iter().zip(read.readings) {
+                if let Some(slot) = readings.get_mut(i) {
+                    *slot = Some(reading);
+                }
+            }
+        }
+        Ok(PeekReply {
+            readings: readings.into_iter().flatten().collect(),
+        })
+    }
+
+    /// One script over `request`'s limits, which share a hash slot.
+    async fn peek_group(&self, request: &PeekRequest) -> Result<PeekReply, Error> {
         let mut limits = Vec::with_capacity(request.limits.len());
         for (index, item) in request.limits.iter().enumerate() {
             limits.push(checks::limit_args(item.kind, &format!("limits[{index}]"))?);
@@ -244,9 +432,33 @@ impl Engine {
     }
 
     async fn run(&self, call: &ScriptInvocation<'_>) -> Result<redis::Value, Error> {
-        let mut redis = self.redis.clone();
-        Ok(call.invoke_async(&mut redis).await?)
+        Ok(match self.connection().await? {
+            Connection::Single(mut c) => call.invoke_async(&mut c).await?,
+            Connection::Cluster(mut c) => call.invoke_async(&mut c).await?,
+        })
     }
+}
+
+/// The items at `positions`, in that order.
+fn pick<T: Clone>(items: &[T], positions: &[usize]) -> Vec<T> {
+    positions
+        .iter()
+        .filter_map(|&i| items.get(i).cloned())
+        .collect()
+}
+
+/// What gives back everything an admission took: each demand settled to nothing.
+fn released(admission: &AdmitRequest) -> Vec<SettleItem> {
+    admission
+        .demands
+        .iter()
+        .map(|demand| SettleItem {
+            key: demand.key.clone(),
+            kind: demand.kind,
+            reserved: demand.amount,
+            actual: 0,
+        })
+        .collect()
 }
 
 fn checks_settlement(settlement: &Settlement, at: &str) -> Result<(), Error> {

@@ -73,11 +73,25 @@ impl Redis {
         redis
     }
 
+    /// A node of a Redis Cluster (not yet joined: see `RedisCluster`).
+    pub fn cluster_node() -> Redis {
+        let mut redis = Redis::start_on(free_port());
+        redis.restart_with(&["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]);
+        redis
+    }
+
     /// (Re)starts the server on the same port, empty.
     pub fn restart(&mut self) {
+        self.restart_with(&[]);
+    }
+
+    fn restart_with(&mut self, extra: &[&str]) {
         self.stop();
         let child = Command::new(redis_server_binary())
             .args(["--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
+            .args(extra)
+            .arg("--cluster-config-file")
+            .arg(self.dir.join(format!("nodes-{}.conf", self.port)))
             .arg("--port")
             .arg(self.port.to_string())
             .arg("--dir")
@@ -115,6 +129,13 @@ impl Redis {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
+    pub fn sync_connection(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
     pub async fn connection(&self) -> MultiplexedConnection {
         redis::Client::open(self.url())
             .unwrap()
@@ -149,9 +170,18 @@ impl Service {
     }
 
     pub async fn with_clock(redis_url: &str, clock: Clock) -> Service {
+        Service::serving(Engine::new(redis_url, clock).unwrap()).await
+    }
+
+    /// The service over a Redis Cluster, by its nodes' URLs.
+    pub async fn over_cluster(nodes: &[String]) -> Service {
+        Service::serving(Engine::cluster(nodes, sluice_quota::system_clock).unwrap()).await
+    }
+
+    async fn serving(engine: Engine) -> Service {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        let engine = Arc::new(Engine::new(redis_url, clock).unwrap());
+        let engine = Arc::new(engine);
         let (stop, stopped) = oneshot::channel();
         tokio::spawn(http::serve(listener, engine, async {
             let _ = stopped.await;
@@ -160,6 +190,58 @@ impl Service {
             api: Api::new(base),
             stop: Some(stop),
         }
+    }
+}
+
+/// A Redis Cluster of three primaries, each with a third of the hash slots.
+pub struct RedisCluster {
+    pub nodes: Vec<Redis>,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let nodes: Vec<Redis> = (0..3).map(|_| Redis::cluster_node()).collect();
+        let ranges = [(0, 5460), (5461, 10922), (10923, 16383)];
+        for (node, (first, last)) in nodes.iter().zip(ranges) {
+            let mut c = node.sync_connection();
+            redis::cmd("CLUSTER")
+                .arg("ADDSLOTSRANGE")
+                .arg(first)
+                .arg(last)
+                .query::<String>(&mut c)
+                .unwrap();
+        }
+        let mut first = nodes[0].sync_connection();
+        for node in &nodes[1..] {
+            redis::cmd("CLUSTER")
+                .arg("MEET")
+                .arg("127.0.0.1")
+                .arg(node.port)
+                .query::<String>(&mut first)
+                .unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for node in &nodes {
+            loop {
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query(&mut node.sync_connection())
+                    .unwrap();
+                if info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the cluster did not form: {info}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        RedisCluster { nodes }
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(Redis::url).collect()
     }
 }
 
