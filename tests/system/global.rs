@@ -345,6 +345,57 @@ async fn thirty_requests_over_two_envoys_admit_exactly_ten() {
     b.assert_vm_healthy().await;
 }
 
+/// The openai provider account allows 3 requests per minute, across every gateway.
+fn provider_rpm_3(cfg: &mut Value) {
+    let providers = cfg["providers"].as_array_mut().unwrap();
+    let openai = providers
+        .iter_mut()
+        .find(|p| p["name"] == "openai")
+        .unwrap();
+    openai["limits"] = json!({"requests_per_minute": 3});
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_accounts_limit_is_global_too() {
+    let dir = unique_dir();
+    let redis = Redis::start(&dir);
+    let quota = Quota::start(&redis, &dir, &[]);
+    let opts = GlobalOptions {
+        plugin_config: Some(provider_rpm_3),
+        ..GlobalOptions::default()
+    };
+    let a = global_gateway(quota.port, &opts).await;
+    let b = global_gateway(quota.port, &opts).await;
+    // Two tenants, two gateways, one provider account.
+    let body = chat_body(16);
+    let calls = (0..8).map(|i| {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        let key = if i % 4 < 2 { ACME } else { GLOBEX };
+        gw.chat_with(key, &body, &[])
+    });
+    let results = join_all(calls).await;
+    assert_eq!(
+        results.iter().filter(|r| r.0 == 200).count(),
+        3,
+        "{:?}",
+        statuses(&results)
+    );
+    for (status, headers, body) in &results {
+        if *status == 429 {
+            assert_eq!(headers["x-sluice-reason"], "provider_requests_per_minute");
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("provider `openai`"),
+                "{body}"
+            );
+        }
+    }
+    let upstream = a.mocks.openai.requests().len() + b.mocks.openai.requests().len();
+    assert_eq!(upstream, 3);
+}
+
 /// Bronze with a small monthly budget and high rates, so the budget is what refuses.
 fn small_budget(cfg: &mut Value) {
     let bronze = &mut cfg["tiers"]["bronze"]["limits"];
