@@ -206,6 +206,7 @@ struct GlobalOptions {
     on_engine_failure: &'static str,
     lease_ms: u64,
     timeout_ms: u64,
+    settle_attempts: u32,
     plugin_config: Option<fn(&mut Value)>,
 }
 
@@ -215,6 +216,7 @@ impl Default for GlobalOptions {
             on_engine_failure: "deny",
             lease_ms: 30_000,
             timeout_ms: 200,
+            settle_attempts: 3,
             plugin_config: None,
         }
     }
@@ -237,6 +239,7 @@ async fn global_gateway(quota_port: u16, opts: &GlobalOptions) -> Gateway {
         .args(["--on-engine-failure", opts.on_engine_failure])
         .args(["--lease-ms", &opts.lease_ms.to_string()])
         .args(["--timeout-ms", &opts.timeout_ms.to_string()])
+        .args(["--settle-attempts", &opts.settle_attempts.to_string()])
         .output()
         .expect("run scripts/cluster_config.py");
     assert!(
@@ -260,27 +263,6 @@ async fn restart(gw: &mut Gateway) {
 fn chat_body(max_tokens: u64) -> Value {
     json!({"model": "gpt-4.1-mini", "max_tokens": max_tokens,
            "messages": [{"role": "user", "content": "global limits"}]})
-}
-
-async fn usage(gw: &Gateway, key: &str) -> Value {
-    let resp = gw
-        .client
-        .get(gw.url("/v1/sluice/usage"))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    resp.json().await.unwrap()
-}
-
-fn limit_line<'a>(report: &'a Value, name: &str) -> &'a Value {
-    report["limits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["limit_name"] == name && l["scope"] == "tenant")
-        .unwrap_or_else(|| panic!("no tenant limit {name} in {report}"))
 }
 
 /// Waits until `check` holds (settlements are sent from a tick, after the response).
@@ -435,7 +417,7 @@ async fn a_budget_spent_through_one_envoy_is_refused_by_the_other_and_survives_r
     assert_eq!(status, 429, "{refused}");
     assert_eq!(refused["error"]["code"], "insufficient_quota", "{refused}");
     assert_eq!(headers["x-sluice-reason"], "monthly_budget");
-    let report = usage(&b, INITECH).await;
+    let report = usage_report(&b, INITECH).await;
     let budget = limit_line(&report, "monthly_budget_usd");
     assert_eq!(budget["engine"], "global");
     assert_eq!(budget["used"], json!(spent as f64 / 1e6), "{report}");
@@ -448,7 +430,7 @@ async fn a_budget_spent_through_one_envoy_is_refused_by_the_other_and_survives_r
         assert_eq!(status, 429, "after a restart: {body}");
         assert_eq!(body["error"]["code"], "insufficient_quota");
     }
-    let report = usage(&a, INITECH).await;
+    let report = usage_report(&a, INITECH).await;
     assert_eq!(
         limit_line(&report, "monthly_budget_usd")["used"],
         json!(spent as f64 / 1e6)
@@ -460,7 +442,7 @@ async fn a_budget_spent_through_one_envoy_is_refused_by_the_other_and_survives_r
 async fn all_settled(gw: &Gateway) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let report = usage(gw, INITECH).await;
+        let report = usage_report(gw, INITECH).await;
         if limit_line(&report, "concurrent_requests")["used"] == 0 {
             return;
         }
@@ -528,7 +510,7 @@ async fn buckets_survive_envoy_restarts_and_months_survive_a_redis_crash() {
     );
     // The Envoy needs its cluster to point at the new service: a new gateway, same Redis.
     let fresh = global_gateway(quota.port, &opts).await;
-    let report = usage(&fresh, INITECH).await;
+    let report = usage_report(&fresh, INITECH).await;
     assert_eq!(
         limit_line(&report, "monthly_budget_usd")["used"],
         json!(before as f64 / 1e6),
@@ -674,6 +656,52 @@ async fn a_stopped_quota_service_denies_or_falls_back_to_local_limits() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settlement_that_never_lands_is_counted_and_logged_with_its_record_id() {
+    let dir = unique_dir();
+    let redis = Redis::start(&dir);
+    // Every settlement is answered after the filter stopped waiting: none ever lands.
+    let quota = Quota::start(
+        &redis,
+        &dir,
+        &[("SLUICE_QUOTA_FAULT_SLOW_SETTLES", "1000:500")],
+    );
+    let opts = GlobalOptions {
+        timeout_ms: 100,
+        settle_attempts: 2,
+        ..GlobalOptions::default()
+    };
+    let gw = global_gateway(quota.port, &opts).await;
+    let (status, _, body) = gw.chat_with(INITECH, &chat_body(16), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    let record = gw.access_log(1).await.remove(0);
+    let id = record["sluice"]["global_id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lost = loop {
+        let prom = gw.prometheus().await;
+        let lost = prom
+            .lines()
+            .find(|l| l.starts_with("sluice_global_settlements_lost_total"))
+            .map(str::to_string);
+        if lost.as_deref().is_some_and(|l| l.ends_with(" 1")) || Instant::now() > deadline {
+            break lost;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        lost.as_deref().map(|l| l.ends_with(" 1")),
+        Some(true),
+        "{lost:?}"
+    );
+    // The line billing reconciles from names the usage record's admission and what it used.
+    let log = gw.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains(&format!("settlement {id} lost")))
+        .unwrap_or_else(|| panic!("no lost-settlement line for {id}:\n{log}"));
+    assert!(line.contains(r#""items":"#), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_settlement_whose_answer_is_lost_counts_once() {
     let dir = unique_dir();
     let redis = Redis::start(&dir);
@@ -757,7 +785,7 @@ async fn reservation_then_settlement_leaves_the_global_bucket_at_capacity_minus_
     let used = body["usage"]["total_tokens"].as_u64().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let remaining = loop {
-        let report = usage(&gw, INITECH).await;
+        let report = usage_report(&gw, INITECH).await;
         let remaining = limit_line(&report, "tokens_per_minute")["remaining"]
             .as_u64()
             .unwrap();

@@ -617,6 +617,29 @@ pub fn chat(model: &str, text: &str) -> Value {
 }
 
 /// Asserts a credential string appears nowhere in what a mock received.
+/// `GET /v1/sluice/usage` for a tenant key: the report (asserting a 200).
+pub async fn usage_report(gw: &Gateway, key: &str) -> Value {
+    let resp = gw
+        .client
+        .get(gw.url("/v1/sluice/usage"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.json().await.unwrap()
+}
+
+/// The tenant-wide limit `name` (`requests_per_minute`, ...) of a usage report.
+pub fn limit_line<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["limit_name"] == name && l["scope"] == "tenant")
+        .unwrap_or_else(|| panic!("no tenant limit {name} in {report}"))
+}
+
 pub fn assert_never_sent(reqs: &[RecordedRequest], secret: &str) {
     for r in reqs {
         for (n, v) in &r.headers {

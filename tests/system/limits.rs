@@ -479,44 +479,23 @@ async fn a_tenant_reads_its_own_usage_in_local_mode() {
         .iter()
         .map(|r| r["sluice"]["cost_micro_usd"].as_u64().unwrap())
         .sum();
-    let get = |key: &'static str| {
-        gw.client
-            .get(gw.url("/v1/sluice/usage"))
-            .bearer_auth(key)
-            .send()
-    };
-    let report: Value = get(INITECH).await.unwrap().json().await.unwrap();
+    let report = usage_report(&gw, INITECH).await;
     assert_eq!(report["object"], "sluice.usage");
     assert_eq!(report["tenant"], "initech", "{report}");
-    let line = |name: &str| {
-        report["limits"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|l| l["limit_name"] == name)
-            .cloned()
-            .unwrap_or_else(|| panic!("no {name} in {report}"))
-    };
-    let rpm = line("requests_per_minute");
+    let rpm = limit_line(&report, "requests_per_minute");
     assert_eq!(rpm["engine"], "local");
     assert_eq!(
         (rpm["limit"].as_u64(), rpm["remaining"].as_u64()),
         (Some(10), Some(8)),
         "{rpm}"
     );
-    let budget = line("monthly_budget_usd");
+    let budget = limit_line(&report, "monthly_budget_usd");
     assert_eq!(budget["unit"], "usd");
     assert_eq!(budget["used"], json!(cost as f64 / 1e6), "{budget}");
     // Another tenant sees only its own: acme's report has no trace of initech's use.
-    let acme: Value = get(ACME).await.unwrap().json().await.unwrap();
+    let acme = usage_report(&gw, ACME).await;
     assert_eq!(acme["tenant"], "acme");
-    let acme_rpm = acme["limits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["limit_name"] == "requests_per_minute")
-        .cloned()
-        .unwrap();
+    let acme_rpm = limit_line(&acme, "requests_per_minute");
     assert_eq!(acme_rpm["remaining"], acme_rpm["limit"], "{acme}");
     // Without a key: 401, as every endpoint.
     let anonymous = gw
