@@ -7,6 +7,7 @@ pub mod accounting;
 pub mod admission;
 pub mod auth;
 pub mod body;
+pub mod cache;
 pub mod config;
 pub mod errors;
 pub mod fairness;

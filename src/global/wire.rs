@@ -18,6 +18,9 @@ pub const SETTLE_PATH: &str = "/v1/settle";
 pub const RENEW_PATH: &str = "/v1/renew";
 pub const PEEK_PATH: &str = "/v1/peek";
 pub const HEALTH_PATH: &str = "/healthz";
+pub const CACHE_LOOKUP_PATH: &str = "/v1/cache/lookup";
+pub const CACHE_STORE_PATH: &str = "/v1/cache/store";
+pub const CACHE_RELEASE_PATH: &str = "/v1/cache/release";
 
 /// Takes all of a request's global demands, or none (one atomic script).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,6 +178,68 @@ pub struct PeekReply {
 pub struct Reading {
     pub snapshot: Snapshot,
     pub used: u64,
+}
+
+/// Looks a response up in the global cache; if nobody is fetching it, the caller is
+/// made its fetcher (a fill lock of `fill_ms`); if somebody is, the service waits for that
+/// fill, up to `wait_ms`, before it answers.
+///
+/// The answer is a 200 `application/octet-stream` body whose first byte says what was
+/// found ([`cache_answer`]): a hit is followed by the entry's bytes, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheLookup {
+    /// The tenant's id: its entries share a hash tag ([`cache_entry`]).
+    ///
+    /// [`cache_entry`]: crate::shared::keys::cache_entry
+    pub tenant: String,
+    /// The cache key, 64 lowercase hex digits.
+    pub key: String,
+    pub fill_ms: u64,
+    pub wait_ms: u64,
+}
+
+/// First byte of a [`CacheLookup`] answer.
+pub mod cache_answer {
+    /// Found: the entry's bytes follow.
+    pub const HIT: u8 = b'H';
+    /// Not found and nobody was fetching it: the caller fetches it and then stores or
+    /// releases it.
+    pub const FILL: u8 = b'F';
+    /// Not found, and another request still held the fill when the wait ran out: go
+    /// upstream, store nothing.
+    pub const BUSY: u8 = b'B';
+}
+
+/// Stores a response in the global cache, replacing the fill lock of its key. The call's
+/// body is this JSON on one line, a `\n`, then the entry's bytes (opaque to the service).
+/// Entries live `ttl_ms`; when the tenant's entries would exceed `tenant_max_bytes`, the
+/// ones closest to expiry are evicted first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheStoreHeader {
+    pub tenant: String,
+    pub key: String,
+    pub ttl_ms: u64,
+    pub tenant_max_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheStored {
+    /// False when the entry alone is larger than `tenant_max_bytes`.
+    pub stored: bool,
+    /// Entries of the tenant evicted to make room.
+    pub evicted: u32,
+}
+
+/// Gives up a fill lock (the fetch failed or was not storable), so that a waiting request
+/// can fetch instead.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheRelease {
+    pub tenant: String,
+    pub key: String,
 }
 
 /// The body of every non-200 answer.

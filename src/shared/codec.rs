@@ -32,11 +32,23 @@ pub(crate) fn decode<'a, T>(
     reader.rest.is_empty().then_some(decoded)
 }
 
-impl Reader<'_> {
-    fn bytes<const N: usize>(&mut self) -> Option<[u8; N]> {
+impl<'a> Reader<'a> {
+    pub(crate) fn bytes<const N: usize>(&mut self) -> Option<[u8; N]> {
         let (head, rest) = self.rest.split_first_chunk::<N>()?;
         self.rest = rest;
         Some(*head)
+    }
+
+    /// The next `len` bytes as they are.
+    pub(crate) fn slice(&mut self, len: usize) -> Option<&'a [u8]> {
+        let head = self.rest.get(..len)?;
+        self.rest = self.rest.get(len..)?;
+        Some(head)
+    }
+
+    /// Everything left (the last field of a value whose length varies).
+    pub(crate) fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.rest)
     }
 
     /// Capacity for `n` items of `size` bytes, never more than the bytes left allow (a
@@ -58,6 +70,12 @@ impl Writer {
         out.push(FORMAT_VERSION);
         out.push(tag);
         Writer { out }
+    }
+
+    /// Bytes as they are (a fixed-size field, or a last field of varying length).
+    pub(crate) fn slice(mut self, bytes: &[u8]) -> Self {
+        self.out.extend_from_slice(bytes);
+        self
     }
 
     pub(crate) fn finish(self) -> Vec<u8> {

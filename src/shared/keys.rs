@@ -14,6 +14,7 @@
 //! | `sluice:p:{provider}:{measure}` | `R`, `C` or `M` | limits (a provider account) |
 //! | `sluice:q:{provider}` | `Q` | fairness (the provider's queue) |
 //! | `sluice:workers` | `W` | fairness (the last worker id handed out) |
+//! | `sluice:cache:{slot}` | `E` or `F` | the local response cache (`cache/local.rs`) |
 //!
 //! `{measure}` is `conc`, `rpm`, `tpm`, `mtok` or `musd` ([`LimitMeasure`]).
 //!
@@ -28,6 +29,11 @@
 //! | `sluice:{p:{provider}}:{measure}` | hash / zset | a provider account |
 //! | `{base}:{YYYY-MM}` | string | a monthly total, expiring weeks after its month |
 //! | `sluice:{tag}:res:{request id}` | string | an unsettled reservation (idempotent settlement) |
+//! | `sluice:{t:{tenant}}:cache:{key}` | string | a cached response (`cache/entry.rs`), with a TTL |
+//! | `sluice:{t:{tenant}}:cache:{key}:fill` | string | the fill lock of a key being fetched |
+//! | `sluice:{t:{tenant}}:cache:index` | zset | the tenant's entries by expiry (ms) |
+//! | `sluice:{t:{tenant}}:cache:sizes` | hash | each indexed entry's size |
+//! | `sluice:{t:{tenant}}:cache:bytes` | string | the indexed entries' total size |
 
 use crate::policy::LimitMeasure;
 
@@ -115,6 +121,23 @@ pub fn reservation(key: &str, id: &str) -> String {
     }
 }
 
+/// The shared-data key of local cache slot `slot`.
+pub fn cache_slot(slot: u32) -> String {
+    format!("sluice:cache:{slot}")
+}
+
+/// The Redis key of a tenant's cached response (`key`: the cache key in hex). The tenant's
+/// other cache keys are this with a suffix (`:fill`) or its siblings `index`, `sizes`,
+/// `bytes` ([`cache_tenant`]).
+pub fn cache_entry(tenant: &str, key: &str) -> String {
+    format!("sluice:{{t:{tenant}}}:cache:{key}")
+}
+
+/// The Redis key of one of a tenant's cache bookkeeping values (`index`, `sizes`, `bytes`).
+pub fn cache_tenant(tenant: &str, what: &str) -> String {
+    format!("sluice:{{t:{tenant}}}:cache:{what}")
+}
+
 /// The key of a provider's fair queue.
 pub fn queue(provider: &str) -> String {
     format!("sluice:q:{provider}")
@@ -183,6 +206,10 @@ mod tests {
             "sluice:{t:acme}:m:gpt-4.1:mtok:2026-11"
         );
         assert_eq!(reservation(&model, "r1"), "sluice:{t:acme}:res:r1");
+        assert_eq!(cache_entry("acme", "ab"), "sluice:{t:acme}:cache:ab");
+        assert_eq!(cache_tenant("acme", "index"), "sluice:{t:acme}:cache:index");
+        assert_eq!(hash_tag(&cache_entry("acme", "ab")), hash_tag(&tenant));
+        assert_eq!(cache_slot(7), "sluice:cache:7");
         assert_eq!(hash_tag("sluice:{}:x"), None);
         assert_eq!(reservation("plain", "r1"), "sluice:res:r1");
     }
