@@ -2,6 +2,7 @@
 //! made of), and the record it leaves for the access log.
 
 use crate::auth::KeyOwner;
+use crate::cache::CacheOutcome;
 use crate::metrics::Outcome;
 use crate::policy::{ModelId, Policy, Price, ProviderId};
 use crate::routing::Api;
@@ -47,6 +48,8 @@ pub struct Ending {
     /// Its admission's id at the quota service: joins this record to the service's
     /// settlement (and to a lost settlement's log line).
     pub global_id: Option<String>,
+    /// What the response cache did, when it is on for the tenant and model.
+    pub cache: Option<CacheOutcome>,
 }
 
 /// Times from sending a request upstream.
@@ -76,6 +79,7 @@ impl Ending {
             latency: None,
             limits_engine: None,
             global_id: None,
+            cache: None,
         }
     }
 }
@@ -114,6 +118,7 @@ pub fn usage_record(policy: &Policy, request_id: Option<&str>, ending: &Ending) 
         queue_wait_ms: ending.queue_wait_ms,
         limits_engine: ending.limits_engine,
         global_id: ending.global_id.as_deref(),
+        cache: ending.cache.map(CacheOutcome::as_str),
     };
     serde_json::to_string(&record).unwrap_or_else(|_| "{}".into())
 }
@@ -153,6 +158,11 @@ pub struct UsageRecord<'a> {
     /// The admission's id at the quota service, when global limits took the request.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub global_id: Option<&'a str>,
+    /// `hit`, `miss` or `bypass`, when the response cache is on for the tenant and model.
+    /// A hit's tokens are the cached response's; its cost is what the tenant was charged
+    /// (the miss's price times `hit_price`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<&'static str>,
 }
 
 #[cfg(test)]

@@ -6,7 +6,9 @@
 //! name is built only the first time a label combination is seen in a VM.
 
 use crate::accounting::Ending;
+use crate::cache::CacheOutcome;
 use crate::policy::{ModelId, Policy, ProviderId, TenantId};
+use crate::usage::TokenUsage;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Counter {
@@ -114,6 +116,8 @@ pub enum MetricKey {
     QueueInFlight(ProviderId),
     /// Counter: something that happened between this worker and the quota service.
     Global(GlobalEvent),
+    /// Counter: what the response cache did, by tenant and model.
+    Cache(Option<TenantId>, Option<ModelId>, CacheOutcome),
 }
 
 /// Events of the global limits engine, each its own counter.
@@ -192,6 +196,12 @@ pub fn stat_name(policy: &Policy, key: &MetricKey) -> String {
             format!("sluice_queue_in_flight;provider={}", provider(Some(*p)))
         }
         MetricKey::Global(event) => event.name().to_string(),
+        MetricKey::Cache(t, m, outcome) => format!(
+            "sluice_cache_requests_total;tenant={};model={};cache={}",
+            tenant(*t),
+            model(*m),
+            outcome.as_str()
+        ),
         MetricKey::QueueWaiting(p, priority) => {
             format!(
                 "sluice_queue_waiting;provider={};priority={priority}",
@@ -236,7 +246,17 @@ pub fn record_ending(metrics: &mut impl Metrics, ending: &Ending) {
         reason: ending.reason.unwrap_or(NONE),
     };
     metrics.add(MetricKey::Counter(Counter::Requests, labels), 1);
-    let usage = ending.usage.usage;
+    if let Some(cache) = ending.cache {
+        metrics.add(MetricKey::Cache(tenant, model, cache), 1);
+    }
+    // Token counters count what providers did: a hit's tokens were counted at its miss.
+    // Its cost is what the tenant was charged for it (`hit_price`).
+    let hit = ending.cache == Some(CacheOutcome::Hit);
+    let usage = if hit {
+        TokenUsage::default()
+    } else {
+        ending.usage.usage
+    };
     let labels = usage_labels(tenant, model, provider);
     for (counter, value) in [
         (Counter::InputTokens, usage.input_tokens),
@@ -245,7 +265,10 @@ pub fn record_ending(metrics: &mut impl Metrics, ending: &Ending) {
         (Counter::OutputTokens, usage.output_tokens),
         (Counter::ReasoningTokens, usage.reasoning_tokens),
         (Counter::CostMicroUsd, ending.cost_micro_usd),
-        (Counter::EstimatedUsage, u64::from(ending.usage.estimated)),
+        (
+            Counter::EstimatedUsage,
+            u64::from(ending.usage.estimated && !hit),
+        ),
     ] {
         if value > 0 {
             metrics.add(MetricKey::Counter(counter, labels), value);
@@ -262,7 +285,7 @@ pub fn record_ending(metrics: &mut impl Metrics, ending: &Ending) {
 }
 
 /// Envoy `stats_tags` entries for these names (also in the Envoy configs and README).
-pub const STATS_TAGS: [(&str, &str); 7] = [
+pub const STATS_TAGS: [(&str, &str); 8] = [
     ("tenant", "(;tenant=([^;]*))"),
     ("model", "(;model=([^;]*))"),
     ("provider", "(;provider=([^;]*))"),
@@ -270,6 +293,7 @@ pub const STATS_TAGS: [(&str, &str); 7] = [
     ("reason", "(;reason=([^;]*))"),
     ("tier", "(;tier=([^;]*))"),
     ("priority", "(;priority=([^;]*))"),
+    ("cache", "(;cache=([^;]*))"),
 ];
 
 #[cfg(test)]

@@ -61,6 +61,8 @@ pub struct Policy {
     pub allow_sets: Vec<Vec<bool>>,
     /// Which limits live in Redis, through the quota service; `None`: all are local.
     pub global: Option<GlobalLimits>,
+    /// Where cached responses live.
+    pub cache_store: crate::cache::CacheStore,
 }
 
 /// The `global` section: which limits are decided by the quota service (over Redis) for
@@ -159,6 +161,16 @@ impl Policy {
             .unwrap_or(false)
     }
 
+    /// The cache rule for `tenant`'s requests to `model`, if they are cached.
+    pub fn cache_rule(&self, tenant: TenantId, model: ModelId) -> Option<&crate::cache::CacheRule> {
+        let rule = self.tenant(tenant)?.cache.as_ref()?;
+        rule.models
+            .get(model.index())
+            .copied()
+            .unwrap_or(false)
+            .then_some(rule)
+    }
+
     /// Models the tenant may use, in configuration order.
     pub fn models_for(&self, tenant: TenantId) -> impl Iterator<Item = &Model> {
         self.catalog
@@ -195,6 +207,8 @@ pub struct Tenant {
     pub limits: Limits,
     pub model_limits: HashMap<ModelId, Limits>,
     pub queueing: Queueing,
+    /// Its response cache (from its tier, or its own); `None`: off.
+    pub cache: Option<crate::cache::CacheRule>,
 }
 
 /// How a tenant waits for a full provider (from its tier, queue length its own).

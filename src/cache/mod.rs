@@ -53,7 +53,7 @@ impl std::fmt::Debug for CacheKey {
 
 /// What the cache did for a request: the `x-sluice-cache` header, the usage record's
 /// `cache` and the `sluice_cache_requests_total` label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CacheOutcome {
     /// Answered from the cache; the provider never saw it.
     Hit,

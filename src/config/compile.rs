@@ -3,9 +3,11 @@
 //! kept clean.
 
 use super::{
-    ConfigError, RawApi, RawConfig, RawGlobal, RawKey, RawLimits, RawModel, RawPrice, RawProvider,
+    ConfigError, RawApi, RawCache, RawCacheStore, RawConfig, RawGlobal, RawKey, RawLimits,
+    RawModel, RawPrice, RawProvider,
 };
 use crate::auth::{KeyDigest, KeyIndex};
+use crate::cache::{CacheRule, CacheStore};
 use crate::errors::ApiFlavour;
 use crate::policy::{
     Credential, GlobalLimits, KeyId, LimitMeasure, Limits, MeasureSet, Model, ModelCatalog,
@@ -56,6 +58,9 @@ pub(super) fn policy(
             " (10 minutes)",
         )?;
         let set = compile_allow_list(&format!("tiers.{name}.models"), &tier.models, &catalog)?;
+        if let Some(cache) = &tier.cache {
+            compile_cache(&format!("tiers.{name}.cache"), cache, &catalog)?;
+        }
         tier_sets.insert(name.as_str(), allow_sets.len());
         allow_sets.push(set);
     }
@@ -110,6 +115,15 @@ pub(super) fn policy(
                 format!("unknown tier `{}`", rt.tier),
             ));
         };
+        let cache = match (&rt.cache, &tier.cache) {
+            (Some(own), _) => Some(compile_cache(&format!("{at}.cache"), own, &catalog)?),
+            (None, Some(tier_cache)) => Some(compile_cache(
+                &format!("tiers.{}.cache", rt.tier),
+                tier_cache,
+                &catalog,
+            )?),
+            (None, None) => None,
+        };
         let queue_length = u64::from(rt.max_queue_length);
         within(format!("{at}.max_queue_length"), queue_length, 4096, "")?;
         tenants.push(Tenant {
@@ -125,6 +139,7 @@ pub(super) fn policy(
                 max_wait_ms: tier.max_queue_wait_ms,
                 max_queue_length: rt.max_queue_length,
             },
+            cache,
         });
     }
 
@@ -134,6 +149,7 @@ pub(super) fn policy(
     if let Some(global) = &global {
         check_global_rates(global, &tenants, &providers)?;
     }
+    let cache_store = compile_cache_store(&raw.cache_store, global.is_some(), &tenants)?;
     Ok(Policy {
         max_body_bytes: raw.max_body_bytes,
         default_max_output_tokens: raw.default_max_output_tokens,
@@ -143,7 +159,90 @@ pub(super) fn policy(
         keys,
         allow_sets,
         global,
+        cache_store,
     })
+}
+
+/// A `cache` section: every number in range, every model pattern matching a model.
+fn compile_cache(at: &str, c: &RawCache, catalog: &ModelCatalog) -> Result<CacheRule, ConfigError> {
+    within(format!("{at}.ttl_s"), c.ttl_s, 30 * 86_400, " (30 days)")?;
+    within(
+        format!("{at}.max_entry_bytes"),
+        c.max_entry_bytes,
+        16 * 1024 * 1024,
+        " (16 MiB)",
+    )?;
+    within(format!("{at}.wait_ms"), c.wait_ms, 600_000, " (10 minutes)")?;
+    let in_range = |v: f64, max: f64| v.is_finite() && (0.0..=max).contains(&v);
+    require(
+        in_range(c.max_temperature, 2.0),
+        format!("{at}.max_temperature"),
+        "must be between 0 and 2",
+    )?;
+    require(
+        in_range(c.hit_price, 1.0),
+        format!("{at}.hit_price"),
+        "must be between 0 and 1 (the share of a miss's price a hit costs)",
+    )?;
+    let models = match &c.models {
+        None => vec![true; catalog.models.len()],
+        Some(list) => compile_allow_list(&format!("{at}.models"), list, catalog)?,
+    };
+    Ok(CacheRule {
+        models,
+        ttl_ms: c.ttl_s * 1000,
+        max_entry_bytes: c.max_entry_bytes,
+        max_temperature: c.max_temperature,
+        // In range, so the product fits: at most 1,000,000.
+        hit_price_ppm: (c.hit_price * 1_000_000.0).round() as u64,
+        wait_ms: c.wait_ms,
+    })
+}
+
+/// Where the cache lives; a local table's memory bound must stay reasonable.
+fn compile_cache_store(
+    s: &RawCacheStore,
+    has_global: bool,
+    tenants: &[Tenant],
+) -> Result<CacheStore, ConfigError> {
+    match s.engine.as_str() {
+        "local" => {
+            within("cache_store.slots", u64::from(s.slots), 1_000_000, "")?;
+            let largest = tenants
+                .iter()
+                .filter_map(|t| t.cache.as_ref())
+                .map(|c| c.max_entry_bytes)
+                .max()
+                .unwrap_or(0);
+            let bound = u64::from(s.slots).saturating_mul(largest);
+            require(
+                bound <= 4 << 30,
+                "cache_store.slots",
+                "slots x the largest max_entry_bytes must stay within 4 GiB of shared data",
+            )?;
+            Ok(CacheStore::Local { slots: s.slots })
+        }
+        "global" => {
+            require(
+                has_global,
+                "cache_store.engine",
+                "`global` needs the `global` section (the quota service)",
+            )?;
+            within(
+                "cache_store.tenant_max_bytes",
+                s.tenant_max_bytes,
+                1 << 40,
+                " (1 TiB)",
+            )?;
+            Ok(CacheStore::Global {
+                tenant_max_bytes: s.tenant_max_bytes,
+            })
+        }
+        other => Err(ConfigError::at(
+            "cache_store.engine",
+            format!("unknown value `{other}`: expected `local` or `global`"),
+        )),
+    }
 }
 
 fn compile_global(g: &RawGlobal) -> Result<GlobalLimits, ConfigError> {

@@ -33,6 +33,84 @@ pub struct RawConfig {
     /// Limits shared by every Envoy replica, in Redis through the quota service.
     #[serde(default)]
     pub global: Option<RawGlobal>,
+    /// Where the response cache lives (tiers and tenants turn it on with their `cache`).
+    #[serde(default)]
+    pub cache_store: RawCacheStore,
+}
+
+/// The `cache_store` section.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCacheStore {
+    /// `local` (this Envoy's shared data, the default) or `global` (Redis through the quota
+    /// service of the `global` section, shared by every replica).
+    #[serde(default = "default_cache_engine")]
+    pub engine: String,
+    /// Local: the fixed number of shared-data slots (default 1024).
+    #[serde(default = "default_cache_slots")]
+    pub slots: u32,
+    /// Global: most bytes of entries per tenant in Redis (default 64 MiB).
+    #[serde(default = "default_cache_tenant_max_bytes")]
+    pub tenant_max_bytes: u64,
+}
+
+impl Default for RawCacheStore {
+    fn default() -> Self {
+        RawCacheStore {
+            engine: default_cache_engine(),
+            slots: default_cache_slots(),
+            tenant_max_bytes: default_cache_tenant_max_bytes(),
+        }
+    }
+}
+
+fn default_cache_engine() -> String {
+    "local".into()
+}
+
+fn default_cache_slots() -> u32 {
+    1024
+}
+
+fn default_cache_tenant_max_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+
+/// A tier's or tenant's `cache`: which responses are stored and how.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    /// Model names or `*` patterns whose responses are cached (default: every model).
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+    /// How long an entry serves (default 3600 s).
+    #[serde(default = "default_cache_ttl_s")]
+    pub ttl_s: u64,
+    /// Largest response stored (default 64 KiB); larger ones pass uncached.
+    #[serde(default = "default_cache_max_entry_bytes")]
+    pub max_entry_bytes: u64,
+    /// Requests sampled above this temperature are not cached (default 0; a request
+    /// without `temperature` counts as 1, the APIs' default).
+    #[serde(default)]
+    pub max_temperature: f64,
+    /// Share of the price a hit is charged to limits and budget (default 0: free).
+    #[serde(default)]
+    pub hit_price: f64,
+    /// Longest an identical request waits for the one fetching its response (default 30 s).
+    #[serde(default = "default_cache_wait_ms")]
+    pub wait_ms: u64,
+}
+
+fn default_cache_ttl_s() -> u64 {
+    3600
+}
+
+fn default_cache_max_entry_bytes() -> u64 {
+    64 * 1024
+}
+
+fn default_cache_wait_ms() -> u64 {
+    30_000
 }
 
 /// The `global` section.
@@ -202,6 +280,9 @@ pub struct RawTier {
     /// Longest a request of this tier waits for a full provider (default 30 s).
     #[serde(default = "default_max_queue_wait_ms")]
     pub max_queue_wait_ms: u64,
+    /// The response cache for this tier's tenants (default: off).
+    #[serde(default)]
+    pub cache: Option<RawCache>,
 }
 
 fn default_weight() -> u32 {
@@ -234,6 +315,9 @@ pub struct RawTenant {
     /// Most requests this tenant may have waiting for one full provider (default 100).
     #[serde(default = "default_max_queue_length")]
     pub max_queue_length: u32,
+    /// Replaces the tier's `cache` as a whole (`models: []` turns it off).
+    #[serde(default)]
+    pub cache: Option<RawCache>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -12,7 +12,10 @@
 //!   admission is still decided on its own, atomically, in Redis.
 //! - settlements, after their stream ended, batched, retried a bounded number of times;
 //! - the leases of the global concurrency slots this worker's requests hold, renewed every
-//!   third of the lease while they run.
+//!   third of the lease while they run;
+//! - the global cache's writes after their stream ended (a response to store, a fill to
+//!   give back), sent once: a lost one costs a later miss, or a wait bounded by the fill's
+//!   lifetime.
 
 pub mod wire;
 
@@ -47,6 +50,7 @@ pub struct Outgoing {
 pub enum Errand {
     Settle(Vec<Attempted>),
     Renew { leases: usize },
+    CacheWrite,
 }
 
 /// A settlement and the tries it has had.
@@ -72,6 +76,8 @@ pub enum Report {
     LeasesLost(u32),
     /// A renewal failed; the next one is due a third of a lease later.
     RenewFailed(String),
+    /// A cache write (store or release) failed; it is not tried again.
+    CacheWriteFailed(String),
 }
 
 /// One request's admission decision, for the stream `context`: the service's answer, or
@@ -93,6 +99,8 @@ pub struct Courier {
     in_flight: HashMap<u32, Errand>,
     leases: HashMap<u32, Vec<Lease>>,
     next_renewal_ms: u64,
+    /// Cache writes waiting for the next tick: path and body.
+    cache_writes: Vec<(&'static str, Vec<u8>)>,
 }
 
 impl Courier {
@@ -107,6 +115,7 @@ impl Courier {
             in_flight: HashMap::new(),
             leases: HashMap::new(),
             next_renewal_ms: 0,
+            cache_writes: Vec::new(),
         }
     }
 
@@ -222,6 +231,11 @@ impl Courier {
         self.leases.remove(&context);
     }
 
+    /// A write to the global cache, sent at the next tick.
+    pub fn cache_write(&mut self, path: &'static str, body: Vec<u8>) {
+        self.cache_writes.push((path, body));
+    }
+
     pub fn leases_held(&self) -> usize {
         self.leases.values().map(Vec::len).sum()
     }
@@ -229,7 +243,14 @@ impl Courier {
     /// The calls to make now: queued settlements whose time has come (in batches), and
     /// a renewal of every lease held when one is due.
     pub fn due(&mut self, now_ms: u64) -> Vec<Outgoing> {
-        let mut out = Vec::new();
+        let mut out: Vec<Outgoing> = std::mem::take(&mut self.cache_writes)
+            .into_iter()
+            .map(|(path, body)| Outgoing {
+                path,
+                body,
+                errand: Errand::CacheWrite,
+            })
+            .collect();
         let (ready, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.queued)
             .into_iter()
             .partition(|(_, not_before)| *not_before <= now_ms);
@@ -311,6 +332,7 @@ impl Courier {
                 Ok(_) => Vec::new(),
                 Err(e) => vec![Report::RenewFailed(format!("unusable answer: {e}"))],
             },
+            (Errand::CacheWrite, Ok(_)) => Vec::new(),
             (errand, Err(why)) => self.failed(errand, &why, now_ms),
         }
     }
@@ -319,6 +341,7 @@ impl Courier {
         let batch = match errand {
             Errand::Settle(batch) => batch,
             Errand::Renew { .. } => return vec![Report::RenewFailed(why.to_string())],
+            Errand::CacheWrite => return vec![Report::CacheWriteFailed(why.to_string())],
         };
         let mut reports = Vec::new();
         for mut attempted in batch {

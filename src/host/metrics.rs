@@ -26,7 +26,9 @@ impl HostMetrics {
             return Some(id);
         }
         let kind = match key {
-            MetricKey::Counter(..) | MetricKey::Global(..) => MetricType::Counter,
+            MetricKey::Counter(..) | MetricKey::Global(..) | MetricKey::Cache(..) => {
+                MetricType::Counter
+            }
             MetricKey::Histogram(..) | MetricKey::QueueWait(..) => MetricType::Histogram,
             MetricKey::QueueWaiting(..) | MetricKey::QueueInFlight(..) => MetricType::Gauge,
         };
@@ -51,7 +53,7 @@ impl Metrics for HostMetrics {
     fn add(&mut self, key: MetricKey, value: u64) {
         let Some(id) = self.id(key) else { return };
         let result = match key {
-            MetricKey::Counter(..) | MetricKey::Global(..) => {
+            MetricKey::Counter(..) | MetricKey::Global(..) | MetricKey::Cache(..) => {
                 hostcalls::increment_metric(id, i64::try_from(value).unwrap_or(i64::MAX))
             }
             // Histograms take a sample, gauges take the value.

@@ -8,12 +8,14 @@ mod metrics;
 mod store;
 mod stream;
 
+use crate::cache::waiters::CacheWaiters;
+use crate::cache::CacheStore;
 use crate::config;
 use crate::errors::LocalReply;
 use crate::global::wire::{AdmitRequest, ADMIT_BATCH_PATH};
 use crate::global::{Courier, Decision, Outgoing, Report};
 use crate::lifecycle::queue::{QueueAction, WorkerQueue, TICK_MS};
-use crate::lifecycle::{BodyEnv, Exchange, Next};
+use crate::lifecycle::{BodyEnv, Callout, Exchange, FillWait, Next, Step};
 use crate::metrics::{GlobalEvent, MetricKey, Metrics};
 use crate::policy::{GlobalLimits, Policy};
 use metrics::{HostMetrics, NoMetrics};
@@ -77,9 +79,14 @@ struct Configured {
     courier: Option<Rc<RefCell<Courier>>>,
     /// Random per VM: names this VM's admissions at the quota service.
     nonce: u64,
-    /// Requests waiting for the quota service's admission decision, by stream: the root
-    /// context hands each its decision.
-    admitting: Rc<RefCell<HashMap<u32, Rc<RefCell<Exchange>>>>>,
+    /// Requests whose next step the root context hands them, by stream: the quota
+    /// service's admission decision, an identical request's cached response, or the answer
+    /// to a call the root made for them.
+    parked: Rc<RefCell<HashMap<u32, Rc<RefCell<Exchange>>>>>,
+    /// Requests waiting for an identical request's response (local cache store).
+    cache_waiters: Option<Rc<RefCell<CacheWaiters>>>,
+    /// Calls the root context made for a parked stream: token to stream.
+    relayed: Rc<RefCell<HashMap<u32, u32>>>,
     /// This worker's shared queue that wakes its root context to send admissions now
     /// (rather than at the next tick), and whether a wake is already on its way.
     wake_queue: Option<u32>,
@@ -98,12 +105,11 @@ impl Configured {
         let Some(Ok(mut courier)) = self.courier.as_ref().map(|c| c.try_borrow_mut()) else {
             return false;
         };
-        let Ok(mut admitting) = self.admitting.try_borrow_mut() else {
+        if !self.park(context, exchange) {
             return false;
-        };
-        admitting.insert(context, exchange.clone());
+        }
         courier.admit(context, request);
-        drop((courier, admitting));
+        drop(courier);
         if !self.wake_pending.get() {
             if let Some(queue) = self.wake_queue {
                 // Failing that, the next tick sends it.
@@ -112,6 +118,56 @@ impl Configured {
             }
         }
         true
+    }
+
+    /// Stream `context` waits for the root context to hand it its next step.
+    fn park(&self, context: u32, exchange: &Rc<RefCell<Exchange>>) -> bool {
+        match self.parked.try_borrow_mut() {
+            Ok(mut parked) => {
+                parked.insert(context, exchange.clone());
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Stream `context` waits for an identical request's response to reach the cache.
+    fn wait_for_fill(
+        &self,
+        context: u32,
+        exchange: &Rc<RefCell<Exchange>>,
+        wait: FillWait,
+    ) -> bool {
+        let Some(Ok(mut waiters)) = self.cache_waiters.as_ref().map(|w| w.try_borrow_mut()) else {
+            return false;
+        };
+        if !self.park(context, exchange) {
+            return false;
+        }
+        waiters.add(context, wait.key, wait.fill_ms, wait.deadline_ms);
+        true
+    }
+
+    /// Hands a cache write (store, release) to the courier, which sends it from the root.
+    fn cache_write(&self, call: Callout) {
+        match self.courier.as_ref().map(|c| c.try_borrow_mut()) {
+            Some(Ok(mut courier)) => courier.cache_write(call.path, call.body),
+            _ => log(
+                LogLevel::Warn,
+                &format!("sluice: cache write {} dropped: no courier", call.path),
+            ),
+        }
+    }
+
+    /// The environment of a stream's callback run from the root context.
+    fn env_for(&self, context: u32) -> BodyEnv<'static> {
+        BodyEnv {
+            store: &SharedData,
+            now_ms: now_ms(),
+            worker: self.worker(),
+            context,
+            nonce: self.nonce,
+        }
     }
 
     /// This worker's id in providers' queues (0 when no provider has a capacity).
@@ -144,7 +200,12 @@ impl SluiceRoot {
                 break;
             };
             let _ = hostcalls::set_effective_context(self.context_id);
-            match call_quota_service(global, ADMIT_BATCH_PATH, &body) {
+            let call = Callout {
+                path: ADMIT_BATCH_PATH,
+                body,
+                timeout_ms: global.timeout_ms,
+            };
+            match call_quota_service(global, &call) {
                 Ok(token) => courier.admission_sent(token, contexts, now_ms()),
                 Err(s) => unsent.extend(Courier::admission_unsent(contexts, &format!("{s:?}"))),
             }
@@ -161,53 +222,139 @@ impl SluiceRoot {
             return;
         }
         for (context, answer) in decisions {
-            let exchange = match c.admitting.try_borrow_mut() {
-                Ok(mut admitting) => admitting.remove(&context),
-                Err(_) => None,
-            };
-            // Gone: the stream ended while its admission was decided.
-            let Some(exchange) = exchange else { continue };
-            if hostcalls::set_effective_context(context).is_err() {
-                continue;
+            self.unpark(context, |ex, env| {
+                ex.on_admission_answer(&c.policy, env, answer)
+            });
+        }
+        let _ = hostcalls::set_effective_context(self.context_id);
+    }
+
+    /// Runs `next` on parked stream `context` (on its own stream) and carries out the step
+    /// it returns. No borrow is held while a stream is resumed: resuming can run that
+    /// stream's callbacks. Nothing happens if the stream is gone.
+    fn unpark(&self, context: u32, next: impl FnOnce(&mut Exchange, &BodyEnv) -> Step) {
+        let Some(c) = &self.configured else { return };
+        let exchange = match c.parked.try_borrow_mut() {
+            Ok(mut parked) => parked.remove(&context),
+            Err(_) => None,
+        };
+        let Some(exchange) = exchange else { return };
+        if hostcalls::set_effective_context(context).is_err() {
+            return;
+        }
+        let env = c.env_for(context);
+        let Ok(mut ex) = exchange.try_borrow_mut() else {
+            return;
+        };
+        let step = next(&mut ex, &env);
+        let leases = ex.leases();
+        drop(ex);
+        if let Some(Ok(mut courier)) = c.courier.as_ref().map(|c| c.try_borrow_mut()) {
+            courier.hold(context, leases);
+        }
+        let carried = match step.next {
+            Next::Continue => hostcalls::resume_http_request().map_err(|s| format!("{s:?}")),
+            Next::Reply(reply) => {
+                send_reply(&reply);
+                Ok(())
             }
-            let env = BodyEnv {
-                store: &SharedData,
-                now_ms: now_ms(),
-                worker: c.worker(),
-                context,
-                nonce: c.nonce,
-            };
-            let Ok(mut ex) = exchange.try_borrow_mut() else {
-                continue;
-            };
-            let step = ex.on_admission_answer(&c.policy, &env, answer);
-            let leases = ex.leases();
-            drop(ex);
-            if let Some(Ok(mut courier)) = c.courier.as_ref().map(|c| c.try_borrow_mut()) {
-                courier.hold(context, leases);
-            }
-            let carried = match step.next {
-                Next::Continue => hostcalls::resume_http_request().map_err(|s| format!("{s:?}")),
-                Next::Reply(reply) => {
-                    send_reply(&reply);
+            Next::Wait(waiter) => match c.queue.as_ref().map(|q| q.try_borrow_mut()) {
+                Some(Ok(mut q)) => {
+                    q.add(waiter);
                     Ok(())
                 }
-                Next::Wait(waiter) => match c.queue.as_ref().map(|q| q.try_borrow_mut()) {
-                    Some(Ok(mut q)) => {
-                        q.add(waiter);
-                        Ok(())
+                _ => Err("no queue for the waiting request".into()),
+            },
+            Next::Pause => Ok(()),
+            Next::AwaitFill(wait) => match c.wait_for_fill(context, &exchange, wait) {
+                true => Ok(()),
+                false => Err("cannot wait for the cache".into()),
+            },
+            Next::Call(callout) => self.relay(context, &exchange, callout),
+            Next::Admit(_) => Err("a second admission".into()),
+        };
+        if let Err(why) = carried {
+            log(
+                LogLevel::Warn,
+                &format!("sluice: carrying on stream {context}: {why}"),
+            );
+            // Never leave it hanging: answer 500 and give back what it holds.
+            let failed = exchange
+                .try_borrow_mut()
+                .map(|mut ex| ex.fail(&c.policy, &SharedData, now_ms()));
+            if let Ok(failed) = failed {
+                if let Some(settlement) = failed.settlement {
+                    if let Some(Ok(mut courier)) = c.courier.as_ref().map(|c| c.try_borrow_mut()) {
+                        courier.settle(settlement);
                     }
-                    _ => Err("no queue for the waiting request".into()),
-                },
-                Next::Pause => Ok(()),
-                Next::Admit(_) | Next::Call(_) => Err("a second call after admission".into()),
-            };
-            if let Err(why) = carried {
-                log(
-                    LogLevel::Warn,
-                    &format!("sluice: after admission of stream {context}: {why}"),
-                );
+                }
+                if let Some(call) = failed.cache_call {
+                    c.cache_write(call);
+                }
+                send_reply(&failed.reply);
             }
+        }
+    }
+
+    /// Makes a parked stream's call from the root context (a call made here belongs to
+    /// the root); its answer comes back to the stream through [`Self::relayed_answer`].
+    fn relay(
+        &self,
+        context: u32,
+        exchange: &Rc<RefCell<Exchange>>,
+        callout: Callout,
+    ) -> Result<(), String> {
+        let Some(c) = &self.configured else {
+            return Err("no configuration".into());
+        };
+        let global = c.policy.global.as_ref().ok_or("no `global` section")?;
+        let _ = hostcalls::set_effective_context(self.context_id);
+        let token = call_quota_service(global, &callout)
+            .map_err(|s| format!("cannot call cluster `{}`: {s:?}", global.cluster))?;
+        let _ = hostcalls::set_effective_context(context);
+        c.relayed
+            .try_borrow_mut()
+            .map_err(|_| "relayed calls busy".to_string())?
+            .insert(token, context);
+        if c.park(context, exchange) {
+            Ok(())
+        } else {
+            Err("cannot park the stream".into())
+        }
+    }
+
+    /// The answer to a call made for a parked stream, if `token` is one.
+    fn relayed_answer(&self, token: u32, answer: &Result<&[u8], String>) -> bool {
+        let Some(c) = &self.configured else {
+            return false;
+        };
+        let context = match c.relayed.try_borrow_mut() {
+            Ok(mut relayed) => relayed.remove(&token),
+            Err(_) => None,
+        };
+        let Some(context) = context else { return false };
+        let answer = answer.clone();
+        self.unpark(context, |ex, env| ex.on_call_answer(&c.policy, env, answer));
+        let _ = hostcalls::set_effective_context(self.context_id);
+        true
+    }
+
+    /// Hands this worker's cache waiters what the cache holds now.
+    fn poll_cache_waiters(&self) {
+        let Some(c) = &self.configured else { return };
+        let (Some(waiters), CacheStore::Local { slots }) = (&c.cache_waiters, c.policy.cache_store)
+        else {
+            return;
+        };
+        let now = now_ms();
+        let found = match waiters.try_borrow_mut() {
+            Ok(mut waiters) if !waiters.is_empty() => waiters.poll(now, |key, fill_ms| {
+                crate::cache::local::lookup(&SharedData, slots, key, now, fill_ms)
+            }),
+            _ => return,
+        };
+        for (context, lookup) in found {
+            self.unpark(context, |ex, env| ex.on_cache_poll(&c.policy, env, lookup));
         }
         let _ = hostcalls::set_effective_context(self.context_id);
     }
@@ -230,7 +377,12 @@ impl SluiceRoot {
         let _ = hostcalls::set_effective_context(self.context_id);
         let mut reports = Vec::new();
         for Outgoing { path, body, errand } in due {
-            match call_quota_service(global, path, &body) {
+            let call = Callout {
+                path,
+                body,
+                timeout_ms: global.timeout_ms,
+            };
+            match call_quota_service(global, &call) {
                 Ok(token) => courier.sent(token, errand),
                 Err(s) => reports.extend(courier.undelivered(errand, &format!("{s:?}"), now)),
             }
@@ -279,6 +431,12 @@ impl SluiceRoot {
                         &format!("sluice: lease renewal failed ({why})"),
                     );
                 }
+                Report::CacheWriteFailed(why) => {
+                    log(
+                        LogLevel::Warn,
+                        &format!("sluice: global cache write failed ({why})"),
+                    );
+                }
             }
         }
     }
@@ -297,6 +455,9 @@ impl Context for SluiceRoot {
         };
         let answer = call_answer(num_headers, body_size);
         let answer = answer.as_deref().map_err(Clone::clone);
+        if self.relayed_answer(token_id, &answer) {
+            return;
+        }
         let decisions = match courier.try_borrow_mut() {
             Ok(mut courier) => courier.admission_answered(token_id, answer.clone()),
             Err(_) => None,
@@ -319,17 +480,16 @@ impl Context for SluiceRoot {
 /// that context's `on_http_call_response`.
 fn call_quota_service(
     global: &GlobalLimits,
-    path: &str,
-    body: &[u8],
+    call: &Callout,
 ) -> Result<u32, proxy_wasm::types::Status> {
     let headers = vec![
         (":method", "POST"),
-        (":path", path),
+        (":path", call.path),
         (":authority", global.authority.as_str()),
         ("content-type", "application/json"),
     ];
-    let timeout = Duration::from_millis(global.timeout_ms);
-    hostcalls::dispatch_http_call(&global.cluster, headers, Some(body), vec![], timeout)
+    let timeout = Duration::from_millis(call.timeout_ms);
+    hostcalls::dispatch_http_call(&global.cluster, headers, Some(&call.body), vec![], timeout)
 }
 
 /// The answer to a call to the quota service: its body for a 200, else why not.
@@ -387,6 +547,7 @@ impl RootContext for SluiceRoot {
             None => Vec::new(),
         };
         self.deliver(overdue);
+        self.poll_cache_waiters();
         self.send_admissions();
         self.send_courier_calls();
         let Some(Configured {
@@ -453,7 +614,10 @@ fn configure(size: usize) -> Result<Configured, String> {
         ),
         None => None,
     };
-    if queue.is_some() || courier.is_some() {
+    let cache_on = policy.tenants.iter().any(|t| t.cache.is_some());
+    let cache_waiters = (cache_on && matches!(policy.cache_store, CacheStore::Local { .. }))
+        .then(|| Rc::new(RefCell::new(CacheWaiters::default())));
+    if queue.is_some() || courier.is_some() || cache_waiters.is_some() {
         hostcalls::set_tick_period(Duration::from_millis(TICK_MS))
             .map_err(|s| format!("sluice: cannot set the tick: {s:?}"))?;
     }
@@ -468,7 +632,9 @@ fn configure(size: usize) -> Result<Configured, String> {
         debug,
         courier: courier.map(|c| Rc::new(RefCell::new(c))),
         nonce,
-        admitting: Rc::new(RefCell::new(HashMap::new())),
+        parked: Rc::new(RefCell::new(HashMap::new())),
+        cache_waiters,
+        relayed: Rc::new(RefCell::new(HashMap::new())),
         wake_queue,
         wake_pending: Rc::new(Cell::new(false)),
     })

@@ -5,6 +5,7 @@ use super::store::SharedData;
 use super::{
     call_answer, call_quota_service, log, now_ms, run_queue_actions, send_reply, Configured,
 };
+use crate::errors::{ApiError, ErrorKind};
 use crate::headers::RequestHeaders;
 use crate::lifecycle::{BodyEnv, Callout, Exchange, Next, Step};
 use crate::usage::Passthrough;
@@ -89,7 +90,7 @@ impl SluiceHttp {
         let Some(global) = policy.global.as_ref() else {
             return self.fail("a quota service call without a `global` section");
         };
-        match call_quota_service(global, callout.path, &callout.body) {
+        match call_quota_service(global, &callout) {
             Ok(_token) => Action::Pause,
             Err(s) => {
                 let why = format!("cannot call cluster `{}`: {s:?}", global.cluster);
@@ -146,6 +147,19 @@ impl SluiceHttp {
                 Action::Pause
             }
             Next::Call(callout) => self.call(callout),
+            Next::AwaitFill(wait) => {
+                // This worker's root context looks the key up every tick and hands this
+                // stream the response (or the fetch, or the end of its wait).
+                let waiting = self
+                    .configured
+                    .as_ref()
+                    .is_some_and(|c| c.wait_for_fill(self.context_id, &self.exchange, wait));
+                if waiting {
+                    Action::Pause
+                } else {
+                    self.fail("wait for the cache")
+                }
+            }
             Next::Admit(request) => {
                 // The worker's root context sends it, with the other admissions waiting,
                 // and hands this stream the decision.
@@ -168,7 +182,19 @@ impl SluiceHttp {
             LogLevel::Error,
             &format!("sluice: host call failed ({what}); answering 500"),
         );
-        let failed = self.exchange.borrow_mut().fail(&SharedData, now_ms());
+        let Some(c) = self.configured.clone() else {
+            // Not configured: the request holds nothing yet.
+            let err = ApiError::new(ErrorKind::Internal, "The gateway is not configured.");
+            send_reply(&err.reply(self.exchange.borrow().flavour()));
+            return Action::Pause;
+        };
+        let failed = self
+            .exchange
+            .borrow_mut()
+            .fail(&c.policy, &SharedData, now_ms());
+        if let Some(call) = failed.cache_call {
+            c.cache_write(call);
+        }
         if let Some(settlement) = failed.settlement {
             if let Some(Ok(mut courier)) = self
                 .configured
@@ -338,8 +364,11 @@ impl HttpContext for SluiceHttp {
             courier.release(self.context_id);
             courier.forget_admission(self.context_id);
         }
-        if let Ok(mut admitting) = c.admitting.try_borrow_mut() {
-            admitting.remove(&self.context_id);
+        if let Ok(mut parked) = c.parked.try_borrow_mut() {
+            parked.remove(&self.context_id);
+        }
+        if let Some(Ok(mut waiters)) = c.cache_waiters.as_ref().map(|w| w.try_borrow_mut()) {
+            waiters.forget(self.context_id);
         }
         let (store, details, now) = (&SharedData, details.as_deref(), now_ms());
         // Never lose the record or the settlement: count without metrics if must be.
@@ -380,6 +409,9 @@ impl HttpContext for SluiceHttp {
                     &format!("sluice: settlement {} dropped: no courier", settlement.id),
                 ),
             }
+        }
+        if let Some(call) = done.cache_call {
+            c.cache_write(call);
         }
         if c.debug {
             log(LogLevel::Debug, &format!("sluice: usage {}", done.record));

@@ -3,9 +3,11 @@
 //! exactly once.
 
 use super::queue::Place;
-use super::{Admitted, Known, Replied, Route, Stage, UpstreamResponse};
+use super::stage::FillClaim;
+use super::{Admitted, Callout, Known, Replied, Route, Stage, UpstreamResponse};
 use crate::accounting::{cost_micro_usd, Ending, Latency};
 use crate::admission::{self, Held};
+use crate::cache::CacheOutcome;
 use crate::errors::{ApiFlavour, ErrorKind};
 use crate::global::wire::Settlement;
 use crate::metrics::Outcome;
@@ -19,6 +21,9 @@ use crate::usage::{MeterResult, TokenUsage, UsageMeter};
 pub(super) struct Claims {
     pub(super) held: Held,
     pub(super) place: Place,
+    /// A cache key it fetches: a claimed fill not replaced by a stored response is given
+    /// back, so that an identical request can fetch instead.
+    pub(super) fill: Option<FillClaim>,
 }
 
 /// What giving back the claims left to report.
@@ -30,6 +35,8 @@ pub(super) struct GivenBack {
     pub(super) released_slot: bool,
     /// The global limits' correction, for the host to send to the quota service.
     pub(super) settlement: Option<Settlement>,
+    /// The global cache's fill to give back, for the host to send to the quota service.
+    pub(super) cache_call: Option<Callout>,
 }
 
 impl Claims {
@@ -37,6 +44,7 @@ impl Claims {
     /// reservation, releasing concurrency) and leaves the provider's queue.
     pub(super) fn give_back(
         self,
+        policy: &Policy,
         store: &dyn Store,
         tokens: u64,
         cost_micro_usd: u64,
@@ -46,10 +54,15 @@ impl Claims {
         let mut failures = settled.failures;
         let left = self.place.leave(store);
         failures.extend(left.failure);
+        let cache_call = self
+            .fill
+            .filter(|f| f.claimed)
+            .and_then(|fill| super::caching::release(policy, store, fill));
         GivenBack {
             failures,
             released_slot: left.released_slot,
             settlement: settled.global,
+            cache_call,
         }
     }
 }
@@ -107,6 +120,20 @@ pub(super) fn decide(
                 unused,
             );
             (ending, admitting.abandoned())
+        }
+        Stage::CacheLookup(caching) | Stage::CacheWait(caching) => {
+            // It never reached the provider: nothing to bill.
+            let outcome = if client_left {
+                Outcome::Aborted
+            } else {
+                Outcome::UpstreamError
+            };
+            let ending = caching.admitted.about(outcome, 0, unused);
+            (ending, caching.admitted.claims(Place::Nowhere))
+        }
+        Stage::Cached { admitted, usage } => {
+            let ending = admitted.about(Outcome::Success, 200, usage);
+            (ending, admitted.claims(Place::Nowhere))
         }
         Stage::Queued { admitted, wait, .. } => {
             let timed_out = wait.state() == super::queue::WaitState::TimedOut;
@@ -172,6 +199,7 @@ pub(super) fn decide(
     };
     let price = ending.model.and_then(|m| policy.model(m)).map(|m| m.price);
     let cost = price.map_or(0, |p| cost_micro_usd(&ending.usage.usage, &p));
+    let cost = crate::cache::charge(cost, charged_ppm(policy, &ending));
     let held = &claims.held;
     let admitted = !held.items.is_empty() || held.global.is_some() || held.fell_back;
     Some((
@@ -183,6 +211,17 @@ pub(super) fn decide(
         },
         claims,
     ))
+}
+
+/// Millionths of its price a request is charged: all of it, except for a cache hit.
+pub(super) fn charged_ppm(policy: &Policy, ending: &Ending) -> u64 {
+    let rule = match (ending.cache, ending.owner, ending.model) {
+        (Some(CacheOutcome::Hit), Some(owner), Some(model)) => {
+            policy.cache_rule(owner.tenant, model)
+        }
+        _ => None,
+    };
+    rule.map_or(1_000_000, |r| r.hit_price_ppm)
 }
 
 /// The outcome of a response: complete 2xx/3xx is a success; the provider's 429 and 5xx
@@ -214,6 +253,7 @@ impl super::stage::Admitting {
         Claims {
             held,
             place: Place::Nowhere,
+            fill: None,
         }
     }
 }
@@ -249,6 +289,7 @@ fn about(known: Known, outcome: Outcome, status: u16, usage: MeterResult) -> End
         model,
         provider: route.map(|r| r.provider),
         stream: route.is_some_and(|r| r.stream),
+        cache: route.and_then(|r| r.cache),
         ..Ending::new(outcome, status, usage)
     }
 }

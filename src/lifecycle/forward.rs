@@ -7,6 +7,8 @@ use super::{BodyEnv, Caller, Known, Route, Step};
 use crate::accounting::cost_micro_usd;
 use crate::admission::{self, Decision, Parties, Reservation};
 use crate::body::{inject_include_usage, parse_request, replace_model, replace_model_reserialized};
+use crate::cache::request::{assess, Ask, Directive, Identity};
+use crate::cache::CacheOutcome;
 use crate::errors::{ApiError, ApiFlavour, ErrorKind};
 use crate::headers::CLUSTER_HEADER;
 use crate::policy::Policy;
@@ -20,6 +22,8 @@ pub(super) struct Forwarding {
     pub(super) route: Route,
     pub(super) decision: Decision,
     pub(super) step: Step,
+    /// What the response cache does, when it is on for the tenant and model.
+    pub(super) cache: Option<Ask>,
 }
 
 /// Why the request is refused, and what was known by then.
@@ -33,6 +37,7 @@ pub(super) fn route(
     env: &BodyEnv,
     caller: Caller,
     query: &str,
+    directive: Directive,
     raw: &[u8],
 ) -> Result<Forwarding, Refused> {
     // Each refusal carries what was known when it was made.
@@ -129,6 +134,16 @@ pub(super) fn route(
         model: model_id,
         provider: provider_id,
     };
+    // The cache key comes from the client's body, before the upstream edits.
+    let cache = policy.cache_rule(tenant, model_id).map(|rule| {
+        let who = Identity {
+            tenant: policy.tenant(tenant).map_or("", |t| t.id.as_str()),
+            model: &model.name,
+            api,
+            query,
+        };
+        assess(rule, directive, &who, raw)
+    });
     let flavour = api.flavour();
     let decision = admission::admit(policy, env.store, parties, reservation, flavour, env.now_ms)
         .map_err(refused)?;
@@ -140,9 +155,14 @@ pub(super) fn route(
             stream: fields.stream,
             injected_usage,
             prompt_estimate,
+            cache: cache.map(|ask| match ask {
+                Ask::Bypass => CacheOutcome::Bypass,
+                Ask::Refresh(_) | Ask::Lookup(_) => CacheOutcome::Miss,
+            }),
         },
         decision,
         step,
+        cache,
     })
 }
 

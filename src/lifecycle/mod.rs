@@ -18,6 +18,7 @@
 //! ended ([`ending`]), gives back what it held (limits, a provider slot or queue place),
 //! records the metrics and builds the usage record.
 
+mod caching;
 mod ending;
 mod forward;
 mod models;
@@ -29,6 +30,8 @@ mod usage_report;
 
 use crate::admission::{self, Decision};
 use crate::auth::{presented_key, KeyOwner};
+use crate::cache::request::{Ask, Directive};
+use crate::cache::{CacheOutcome, CacheStore, Lookup};
 use crate::errors::{ApiError, ApiFlavour, ErrorKind, LocalReply};
 use crate::global::wire::{AdmitReply, AdmitRequest, Lease, PeekReply, Settlement, PEEK_PATH};
 use crate::headers::RequestHeaders;
@@ -39,7 +42,10 @@ use crate::shared::Store;
 use crate::usage::{Passthrough, TokenUsage, UsageMeter};
 use ending::Claims;
 use queue::{Entered, Place, WaitState, Waiter};
-use stage::{Admitted, Admitting, Known, Replied, Stage, Upstream, UpstreamResponse};
+use stage::{
+    Admitted, Admitting, Caching, Capture, FillClaim, Known, Replied, Stage, Upstream,
+    UpstreamResponse,
+};
 pub use stage::{Caller, Route};
 
 /// What the host must do after a callback.
@@ -76,15 +82,30 @@ pub enum Next {
     /// Hold the request and call the quota service; its answer goes to
     /// [`Exchange::on_call_answer`].
     Call(Callout),
+    /// Hold the request until an identical request's response is in the cache.
+    AwaitFill(FillWait),
 }
 
 /// A POST to the quota service (the cluster, authority and timeout of the policy's
 /// `global` section).
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Callout {
     pub path: &'static str,
-    /// JSON, as `global::wire` defines it.
+    /// As `global::wire` defines it.
     pub body: Vec<u8>,
+    /// Longest wait for the answer.
+    pub timeout_ms: u64,
+}
+
+/// A request waiting for an identical request's response (local cache): the host adds it
+/// to its worker's [`CacheWaiters`](crate::cache::waiters::CacheWaiters), which hands what
+/// it finds to [`Exchange::on_cache_poll`].
+#[derive(Debug, PartialEq, Eq)]
+pub struct FillWait {
+    pub key: crate::cache::CacheKey,
+    /// How long it fetches for, if the fill is given up and it takes over.
+    pub fill_ms: u64,
+    pub deadline_ms: u64,
 }
 
 /// What the host hands to the request body callback.
@@ -134,6 +155,9 @@ pub struct Completion {
     pub released_slot: bool,
     /// The global limits' correction, for the host to send to the quota service.
     pub settlement: Option<Settlement>,
+    /// A call for the global cache (store the response, or give its fill back), for the
+    /// host to send from its root context.
+    pub cache_call: Option<Callout>,
 }
 
 /// Changes to the response headers of a forwarded request.
@@ -153,6 +177,8 @@ pub struct Failed {
     pub settle_failures: Vec<String>,
     /// What the quota service must give back.
     pub settlement: Option<Settlement>,
+    /// The global cache's fill to give back.
+    pub cache_call: Option<Callout>,
 }
 
 impl Exchange {
@@ -186,7 +212,10 @@ impl Exchange {
     pub fn needs_end_details(&self) -> bool {
         match &self.stage {
             Stage::Queued { wait, .. } => wait.state() == WaitState::Waiting,
-            Stage::Admitting(_) | Stage::Forwarded { .. } => true,
+            Stage::Admitting(_)
+            | Stage::CacheLookup(_)
+            | Stage::CacheWait(_)
+            | Stage::Forwarded { .. } => true,
             Stage::Responding { response, .. } => !response.complete,
             _ => false,
         }
@@ -349,6 +378,7 @@ impl Exchange {
         self.stage = Stage::AwaitingBody {
             caller: Caller { owner, api },
             query: query.to_string(),
+            directive: Directive::from_cache_control(headers.get_str("cache-control")),
         };
         Step {
             next: Next::Pause,
@@ -365,10 +395,15 @@ impl Exchange {
         end_of_stream: bool,
         read_body: impl FnOnce() -> Option<Vec<u8>>,
     ) -> Step {
-        let Stage::AwaitingBody { caller, query } = &mut self.stage else {
+        let Stage::AwaitingBody {
+            caller,
+            query,
+            directive,
+        } = &mut self.stage
+        else {
             return Step::default();
         };
-        let caller = *caller;
+        let (caller, directive) = (*caller, *directive);
         if body_size as u64 > policy.max_body_bytes {
             return self.refuse(Step::default(), too_large(policy), Known::Request(caller));
         }
@@ -386,7 +421,7 @@ impl Exchange {
             );
             return self.refuse(Step::default(), err, Known::Request(caller));
         };
-        let forwarding = match forward::route(policy, env, caller, &query, &raw) {
+        let forwarding = match forward::route(policy, env, caller, &query, directive, &raw) {
             Ok(forwarding) => forwarding,
             Err(refused) => return self.refuse(Step::default(), refused.error, refused.known),
         };
@@ -395,6 +430,7 @@ impl Exchange {
             route,
             decision,
             mut step,
+            cache,
         } = forwarding;
         step.routed = true;
         match decision {
@@ -403,8 +439,9 @@ impl Exchange {
                     caller,
                     route,
                     held,
+                    fill: None,
                 };
-                self.send(policy, env, admitted, headers, step)
+                self.admitted(policy, env, admitted, headers, cache, step)
             }
             Decision::Pending(pending) => {
                 // The edits are made now; the request stays paused until the answer.
@@ -416,6 +453,7 @@ impl Exchange {
                     route,
                     pending,
                     id,
+                    cache,
                 });
                 step.next = Next::Admit(request);
                 step
@@ -436,6 +474,7 @@ impl Exchange {
             route,
             pending,
             id,
+            cache,
         } = match std::mem::take(&mut self.stage) {
             Stage::Admitting(admitting) => admitting,
             // Not waiting for it (the stream ended, or was answered, meanwhile: `finish`
@@ -454,16 +493,144 @@ impl Exchange {
                     caller,
                     route,
                     held,
+                    fill: None,
                 };
-                self.send(policy, env, admitted, headers, Step::default())
+                self.admitted(policy, env, admitted, headers, cache, Step::default())
             }
             Err(refusal) => {
                 let claims = Claims {
                     held: refusal.held,
                     place: Place::Nowhere,
+                    fill: None,
                 };
                 let known = Known::Routed(caller, route);
                 self.refuse_holding(Step::default(), refusal.error, known, claims)
+            }
+        }
+    }
+
+    /// An admitted request: answered from the cache, held for an identical request's
+    /// response, or sent on (fetching the response for the cache when it may).
+    fn admitted(
+        &mut self,
+        policy: &Policy,
+        env: &BodyEnv,
+        mut admitted: Admitted,
+        ratelimit_headers: Vec<(String, String)>,
+        cache: Option<Ask>,
+        mut step: Step,
+    ) -> Step {
+        let (tenant, model) = (admitted.caller.owner.tenant, admitted.route.model);
+        let (key, rule) = match (cache, policy.cache_rule(tenant, model)) {
+            (Some(Ask::Lookup(key)), Some(rule)) => (key, rule),
+            (Some(Ask::Refresh(key)), Some(rule)) => {
+                admitted.fill = Some(FillClaim {
+                    tenant,
+                    key,
+                    claimed: false,
+                    max_entry_bytes: rule.max_entry_bytes,
+                });
+                return self.send(policy, env, admitted, ratelimit_headers, step);
+            }
+            _ => return self.send(policy, env, admitted, ratelimit_headers, step),
+        };
+        let caching = Caching {
+            admitted,
+            ratelimit_headers,
+            key,
+        };
+        match policy.cache_store {
+            CacheStore::Local { slots } => {
+                let found = caching::lookup_local(env.store, slots, key, rule, env.now_ms);
+                self.looked_up(policy, env, caching, found, step)
+            }
+            CacheStore::Global { .. } => match caching::lookup_call(policy, tenant, key, rule) {
+                Some(callout) => {
+                    self.stage = Stage::CacheLookup(caching);
+                    step.next = Next::Call(callout);
+                    step
+                }
+                None => self.looked_up(policy, env, caching, Lookup::Unavailable, step),
+            },
+        }
+    }
+
+    /// Carries on with what the cache lookup found.
+    fn looked_up(
+        &mut self,
+        policy: &Policy,
+        env: &BodyEnv,
+        caching: Caching,
+        found: Lookup,
+        mut step: Step,
+    ) -> Step {
+        let Caching {
+            mut admitted,
+            ratelimit_headers,
+            key,
+        } = caching;
+        let tenant = admitted.caller.owner.tenant;
+        match found {
+            Lookup::Hit(entry) => {
+                let api = admitted.caller.api;
+                let replayed = caching::replay(
+                    &entry,
+                    api,
+                    &admitted.route,
+                    ratelimit_headers.clone(),
+                    env.now_ms,
+                );
+                if let Some((reply, usage)) = replayed {
+                    admitted.route.cache = Some(CacheOutcome::Hit);
+                    self.stage = Stage::Cached { admitted, usage };
+                    step.next = Next::Reply(reply);
+                    return step;
+                }
+                self.send(policy, env, admitted, ratelimit_headers, step)
+            }
+            Lookup::Fill => {
+                let rule = policy.cache_rule(tenant, admitted.route.model);
+                admitted.fill = Some(FillClaim {
+                    tenant,
+                    key,
+                    claimed: true,
+                    max_entry_bytes: rule.map_or(0, |r| r.max_entry_bytes),
+                });
+                self.send(policy, env, admitted, ratelimit_headers, step)
+            }
+            Lookup::Filling => {
+                let fill_ms = policy
+                    .cache_rule(tenant, admitted.route.model)
+                    .map_or(0, |r| r.wait_ms);
+                step.next = Next::AwaitFill(FillWait {
+                    key,
+                    fill_ms,
+                    deadline_ms: env.now_ms.saturating_add(fill_ms),
+                });
+                self.stage = Stage::CacheWait(Caching {
+                    admitted,
+                    ratelimit_headers,
+                    key,
+                });
+                step
+            }
+            Lookup::Unavailable => self.send(policy, env, admitted, ratelimit_headers, step),
+        }
+    }
+
+    /// What this worker's cache waiters found for this request, waiting for an identical
+    /// request's response.
+    pub fn on_cache_poll(&mut self, policy: &Policy, env: &BodyEnv, found: Lookup) -> Step {
+        match std::mem::take(&mut self.stage) {
+            Stage::CacheWait(caching) => {
+                self.looked_up(policy, env, caching, found, Step::default())
+            }
+            other => {
+                self.stage = other;
+                Step {
+                    next: Next::Pause,
+                    ..Step::default()
+                }
             }
         }
     }
@@ -530,7 +697,10 @@ impl Exchange {
     /// Global concurrency slots this request holds: leases its Envoy renews while it runs.
     pub fn leases(&self) -> Vec<Lease> {
         match &self.stage {
-            Stage::Queued { admitted, .. } => admitted.held.leases(),
+            Stage::Queued { admitted, .. } | Stage::Cached { admitted, .. } => {
+                admitted.held.leases()
+            }
+            Stage::CacheLookup(c) | Stage::CacheWait(c) => c.admitted.held.leases(),
             Stage::Forwarded { upstream, .. } | Stage::Responding { upstream, .. } => {
                 upstream.admitted.held.leases()
             }
@@ -555,6 +725,7 @@ impl Exchange {
                 step.next = Next::Call(Callout {
                     path: PEEK_PATH,
                     body,
+                    timeout_ms: policy.global.as_ref().map_or(0, |g| g.timeout_ms),
                 });
                 self.stage = Stage::Reading { owner, draft };
                 step
@@ -576,6 +747,10 @@ impl Exchange {
         answer: Result<&[u8], String>,
     ) -> Step {
         match std::mem::take(&mut self.stage) {
+            Stage::CacheLookup(caching) => {
+                let found = caching::lookup_answer(answer, caching.key, env.now_ms);
+                self.looked_up(policy, env, caching, found, Step::default())
+            }
             Stage::Reading { owner, draft } => {
                 let known = Known::Tenant(owner);
                 let readings = answer.and_then(|body| {
@@ -655,6 +830,13 @@ impl Exchange {
         };
         let sse = content_type.is_some_and(|c| c.trim_start().starts_with("text/event-stream"));
         let route = upstream.admitted.route;
+        let capture = match (upstream.admitted.fill, status) {
+            (Some(fill), 200) => Some(Capture::new(
+                content_type.unwrap_or(""),
+                fill.max_entry_bytes,
+            )),
+            _ => None,
+        };
         let strip = route.injected_usage && sse;
         let meter = (200..300).contains(&status).then(|| {
             UsageMeter::new(
@@ -672,11 +854,16 @@ impl Exchange {
                 complete: end_of_stream,
                 headers_at_ms: now_ms,
                 first_byte_at_ms: None,
+                capture,
             },
         };
+        let mut set = ratelimit_headers;
+        if let Some(cache) = route.cache {
+            set.push(("x-sluice-cache".into(), cache.as_str().into()));
+        }
         ResponseEdits {
             remove_content_length: strip,
-            set: ratelimit_headers,
+            set,
         }
     }
 
@@ -696,6 +883,9 @@ impl Exchange {
         if end_of_stream {
             response.complete = true;
         }
+        if let Some(capture) = response.capture.as_mut() {
+            capture.keep(chunk);
+        }
         match response.meter.as_mut() {
             Some(meter) => meter.feed(chunk, end_of_stream),
             None => Passthrough::Unchanged,
@@ -705,7 +895,7 @@ impl Exchange {
     /// The host could not carry out a step (a host call failed mid-edit): the request must
     /// not go upstream half-rewritten. Gives back what it holds now and answers 500 in the
     /// client's format.
-    pub fn fail(&mut self, store: &dyn Store, now_ms: u64) -> Failed {
+    pub fn fail(&mut self, policy: &Policy, store: &dyn Store, now_ms: u64) -> Failed {
         let err = ApiError::new(
             ErrorKind::Internal,
             "The gateway failed to process the request.",
@@ -719,6 +909,8 @@ impl Exchange {
                 admitting.abandoned(),
             ),
             Stage::Reading { owner, .. } => (Known::Tenant(owner), Claims::default()),
+            Stage::CacheLookup(c) | Stage::CacheWait(c) => c.admitted.refused(Place::Nowhere),
+            Stage::Cached { admitted, .. } => admitted.refused(Place::Nowhere),
             Stage::Queued { admitted, wait, .. } => admitted.refused(Place::Waiting(wait)),
             Stage::Forwarded { upstream, .. } | Stage::Responding { upstream, .. } => {
                 let place = upstream.slot.map_or(Place::Nowhere, Place::Holding);
@@ -732,15 +924,17 @@ impl Exchange {
                     reply,
                     settle_failures: Vec::new(),
                     settlement: None,
+                    cache_call: None,
                 };
             }
         };
-        let given_back = claims.give_back(store, 0, 0, now_ms);
+        let given_back = claims.give_back(policy, store, 0, 0, now_ms);
         self.replied(&reply, Some(err.kind.reason()), known, Claims::default());
         Failed {
             reply,
             settle_failures: given_back.failures,
             settlement: given_back.settlement,
+            cache_call: given_back.cache_call,
         }
     }
 
@@ -757,14 +951,32 @@ impl Exchange {
     ) -> Option<Completion> {
         self.sync_wait();
         let client_left = details.is_some_and(|d| d.contains("downstream"));
-        let stage = std::mem::replace(&mut self.stage, Stage::Finished);
-        let (ending, claims) = ending::decide(stage, self.flavour, client_left, policy)?;
-        let given_back = claims.give_back(
-            store,
+        let mut stage = std::mem::replace(&mut self.stage, Stage::Finished);
+        let captured = match &mut stage {
+            Stage::Responding { response, .. } if response.complete => {
+                response.capture.take().filter(Capture::storable)
+            }
+            _ => None,
+        };
+        let (ending, mut claims) = ending::decide(stage, self.flavour, client_left, policy)?;
+        // Only a complete 200 whose usage the provider reported is stored.
+        let storable = ending.outcome == Outcome::Success
+            && ending.status == 200
+            && !ending.usage.estimated
+            && !ending.usage.suspicious;
+        let mut cache_call = None;
+        if let (Some(capture), Some(fill), Some(model), true) =
+            (captured, claims.fill, ending.model, storable)
+        {
+            cache_call = caching::store(policy, store, fill, model, capture, now_ms);
+            // The stored entry replaced the fill.
+            claims.fill = None;
+        }
+        let tokens = crate::cache::charge(
             ending.usage.usage.total(),
-            ending.cost_micro_usd,
-            now_ms,
+            ending::charged_ppm(policy, &ending),
         );
+        let given_back = claims.give_back(policy, store, tokens, ending.cost_micro_usd, now_ms);
         crate::metrics::record_ending(metrics, &ending);
         let record = crate::accounting::usage_record(policy, self.request_id.as_deref(), &ending);
         Some(Completion {
@@ -775,6 +987,7 @@ impl Exchange {
             settle_failures: given_back.failures,
             released_slot: given_back.released_slot,
             settlement: given_back.settlement,
+            cache_call: cache_call.or(given_back.cache_call),
         })
     }
 }

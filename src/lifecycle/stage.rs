@@ -5,8 +5,11 @@ use super::ending::Claims;
 use super::queue::{Place, Slot, Wait};
 use crate::admission::{Held, PendingGlobal};
 use crate::auth::KeyOwner;
-use crate::policy::{ModelId, ProviderId};
+use crate::cache::request::{Ask, Directive};
+use crate::cache::{CacheKey, CacheOutcome};
+use crate::policy::{ModelId, ProviderId, TenantId};
 use crate::routing::Api;
+use crate::usage::MeterResult;
 use crate::usage::UsageMeter;
 
 /// Who asks, through which API: known once the request headers pass.
@@ -26,6 +29,22 @@ pub struct Route {
     pub injected_usage: bool,
     /// Prompt tokens estimated from the request body.
     pub prompt_estimate: u64,
+    /// What the response cache did (or will do: `Miss` until a lookup hits); `None` when
+    /// it is off for the tenant and model.
+    pub cache: Option<CacheOutcome>,
+}
+
+/// A cache key this request fetches the response of: it stores the response at its end
+/// (or, having claimed the key, gives the claim back so an identical request can fetch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct FillClaim {
+    pub(super) tenant: TenantId,
+    pub(super) key: CacheKey,
+    /// The key's fill is this request's (single flight); false for a refresh, which
+    /// stores without claiming.
+    pub(super) claimed: bool,
+    /// The rule's largest entry: a longer response is not kept.
+    pub(super) max_entry_bytes: u64,
 }
 
 /// A request routed and admitted by every limit that applies: the limits it holds until
@@ -35,6 +54,17 @@ pub(super) struct Admitted {
     pub(super) caller: Caller,
     pub(super) route: Route,
     pub(super) held: Held,
+    /// The response this request fetches for the cache.
+    pub(super) fill: Option<FillClaim>,
+}
+
+/// Admitted, waiting for the cache: the quota service's lookup (global store), or an
+/// identical request's fill (local store).
+#[derive(Debug)]
+pub(super) struct Caching {
+    pub(super) admitted: Admitted,
+    pub(super) ratelimit_headers: Vec<(String, String)>,
+    pub(super) key: CacheKey,
 }
 
 /// Routed, its local limits taken, waiting for the quota service to decide its global
@@ -46,6 +76,8 @@ pub(super) struct Admitting {
     pub(super) pending: PendingGlobal,
     /// The admission's id at the quota service.
     pub(super) id: String,
+    /// What the cache does once it is admitted.
+    pub(super) cache: Option<Ask>,
 }
 
 /// Sent upstream: when, after how long a wait for the provider, holding which slot.
@@ -67,6 +99,48 @@ pub(super) struct UpstreamResponse {
     pub(super) complete: bool,
     pub(super) headers_at_ms: u64,
     pub(super) first_byte_at_ms: Option<u64>,
+    /// The body kept for the cache, while it fits.
+    pub(super) capture: Option<Capture>,
+}
+
+/// A 200 response being kept for the cache, as it came from the provider.
+#[derive(Debug)]
+pub(super) struct Capture {
+    pub(super) content_type: String,
+    pub(super) body: Vec<u8>,
+    /// Most body bytes the entry may hold.
+    pub(super) room: usize,
+    /// It grew past `room`: not stored.
+    pub(super) overflowed: bool,
+}
+
+impl Capture {
+    pub(super) fn new(content_type: &str, max_entry_bytes: u64) -> Self {
+        let max = usize::try_from(max_entry_bytes).unwrap_or(usize::MAX);
+        Capture {
+            content_type: content_type.to_string(),
+            room: max.saturating_sub(content_type.len()),
+            body: Vec::new(),
+            overflowed: false,
+        }
+    }
+
+    /// Whole, and text: a local reply's body is a string.
+    pub(super) fn storable(&self) -> bool {
+        !self.overflowed && std::str::from_utf8(&self.body).is_ok()
+    }
+
+    pub(super) fn keep(&mut self, chunk: &[u8]) {
+        if self.overflowed {
+            return;
+        }
+        if self.body.len() + chunk.len() > self.room {
+            self.overflowed = true;
+            self.body = Vec::new();
+            return;
+        }
+        self.body.extend_from_slice(chunk);
+    }
 }
 
 /// What the gateway knew when it answered a request itself.
@@ -107,6 +181,8 @@ pub(super) enum Stage {
         caller: Caller,
         /// The client's query string (`?` included), kept for the upstream path.
         query: String,
+        /// What the client's `cache-control` asks of the cache.
+        directive: Directive,
     },
     /// Waiting for the quota service's decision on the global limits.
     Admitting(Admitting),
@@ -114,6 +190,15 @@ pub(super) enum Stage {
     Reading {
         owner: KeyOwner,
         draft: super::usage_report::Draft,
+    },
+    /// Waiting for the quota service's cache lookup (global store).
+    CacheLookup(Caching),
+    /// Waiting for an identical request to fetch the response (local store).
+    CacheWait(Caching),
+    /// Answered from the cache.
+    Cached {
+        admitted: Admitted,
+        usage: MeterResult,
     },
     /// Waiting for a slot of a full provider.
     Queued {
@@ -143,7 +228,8 @@ impl Stage {
             Stage::AwaitingBody { caller, .. } => Known::Request(*caller),
             Stage::Admitting(a) => Known::Routed(a.caller, a.route),
             Stage::Reading { owner, .. } => Known::Tenant(*owner),
-            Stage::Queued { admitted, .. } => admitted.known(),
+            Stage::Queued { admitted, .. } | Stage::Cached { admitted, .. } => admitted.known(),
+            Stage::CacheLookup(c) | Stage::CacheWait(c) => c.admitted.known(),
             Stage::Forwarded { upstream, .. } | Stage::Responding { upstream, .. } => {
                 upstream.admitted.known()
             }
@@ -162,6 +248,7 @@ impl Admitted {
         Claims {
             held: self.held,
             place,
+            fill: self.fill,
         }
     }
 

@@ -196,7 +196,7 @@ fn a_host_failure_answers_500_in_the_clients_format_and_gives_everything_back() 
     assert_eq!(step.next, Next::Continue);
     // Holding the tenant's one concurrent request and the provider's one slot.
     assert_eq!(reply_of(&send_claude(&p, &store).1).0.status, 429);
-    let failed = ex.fail(&store, 5);
+    let failed = ex.fail(&p, &store, 5);
     assert!(failed.settle_failures.is_empty());
     let (status, body) = (failed.reply.status, failed.reply.body.clone());
     let body: Value = serde_json::from_str(&body).unwrap();
@@ -241,7 +241,7 @@ fn a_host_failure_answers_500_in_the_clients_format_and_gives_everything_back() 
 fn a_host_failure_before_routing_holds_nothing() {
     let p = policy();
     let mut ex = Exchange::new();
-    let failed = ex.fail(&MemoryStore::new(), 0);
+    let failed = ex.fail(&p, &MemoryStore::new(), 0);
     let body: Value = serde_json::from_str(&failed.reply.body).unwrap();
     assert_eq!(
         (failed.reply.status, body["error"]["type"].as_str()),

@@ -2,6 +2,7 @@
 //! `ending.rs`; providers' queues in `queue.rs`; global limits (the quota service's
 //! answers, settlements, the usage endpoint) in `global.rs`.
 
+mod cache;
 mod ending;
 mod global;
 mod queue;
