@@ -1,8 +1,9 @@
 //! The HTTP layer: one POST path per operation of the wire contract, JSON in and out,
 //! HTTP/1.1 and HTTP/2 with prior knowledge (h2c) on one port, as Envoy calls it over an
-//! HTTP/2 cluster.
+//! HTTP/2 cluster. The cache's lookups answer bytes (a status byte, then the entry), and its
+//! stores send them (a JSON header line, then the entry).
 
-use crate::engine::{Engine, Error};
+use crate::engine::{CacheAnswer, Engine, Error};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -15,17 +16,21 @@ use hyper_util::server::graceful::GracefulShutdown;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sluice::global::wire::{
-    AdmitBatch, AdmitRequest, ErrorReply, PeekRequest, RenewRequest, SettleRequest,
-    ADMIT_BATCH_PATH, ADMIT_PATH, HEALTH_PATH, PEEK_PATH, RENEW_PATH, SETTLE_PATH,
+    cache_answer, AdmitBatch, AdmitRequest, CacheLookup, CacheRelease, CacheStoreHeader,
+    ErrorReply, PeekRequest, RenewRequest, SettleRequest, ADMIT_BATCH_PATH, ADMIT_PATH,
+    CACHE_LOOKUP_PATH, CACHE_RELEASE_PATH, CACHE_STORE_PATH, HEALTH_PATH, PEEK_PATH, RENEW_PATH,
+    SETTLE_PATH,
 };
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 
 /// Far above any real request (a few limits, or a batch of settlements).
 const MAX_BODY_BYTES: usize = 1 << 20;
+/// A cache store carries a whole response: its header line and the entry.
+const MAX_STORE_BYTES: usize = 64 << 20;
 /// How long requests in flight may take to finish after a shutdown signal.
 const DRAIN: Duration = Duration::from_secs(5);
 
@@ -62,6 +67,7 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>, shutdown: impl Fu
 }
 
 async fn handle(engine: Arc<Engine>, request: Request<Incoming>) -> Result<Reply, Infallible> {
+    let arrived = Instant::now();
     let path = request.uri().path().to_string();
     let reply = match path.as_str() {
         HEALTH_PATH => health(&engine, request.method()).await,
@@ -89,6 +95,23 @@ async fn handle(engine: Arc<Engine>, request: Request<Incoming>) -> Result<Reply
         },
         PEEK_PATH => match body::<PeekRequest>(request).await {
             Ok(call) => answer(engine.peek(&call).await),
+            Err(refused) => refused,
+        },
+        CACHE_LOOKUP_PATH => match body::<CacheLookup>(request).await {
+            Ok(call) => looked(engine.cache_lookup(&call, arrived).await),
+            Err(refused) => refused,
+        },
+        CACHE_STORE_PATH => match store_body(request).await {
+            Ok((header, entry)) => answer(engine.cache_store(&header, &entry).await),
+            Err(refused) => refused,
+        },
+        CACHE_RELEASE_PATH => match body::<CacheRelease>(request).await {
+            Ok(call) => answer(
+                engine
+                    .cache_release(&call)
+                    .await
+                    .map(|released| serde_json::json!({ "released": released })),
+            ),
             Err(refused) => refused,
         },
         _ => error(StatusCode::NOT_FOUND, format!("no such path {path:?}")),
@@ -158,26 +181,58 @@ async fn health(engine: &Engine, method: &Method) -> Reply {
 
 /// The request's JSON body, or the answer refusing it.
 async fn body<T: DeserializeOwned>(request: Request<Incoming>) -> Result<T, Reply> {
+    let bytes = posted(request, MAX_BODY_BYTES).await?;
+    serde_json::from_slice(&bytes)
+        .map_err(|problem| error(StatusCode::BAD_REQUEST, format!("body: {problem}")))
+}
+
+/// A cache store's header (its first line, JSON) and entry (every byte after that line's
+/// `\n`, which may hold any byte, `\n` included), or the answer refusing them.
+async fn store_body(request: Request<Incoming>) -> Result<(CacheStoreHeader, Bytes), Reply> {
+    let mut bytes = posted(request, MAX_STORE_BYTES).await?;
+    let Some(newline) = bytes.iter().position(|&b| b == b'\n') else {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "body: no newline after the JSON header line".into(),
+        ));
+    };
+    let entry = bytes.split_off(newline + 1);
+    let header = serde_json::from_slice(&bytes[..newline])
+        .map_err(|problem| error(StatusCode::BAD_REQUEST, format!("header: {problem}")))?;
+    Ok((header, entry))
+}
+
+/// The body of a POST, at most `limit` bytes, or the answer refusing it.
+async fn posted(request: Request<Incoming>, limit: usize) -> Result<Bytes, Reply> {
     if request.method() != Method::POST {
         return Err(error(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{} takes POST", request.uri().path()),
         ));
     }
-    let bytes = match Limited::new(request.into_body(), MAX_BODY_BYTES)
-        .collect()
-        .await
-    {
-        Ok(collected) => collected.to_bytes(),
-        Err(problem) => {
-            return Err(error(
-                StatusCode::BAD_REQUEST,
-                format!("body: {problem} (at most {MAX_BODY_BYTES} bytes)"),
-            ))
+    match Limited::new(request.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(problem) => Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("body: {problem} (at most {limit} bytes)"),
+        )),
+    }
+}
+
+/// A lookup's answer: its status byte, then a hit's entry.
+fn looked(result: Result<CacheAnswer, Error>) -> Reply {
+    let body = match result {
+        Ok(CacheAnswer::Hit(entry)) => {
+            let mut body = Vec::with_capacity(1 + entry.len());
+            body.push(cache_answer::HIT);
+            body.extend_from_slice(&entry);
+            body
         }
+        Ok(CacheAnswer::Fill) => vec![cache_answer::FILL],
+        Ok(CacheAnswer::Busy) => vec![cache_answer::BUSY],
+        Err(problem) => return answer::<()>(Err(problem)),
     };
-    serde_json::from_slice(&bytes)
-        .map_err(|problem| error(StatusCode::BAD_REQUEST, format!("body: {problem}")))
+    with_type(StatusCode::OK, body, "application/octet-stream")
 }
 
 fn answer<T: Serialize>(result: Result<T, Error>) -> Reply {

@@ -1,18 +1,20 @@
 //! The quota service over a real Redis Cluster (three primaries on loopback): a request
 //! whose limits live in two hash slots (a tenant's and a provider's) is still all or
-//! nothing, and settles once.
+//! nothing, and settles once; the response cache works within each tenant's hash slot.
 
 // Test code: a failed step should stop the test loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
 
+use sluice::global::wire::{cache_answer, CacheStored};
 use sluice::global::wire::{
     AdmitReply, Lease, PeekItem, PeekReply, PeekRequest, RenewReply, RenewRequest, SettleItem,
     SettleOutcome, SettleReply, SettleRequest, Settlement, ADMIT_PATH, PEEK_PATH, RENEW_PATH,
     SETTLE_PATH,
 };
 use sluice::limits::Demand;
+use support::cache::{key, lookup, peek, release, store, stored};
 use support::{admit, concurrency, monthly, rate, RedisCluster, Service};
 
 fn settlement(id: &str, month: u32, demands: &[Demand], actual: u64) -> SettleRequest {
@@ -125,4 +127,55 @@ async fn limits_in_two_hash_slots_are_all_or_nothing_and_settle_once() {
     let again: SettleReply = api.call(SETTLE_PATH, &settle).await;
     assert_eq!(again.outcomes, vec![SettleOutcome::Duplicate]);
     assert_eq!(remaining(api, &demands).await[2], 9_990);
+}
+
+#[tokio::test]
+async fn the_cache_round_trips_and_evicts_within_each_tenants_slot() {
+    let cluster = RedisCluster::start();
+    let service = Service::over_cluster(&cluster.urls()).await;
+    let api = &service.api;
+    // Tenants in different hash slots, one on each node.
+    let tenants = ["acme", "umbrella", "stark"];
+    let (first, second) = (key(0xa1), key(0xa2));
+    for tenant in tenants {
+        assert_eq!(peek(api, tenant, &first).await, cache_answer::FILL);
+        let entry = format!("{tenant}\n\x00\u{ff}").into_bytes();
+        assert_eq!(
+            store(api, tenant, &first, 60_000, 100, &entry).await,
+            stored(0)
+        );
+        assert_eq!(
+            lookup(api, tenant, &first, 5_000, 0).await,
+            (cache_answer::HIT, entry)
+        );
+        // Evicting runs inside the script, on keys it derives: they share the tenant's slot.
+        assert_eq!(
+            store(api, tenant, &second, 120_000, 100, &[b'x'; 95]).await,
+            stored(1)
+        );
+        assert_eq!(peek(api, tenant, &first).await, cache_answer::FILL);
+        assert!(release(api, tenant, &first).await);
+        assert_eq!(
+            store(api, tenant, &first, 60_000, 10, &[b'y'; 11]).await,
+            CacheStored {
+                stored: false,
+                evicted: 0
+            }
+        );
+    }
+    // Each tenant was on its own node (each node has a third of the slots).
+    let mut node = cluster.nodes[0].sync_connection();
+    let mut thirds: Vec<u16> = tenants
+        .iter()
+        .map(|tenant| {
+            let slot: u16 = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(format!("{{t:{tenant}}}"))
+                .query(&mut node)
+                .unwrap();
+            slot / 5461
+        })
+        .collect();
+    thirds.sort_unstable();
+    assert_eq!(thirds, vec![0, 1, 2]);
 }

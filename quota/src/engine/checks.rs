@@ -111,6 +111,45 @@ pub(crate) fn distinct_keys<'a>(keys: impl Iterator<Item = &'a str>) -> Result<(
     Ok(())
 }
 
+/// The longest fill lock or wait of a cache lookup: a lookup never holds a fetch, or a
+/// caller, longer than this.
+pub(crate) const MAX_CACHE_WAIT_MS: u64 = 10 * 60_000;
+/// The longest a cached response lives.
+pub(crate) const MAX_CACHE_TTL_MS: u64 = 30 * 86_400_000;
+
+/// A cache key: 64 lowercase hex digits (a SHA-256), as the filter names it. Nothing else
+/// may reach a Redis key name.
+pub(crate) fn cache_key(value: &str, what: &str) -> Result<(), Error> {
+    let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+    if value.len() != 64 || !value.bytes().all(hex) {
+        return Err(Error::BadRequest(format!(
+            "{what}: {value:?} is not 64 lowercase hex digits"
+        )));
+    }
+    Ok(())
+}
+
+/// A tenant id is the hash tag of its cache keys (`{t:<tenant>}`): empty would be shared by
+/// every misconfigured caller, and a brace would end the tag early.
+pub(crate) fn tenant(value: &str, what: &str) -> Result<(), Error> {
+    if value.is_empty() || value.contains(['{', '}']) {
+        return Err(Error::BadRequest(format!(
+            "{what}: {value:?} must be non-empty, without `{{` or `}}`"
+        )));
+    }
+    Ok(())
+}
+
+/// A duration of at least `min` and at most `max` ms.
+pub(crate) fn ms_between(value: u64, min: u64, max: u64, what: &str) -> Result<u64, Error> {
+    if value < min || value > max {
+        return Err(Error::BadRequest(format!(
+            "{what}: {value} is not between {min} and {max} ms"
+        )));
+    }
+    Ok(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,5 +195,20 @@ mod tests {
         assert!(lease_amount(LimitKind::Monthly { limit: 5 }, 2, "d").is_ok());
         assert!(distinct_keys(["a", "b"].into_iter()).is_ok());
         assert!(distinct_keys(["a", "b", "a"].into_iter()).is_err());
+    }
+
+    #[test]
+    fn cache_keys_tenants_and_times() {
+        let key = "0123456789abcdef".repeat(4);
+        assert!(cache_key(&key, "key").is_ok());
+        assert!(cache_key(&key.to_uppercase(), "key").is_err());
+        assert!(cache_key(&key[1..], "key").is_err());
+        assert!(cache_key(&format!("{}g", &key[1..]), "key").is_err());
+        assert!(tenant("acme", "tenant").is_ok());
+        assert!(tenant("", "tenant").is_err());
+        assert!(tenant("a}b", "tenant").is_err());
+        assert_eq!(ms_between(0, 0, 5, "wait_ms"), Ok(0));
+        assert!(ms_between(0, 1, 5, "fill_ms").is_err());
+        assert!(ms_between(6, 1, 5, "fill_ms").is_err());
     }
 }

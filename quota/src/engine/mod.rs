@@ -7,12 +7,15 @@
 //! provider limits another, run in order, and a refusal by a later one gives back what the
 //! earlier ones took (each group keeps its own reservation record, so settlement stays
 //! exactly-once per group). On a single Redis (or Valkey, or a Sentinel-managed primary)
-//! every call is one script, as written.
+//! every call is one script, as written. The response cache's calls (`cache.rs`) name one
+//! tenant's keys only, so they are one script on either.
 
+mod cache;
 mod checks;
 mod reply;
 mod scripts;
 
+pub use cache::CacheAnswer;
 pub use scripts::CALENDAR;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};

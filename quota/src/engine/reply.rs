@@ -3,7 +3,9 @@
 
 use super::Error;
 use redis::{FromRedisValue, Value};
-use sluice::global::wire::{AdmitReply, PeekReply, Reading, RenewReply, SettleOutcome};
+use sluice::global::wire::{
+    AdmitReply, CacheStored, PeekReply, Reading, RenewReply, SettleOutcome,
+};
 use sluice::limits::Snapshot;
 
 const ADMITTED: i64 = 0;
@@ -79,6 +81,47 @@ pub(crate) fn peek(value: Value, items: usize) -> Result<Decided<PeekReply>, Err
             Ok(Decided::Done(PeekReply { readings }))
         }
         _ => Err(unexpected(&numbers)),
+    }
+}
+
+/// What one run of `cache_lookup.lua` found.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Looked {
+    /// The entry's bytes.
+    Hit(Vec<u8>),
+    /// The caller holds the fill lock now.
+    Fill,
+    /// Another call holds it.
+    Busy,
+}
+
+pub(crate) fn cache_lookup(value: Value) -> Result<Looked, Error> {
+    match value {
+        Value::BulkString(entry) => Ok(Looked::Hit(entry)),
+        Value::Int(1) => Ok(Looked::Fill),
+        Value::Int(0) => Ok(Looked::Busy),
+        other => Err(Error::Redis(format!(
+            "redis: unexpected cache lookup reply {other:?}"
+        ))),
+    }
+}
+
+pub(crate) fn cache_store(value: Value) -> Result<CacheStored, Error> {
+    let numbers = integers(value)?;
+    match numbers.as_slice() {
+        [stored @ (0 | 1), evicted] => Ok(CacheStored {
+            stored: *stored == 1,
+            evicted: count(*evicted)?,
+        }),
+        _ => Err(unexpected(&numbers)),
+    }
+}
+
+pub(crate) fn cache_release(value: Value) -> Result<bool, Error> {
+    match i64::from_redis_value(value)? {
+        0 => Ok(false),
+        1 => Ok(true),
+        other => Err(unexpected(&[other])),
     }
 }
 
@@ -182,5 +225,28 @@ mod tests {
         };
         assert_eq!(peeked.readings[0].used, 120);
         assert!(peek(array(&[0, 1, 60, 0, 1]), 1).is_err());
+    }
+
+    #[test]
+    fn cache_replies() {
+        let bytes = vec![0, b'\n', 0xff];
+        assert_eq!(
+            cache_lookup(Value::BulkString(bytes.clone())).unwrap(),
+            Looked::Hit(bytes)
+        );
+        assert_eq!(cache_lookup(Value::Int(1)).unwrap(), Looked::Fill);
+        assert_eq!(cache_lookup(Value::Int(0)).unwrap(), Looked::Busy);
+        assert!(cache_lookup(Value::Int(2)).is_err());
+        assert_eq!(
+            cache_store(array(&[1, 3])).unwrap(),
+            CacheStored {
+                stored: true,
+                evicted: 3
+            }
+        );
+        assert!(!cache_store(array(&[0, 0])).unwrap().stored);
+        assert!(cache_store(array(&[2, 0])).is_err());
+        assert!(cache_release(Value::Int(1)).unwrap());
+        assert!(!cache_release(Value::Int(0)).unwrap());
     }
 }

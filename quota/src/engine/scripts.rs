@@ -15,6 +15,13 @@ macro_rules! with_prelude {
     };
 }
 
+/// The helpers alone: the cache's scripts count bytes and read the clock, nothing more.
+macro_rules! with_common {
+    ($body:literal) => {
+        concat!(include_str!("../scripts/common.lua"), include_str!($body))
+    };
+}
+
 /// The calendar alone, with `month_of(ms)` defined: tests check it against
 /// `sluice::limits::month_index`.
 pub const CALENDAR: &str = concat!(
@@ -27,6 +34,9 @@ pub(crate) struct Scripts {
     pub(crate) settle: Script,
     pub(crate) renew: Script,
     pub(crate) peek: Script,
+    pub(crate) cache_lookup: Script,
+    pub(crate) cache_store: Script,
+    pub(crate) cache_release: Script,
 }
 
 impl Scripts {
@@ -36,6 +46,9 @@ impl Scripts {
             settle: Script::new(with_prelude!("../scripts/settle.lua")),
             renew: Script::new(with_prelude!("../scripts/renew.lua")),
             peek: Script::new(with_prelude!("../scripts/peek.lua")),
+            cache_lookup: Script::new(with_common!("../scripts/cache_lookup.lua")),
+            cache_store: Script::new(with_common!("../scripts/cache_store.lua")),
+            cache_release: Script::new(with_common!("../scripts/cache_release.lua")),
         }
     }
 }

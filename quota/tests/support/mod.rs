@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod cache;
+
 use redis::aio::MultiplexedConnection;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -299,6 +301,29 @@ impl Api {
         let answer = serde_json::from_str(&text)
             .unwrap_or_else(|_| panic!("{path}: not JSON ({status}): {text:?}"));
         (status, answer)
+    }
+
+    /// POSTs raw bytes: the status, the answer's content type and its bytes.
+    pub async fn bytes(&self, path: &str, body: Vec<u8>) -> (u16, String, Vec<u8>) {
+        let response = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        (
+            status,
+            content_type,
+            response.bytes().await.unwrap().to_vec(),
+        )
     }
 
     pub async fn health(&self) -> (u16, String) {
