@@ -4,13 +4,16 @@
 Usage: scripts/cluster_config.py [--base FILE] [--listener-port N] [--admin-port N]
                                  [--access-log PATH] [--quota-host HOST] [--quota-port N]
                                  [--on-engine-failure deny|local] [--timeout-ms N]
-                                 [--lease-ms N] [--settle-attempts N] [--out FILE]
+                                 [--lease-ms N] [--settle-attempts N]
+                                 [--cache-store global|local] [--out FILE]
 
 Prints (or writes to --out) the base Envoy config (default envoy/demo.yaml) with:
   - a `global` section in the Sluice JSON: the quota service's cluster `sluice_quota`, every
     tenant and tenant-model limit global and every provider limit global (requests_per_minute,
     tokens_per_minute, concurrent_requests, monthly_tokens, monthly_budget_usd),
     on_engine_failure (default deny), timeout_ms 50, lease_ms 30000, settle_attempts 3;
+  - a `cache_store` section: the response cache in Redis, shared by every gateway
+    (--cache-store global, default) or in each gateway's shared data (local);
   - the cluster `sluice_quota`: HTTP/2 (h2c) to the quota service, STATIC on --quota-host
     (default 127.0.0.1) port --quota-port (default 18090);
   - only if given: the listener's port (--listener-port), the admin port (--admin-port) and
@@ -73,8 +76,9 @@ def global_section(on_engine_failure="deny", timeout_ms=50, lease_ms=30000, sett
     return section
 
 
-def add_global(text, section, source):
-    """Adds `"global": {...}` as the first member of the plugin's JSON (the `value: |` block).
+def add_global(text, section, source, cache_store=None):
+    """Adds `"global": {...}` (and `"cache_store": {...}` if given) as the first members of the
+    plugin's JSON (the `value: |` block).
 
     Inserted as text, so the rest of the JSON (and its layout) is kept byte for byte; the result
     is parsed again and must equal the original plus the section."""
@@ -103,16 +107,23 @@ def add_global(text, section, source):
     expect(isinstance(config, dict), f"plugin configuration in {source} is not a JSON object")
     expect("global" not in config, f"plugin configuration in {source} already has a `global` "
                                    "section")
+    expect("cache_store" not in config or cache_store is None,
+           f"plugin configuration in {source} already has a `cache_store` section")
     brace = json_text.index("{")
-    # One member per line, aligned under the first: {"cluster": ...,\n  "timeout_ms": ...}
-    opening = " " * (indent + 2) + '"global": {'
-    members = [f"{json.dumps(k)}: {json.dumps(v)}" for k, v in section.items()]
-    member = "\n" + opening + (",\n" + " " * len(opening)).join(members) + "},"
+    added = {"global": section}
+    if cache_store is not None:
+        added["cache_store"] = cache_store
+    member = ""
+    for name, value in added.items():
+        # One member per line, aligned under the first: {"cluster": ...,\n  "timeout_ms": ...}
+        opening = " " * (indent + 2) + json.dumps(name) + ": {"
+        members = [f"{json.dumps(k)}: {json.dumps(v)}" for k, v in value.items()]
+        member += "\n" + opening + (",\n" + " " * len(opening)).join(members) + "},"
     if not re.match(r"[ \t]*\n", json_text[brace + 1:]):
         # One-line JSON ({"max_body_bytes":...}): the rest goes on its own, deeper line.
         member += "\n" + " " * (indent + 2)
     new_json = json_text[:brace + 1] + member + json_text[brace + 1:]
-    expect(json.loads(new_json) == {"global": section, **config},
+    expect(json.loads(new_json) == {**added, **config},
            f"plugin configuration in {source}: adding `global` changed something else")
     start = match.end()
     return text[:start] + new_json + text[start + len(json_text):]
@@ -147,7 +158,7 @@ def add_quota_cluster(text, host, port, cluster_type, source):
 
 
 def generate(base, source, listener_port=None, admin_port=None, access_log=None,
-             quota_host="127.0.0.1", quota_port=18090, section=None):
+             quota_host="127.0.0.1", quota_port=18090, section=None, cache_store=None):
     out = base
     if admin_port is not None:
         out = sub_exact(out, r"^(admin:\n  address:\n    socket_address: \{ address: [^,]+, "
@@ -161,7 +172,7 @@ def generate(base, source, listener_port=None, admin_port=None, access_log=None,
     if access_log is not None:
         out = sub_exact(out, r"^( +path: )\S+\.log\n",
                         lambda m: f"{m.group(1)}{access_log}\n", 1, "access log path", source)
-    out = add_global(out, section or global_section(), source)
+    out = add_global(out, section or global_section(), source, cache_store)
     out = add_quota_cluster(out, quota_host, quota_port, "STATIC", source)
     return out
 
@@ -214,6 +225,9 @@ def parse_args(argv):
                         help="concurrency lease (default 30000)")
     parser.add_argument("--settle-attempts", type=positive, default=3,
                         help="settlement tries (default 3)")
+    parser.add_argument("--cache-store", choices=["local", "global"], default="global",
+                        help="where cached responses live: in Redis, shared by every gateway "
+                             "(global, default), or in each gateway's own shared data (local)")
     parser.add_argument("--out", type=Path, help="write here instead of stdout")
     return parser.parse_args(argv)
 
@@ -234,7 +248,8 @@ def main(argv):
                              args.settle_attempts)
     try:
         out = generate(base, args.source, args.listener_port, args.admin_port, args.access_log,
-                       args.quota_host, args.quota_port, section)
+                       args.quota_host, args.quota_port, section,
+                       {"engine": args.cache_store})
     except GeneratorError as e:
         print(f"cluster_config.py: cannot generate from {args.source}: {e}", file=sys.stderr)
         return 1

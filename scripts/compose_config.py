@@ -107,10 +107,10 @@ def generate(demo):
     clusters = endpoint.sub(lambda m: m.group(1) + MOCK_HOST + m.group(2), clusters)
     out = head + sep + clusters
 
-    # Global limits through the quota service, as in `make demo-cluster`.
+    # Global limits and the response cache through the quota service, as in `make demo-cluster`.
     try:
         out = cluster_config.add_global(out, cluster_config.global_section(on_engine_failure="deny"),
-                                        "envoy/demo.yaml")
+                                        "envoy/demo.yaml", {"engine": "global"})
         out = cluster_config.add_quota_cluster(out, QUOTA_HOST, QUOTA_PORT, "STRICT_DNS",
                                                "envoy/demo.yaml")
     except cluster_config.GeneratorError as e:

@@ -71,14 +71,14 @@ fn kill_with_parent(cmd: &mut Command) {
 }
 
 /// A private Redis with its data in `dir` (append-only file on, as production should).
-struct Redis {
+pub(crate) struct Redis {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
 }
 
 impl Redis {
-    fn start(dir: &Path) -> Redis {
+    pub(crate) fn start(dir: &Path) -> Redis {
         let mut redis = Redis {
             child: None,
             port: free_port(),
@@ -159,14 +159,14 @@ impl Drop for Redis {
 }
 
 /// The quota service, pointed at one Redis.
-struct Quota {
+pub(crate) struct Quota {
     child: Option<Child>,
-    port: u16,
+    pub(crate) port: u16,
     log: PathBuf,
 }
 
 impl Quota {
-    fn start(redis: &Redis, dir: &Path, env: &[(&str, &str)]) -> Quota {
+    pub(crate) fn start(redis: &Redis, dir: &Path, env: &[(&str, &str)]) -> Quota {
         let port = free_port();
         let log = dir.join(format!("quota-{port}.log"));
         let out = std::fs::File::create(&log).unwrap();
@@ -202,7 +202,7 @@ impl Drop for Quota {
 }
 
 /// How the gateways are configured for global limits (scripts/cluster_config.py).
-struct GlobalOptions {
+pub(crate) struct GlobalOptions {
     on_engine_failure: &'static str,
     lease_ms: u64,
     timeout_ms: u64,
@@ -224,7 +224,7 @@ impl Default for GlobalOptions {
 
 /// The demo configuration for one gateway of a cluster: this test's mocks and free ports,
 /// every tenant and provider limit global through the quota service on `quota_port`.
-async fn global_gateway(quota_port: u16, opts: &GlobalOptions) -> Gateway {
+pub(crate) async fn global_gateway(quota_port: u16, opts: &GlobalOptions) -> Gateway {
     let mocks = Mocks::start().await;
     let dir = unique_dir();
     let edit: Option<ConfigEdit> = opts.plugin_config.map(|f| Box::new(f) as ConfigEdit);

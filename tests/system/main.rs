@@ -6,6 +6,7 @@ mod harness;
 mod limits;
 
 mod auth;
+mod cache;
 mod config;
 mod deploy;
 mod fairness;
