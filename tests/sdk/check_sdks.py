@@ -77,6 +77,25 @@ try:
 except openai.PermissionDeniedError as err:
     check("allow-list raises PermissionDeniedError", err.status_code == 403, err)
 
+# The response cache (demo: acme's gpt-4.1 family, deterministic requests): a miss, then a hit
+# with the same answer, read through the SDK's raw response; and a streamed hit the SDK parses.
+cached = dict(model="gpt-4.1", temperature=0, messages=[{"role": "user", "content": "Cache me"}])
+first = oa.chat.completions.with_raw_response.create(**cached)
+again = oa.chat.completions.with_raw_response.create(**cached)
+check("cache miss then hit",
+      (first.headers.get("x-sluice-cache"), again.headers.get("x-sluice-cache")) == ("miss", "hit"),
+      (first.headers, again.headers))
+check("cache hit answers the same", again.parse().choices[0].message.content
+      == first.parse().choices[0].message.content and again.parse().usage.total_tokens > 0)
+streamed_text = []
+for cached_stream in range(2):
+    parts = oa.chat.completions.create(**cached, stream=True, stream_options={"include_usage": True})
+    chunks = list(parts)
+    streamed_text.append("".join(c.choices[0].delta.content or "" for c in chunks if c.choices))
+    check(f"cached stream {cached_stream} has usage", chunks[-1].usage is not None, chunks[-1])
+check("cached stream replays the text", streamed_text[0] and streamed_text[0] == streamed_text[1],
+      streamed_text)
+
 an = anthropic.Anthropic(base_url=BASE, api_key=ACME, max_retries=0)
 m = an.messages.create(model="claude-sonnet-4.5", max_tokens=32, messages=[{"role": "user", "content": "Hello"}])
 check("anthropic messages", m.content[0].text and m.usage.input_tokens > 0, m)
