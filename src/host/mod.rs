@@ -278,7 +278,9 @@ impl SluiceRoot {
                 LogLevel::Warn,
                 &format!("sluice: carrying on stream {context}: {why}"),
             );
-            // Never leave it hanging: answer 500 and give back what it holds.
+            // Never leave it hanging: answer 500 (on its own stream) and give back what
+            // it holds.
+            let _ = hostcalls::set_effective_context(context);
             let failed = exchange
                 .try_borrow_mut()
                 .map(|mut ex| ex.fail(&c.policy, &SharedData, now_ms()));

@@ -614,6 +614,18 @@ fn cache_configuration_is_strict() {
         bad(json!({"cache_store": {"engine": "global"}})).contains("needs the `global` section")
     );
     assert!(bad(json!({"cache_store": {"engine": "redis"}})).contains("cache_store.engine"));
+    // A tenant's own `cache` replaces its tier's as a whole: `models: []` turns it off.
+    let p = cache_policy(json!({"tenants": [
+        {"id": "acme", "tier": "gold", "keys": [{"id": "k1", "sha256": sha256_hex("sk-acme")}],
+         "cache": {"models": []}},
+        {"id": "globex", "tier": "gold", "keys": [{"id": "k1", "sha256": sha256_hex("sk-globex")}],
+         "cache": {"models": ["gpt-4o"], "ttl_s": 5}}
+    ]}));
+    let (acme, globex) = (crate::policy::TenantId::new(0), crate::policy::TenantId::new(1));
+    let (gpt41, gpt4o) = (crate::policy::ModelId::new(0), crate::policy::ModelId::new(1));
+    assert!(p.cache_rule(acme, gpt41).is_none());
+    assert!(p.cache_rule(globex, gpt41).is_none());
+    assert_eq!(p.cache_rule(globex, gpt4o).map(|r| r.ttl_ms), Some(5_000));
     let huge = json!({"cache_store": {"slots": 1000000},
         "tiers": {"gold": {"models": ["*"], "cache": {"max_entry_bytes": 16000000}}}});
     assert!(bad(huge).contains("4 GiB"));
