@@ -2,7 +2,7 @@
 //! for the global store a real Redis and the real quota service shared by two Envoys.
 //! The demo configuration caches tenant acme's (gold tier) gpt-4.1 family.
 
-use crate::global::{global_gateway, GlobalOptions, Quota, Redis};
+use crate::global::{two_gateways, GlobalOptions};
 use crate::harness::*;
 use futures_util::future::join_all;
 use serde_json::{json, Value};
@@ -21,26 +21,12 @@ async fn send(
     body: &Value,
     extra: &[(&str, &str)],
 ) -> (u16, String, Vec<u8>) {
-    let mut req = gw
-        .client
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(key)
-        .json(body);
-    for (k, v) in extra {
-        req = req.header(*k, *v);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    let cache = resp
-        .headers()
+    let (status, headers, bytes) = gw.chat_bytes(key, body, extra).await;
+    let cache = headers
         .get("x-sluice-cache")
         .map(|v| v.to_str().unwrap().to_string())
         .unwrap_or_default();
-    (
-        status,
-        cache,
-        resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default(),
-    )
+    (status, cache, bytes)
 }
 
 fn upstream(gw: &Gateway) -> usize {
@@ -314,12 +300,7 @@ async fn a_waiter_goes_upstream_itself_when_its_wait_runs_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_global_cache_is_shared_by_two_envoys() {
-    let dir = unique_dir();
-    let redis = Redis::start(&dir);
-    let quota = Quota::start(&redis, &dir, &[]);
-    let opts = GlobalOptions::default();
-    let a = global_gateway(quota.port, &opts).await;
-    let b = global_gateway(quota.port, &opts).await;
+    let (_redis, quota, a, b) = two_gateways(&GlobalOptions::default()).await;
     let body = ask("one cache for all replicas");
     let (status, cache, first) = send(&a, ACME, &body, &[]).await;
     assert_eq!((status, cache.as_str()), (200, "miss"));

@@ -251,6 +251,16 @@ pub(crate) async fn global_gateway(quota_port: u16, opts: &GlobalOptions) -> Gat
     Gateway::start_config(mocks, dir, &yaml, 2).await
 }
 
+/// A private Redis, the quota service on it, and two gateways using it.
+pub(crate) async fn two_gateways(opts: &GlobalOptions) -> (Redis, Quota, Gateway, Gateway) {
+    let dir = unique_dir();
+    let redis = Redis::start(&dir);
+    let quota = Quota::start(&redis, &dir, &[]);
+    let a = global_gateway(quota.port, opts).await;
+    let b = global_gateway(quota.port, opts).await;
+    (redis, quota, a, b)
+}
+
 /// Restarts a gateway's Envoy with the same configuration (a new process: shared data
 /// starts empty), on new ports.
 async fn restart(gw: &mut Gateway) {
@@ -280,12 +290,7 @@ fn statuses(results: &[(u16, reqwest::header::HeaderMap, Value)]) -> Vec<u16> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_requests_over_two_envoys_admit_exactly_ten() {
-    let dir = unique_dir();
-    let redis = Redis::start(&dir);
-    let quota = Quota::start(&redis, &dir, &[]);
-    let opts = GlobalOptions::default();
-    let a = global_gateway(quota.port, &opts).await;
-    let b = global_gateway(quota.port, &opts).await;
+    let (_redis, _quota, a, b) = two_gateways(&GlobalOptions::default()).await;
     let body = chat_body(16);
     let calls = (0..30).map(|i| {
         let gw = if i % 2 == 0 { &a } else { &b };

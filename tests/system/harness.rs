@@ -321,6 +321,19 @@ impl Gateway {
         body: &Value,
         extra: &[(&str, &str)],
     ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let (status, headers, bytes) = self.chat_bytes(key, body, extra).await;
+        let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, headers, json)
+    }
+
+    /// POST to the chat endpoint with extra headers: status, headers and the raw body
+    /// (empty if the stream broke).
+    pub async fn chat_bytes(
+        &self,
+        key: &str,
+        body: &Value,
+        extra: &[(&str, &str)],
+    ) -> (u16, reqwest::header::HeaderMap, Vec<u8>) {
         let mut req = self
             .client
             .post(self.url("/v1/chat/completions"))
@@ -332,7 +345,8 @@ impl Gateway {
         let resp = req.send().await.unwrap();
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
-        (status, headers, resp.json().await.unwrap_or(Value::Null))
+        let bytes = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
+        (status, headers, bytes)
     }
 
     /// POST a JSON body with a tenant key as Bearer.

@@ -86,6 +86,13 @@ fn respond(
     (edits, out, done)
 }
 
+/// Acme's first `BODY` at 0 ms, answered `JSON_REPLY`: stored.
+fn stored(p: &Policy, store: &MemoryStore) {
+    let (mut first, _) = ask(p, &env_at(store, 0, 1), &[ACME], BODY);
+    let json = "application/json";
+    respond(p, store, &mut first, 200, json, JSON_REPLY, true);
+}
+
 fn record(done: &Completion) -> Value {
     serde_json::from_str(&done.record).unwrap()
 }
@@ -158,16 +165,7 @@ fn a_miss_is_stored_and_the_next_identical_request_is_a_free_hit() {
 fn another_tenant_never_reads_the_entry() {
     let p = cache_policy(json!({}));
     let store = MemoryStore::new();
-    let (mut first, _) = ask(&p, &env_at(&store, 0, 1), &[ACME], BODY);
-    respond(
-        &p,
-        &store,
-        &mut first,
-        200,
-        "application/json",
-        JSON_REPLY,
-        true,
-    );
+    stored(&p, &store);
     let (_, step) = ask(&p, &env_at(&store, 1, 2), &[GLOBEX], BODY);
     assert_eq!(step.next, Next::Continue, "globex misses: its own key");
     let (_, step) = ask(&p, &env_at(&store, 2, 3), &[ACME], BODY);
@@ -344,16 +342,7 @@ fn a_response_larger_than_the_entry_limit_is_not_stored() {
     let p = cache_policy(json!({"tiers": {"gold": {"models": ["*"],
         "cache": {"max_entry_bytes": 100}}}}));
     let store = MemoryStore::new();
-    let (mut first, _) = ask(&p, &env_at(&store, 0, 1), &[ACME], BODY);
-    respond(
-        &p,
-        &store,
-        &mut first,
-        200,
-        "application/json",
-        JSON_REPLY,
-        true,
-    );
+    stored(&p, &store);
     let (_, step) = ask(&p, &env_at(&store, 1, 2), &[ACME], BODY);
     assert_eq!(step.next, Next::Continue);
 }
@@ -362,16 +351,7 @@ fn a_response_larger_than_the_entry_limit_is_not_stored() {
 fn entries_expire_after_their_ttl() {
     let p = cache_policy(json!({}));
     let store = MemoryStore::new();
-    let (mut first, _) = ask(&p, &env_at(&store, 0, 1), &[ACME], BODY);
-    respond(
-        &p,
-        &store,
-        &mut first,
-        200,
-        "application/json",
-        JSON_REPLY,
-        true,
-    );
+    stored(&p, &store);
     let (_, step) = ask(&p, &env_at(&store, 59_000, 2), &[ACME], BODY);
     assert!(matches!(step.next, Next::Reply(_)));
     let (_, step) = ask(&p, &env_at(&store, 60_004, 3), &[ACME], BODY);
@@ -382,16 +362,7 @@ fn entries_expire_after_their_ttl() {
 fn no_store_bypasses_no_cache_refreshes_and_uncacheable_requests_bypass() {
     let p = cache_policy(json!({}));
     let store = MemoryStore::new();
-    let (mut first, _) = ask(&p, &env_at(&store, 0, 1), &[ACME], BODY);
-    respond(
-        &p,
-        &store,
-        &mut first,
-        200,
-        "application/json",
-        JSON_REPLY,
-        true,
-    );
+    stored(&p, &store);
 
     let (mut bypass, step) = ask(
         &p,
@@ -475,16 +446,7 @@ fn a_hit_is_charged_its_hit_price() {
         "limits": {"monthly_budget_usd": 1.0},
         "cache": {"hit_price": 0.5}}}}));
     let store = MemoryStore::new();
-    let (mut first, _) = ask(&p, &env_at(&store, 0, 1), &[ACME], BODY);
-    respond(
-        &p,
-        &store,
-        &mut first,
-        200,
-        "application/json",
-        JSON_REPLY,
-        true,
-    );
+    stored(&p, &store);
     let (mut hit, _) = ask(&p, &env_at(&store, 1, 2), &[ACME], BODY);
     let mut m = FakeMetrics::default();
     let done = hit.finish(&p, &store, None, 2, &mut m).unwrap();
@@ -621,8 +583,14 @@ fn cache_configuration_is_strict() {
         {"id": "globex", "tier": "gold", "keys": [{"id": "k1", "sha256": sha256_hex("sk-globex")}],
          "cache": {"models": ["gpt-4o"], "ttl_s": 5}}
     ]}));
-    let (acme, globex) = (crate::policy::TenantId::new(0), crate::policy::TenantId::new(1));
-    let (gpt41, gpt4o) = (crate::policy::ModelId::new(0), crate::policy::ModelId::new(1));
+    let (acme, globex) = (
+        crate::policy::TenantId::new(0),
+        crate::policy::TenantId::new(1),
+    );
+    let (gpt41, gpt4o) = (
+        crate::policy::ModelId::new(0),
+        crate::policy::ModelId::new(1),
+    );
     assert!(p.cache_rule(acme, gpt41).is_none());
     assert!(p.cache_rule(globex, gpt41).is_none());
     assert_eq!(p.cache_rule(globex, gpt4o).map(|r| r.ttl_ms), Some(5_000));
