@@ -110,6 +110,13 @@ impl Configured {
         }
         courier.admit(context, request);
         drop(courier);
+        self.wake_root();
+        true
+    }
+
+    /// Wakes this worker's root context to send what the courier has now, rather than at
+    /// the next tick.
+    fn wake_root(&self) {
         if !self.wake_pending.get() {
             if let Some(queue) = self.wake_queue {
                 // Failing that, the next tick sends it.
@@ -117,7 +124,6 @@ impl Configured {
                 self.wake_pending.set(woken.is_ok());
             }
         }
-        true
     }
 
     /// Stream `context` waits for the root context to hand it its next step.
@@ -151,7 +157,12 @@ impl Configured {
     /// Hands a cache write (store, release) to the courier, which sends it from the root.
     fn cache_write(&self, call: Callout) {
         match self.courier.as_ref().map(|c| c.try_borrow_mut()) {
-            Some(Ok(mut courier)) => courier.cache_write(call.path, call.body),
+            Some(Ok(mut courier)) => {
+                courier.cache_write(call.path, call.body);
+                // Sent now: another replica may be waiting for this entry.
+                drop(courier);
+                self.wake_root();
+            }
             _ => log(
                 LogLevel::Warn,
                 &format!("sluice: cache write {} dropped: no courier", call.path),
@@ -538,6 +549,7 @@ impl RootContext for SluiceRoot {
             }
         }
         self.send_admissions();
+        self.send_courier_calls();
     }
 
     fn on_tick(&mut self) {
