@@ -13,7 +13,7 @@ QUOTA         := target/release/sluice-quota
 DEMO_KEYS     := OPENAI_API_KEY=sk-mock-openai ANTHROPIC_API_KEY=sk-mock-anthropic \
                  DEEPSEEK_API_KEY=sk-mock-deepseek GEMINI_API_KEY=sk-mock-gemini
 
-.PHONY: build wasm wasm-trap wasm-target envoy sdk mock quota redis setup test unit system lint fmt demo demo-cluster key clean fairness-report bench bench-global bench-hostcalls bench-vm wasm-oci fuzz fuzz-check
+.PHONY: build wasm wasm-trap wasm-target envoy sdk mock quota redis setup test unit system lint fmt demo demo-cluster key clean fairness-report bench bench-global bench-cache bench-hostcalls bench-vm wasm-oci fuzz fuzz-check
 
 build: wasm
 
@@ -98,9 +98,11 @@ fairness-report: setup
 	  cargo test -p sluice --test system fairness -- --nocapture
 	$(PYTHON) scripts/fairness_report.py docs/fairness/run.json docs/fairness
 
-# The benchmark (loopback only, ~10 minutes, plus 15 runs of 5 s for (g)): gateways side by
-# side, then Criterion. (g), global limits, runs a private redis-server and the quota service
-# and is measured interleaved with (c).
+# The benchmark (loopback only, about 8 minutes: 58 load runs of 5 s, 24 of 3 s for the cache
+# group, streaming and LiteLLM, then about a minute of Criterion): gateways side by side.
+# (g), global limits, runs a private redis-server and the quota service and is measured
+# interleaved with (c). The cache group, (a) and (c) again with (h) cache hit and (m) cache
+# miss, is measured interleaved as well (bench-cache below).
 # Installs its tools from registries: oha (crates.io) into .tools, LiteLLM (PyPI) into its
 # own virtualenv, matplotlib into .venv.
 BENCH_OUT ?= bench/results/latest
@@ -113,7 +115,7 @@ bench: wasm mock envoy quota redis
 	$(PYTHON) bench/run.py $(BENCH_OUT)
 	cargo bench --bench hot_paths --features vm-bench
 
-# Global limits alone (about 6 minutes with BENCH_REPS=3): (a), (c) and (g), their repetitions
+# Global limits alone (about 4 minutes with BENCH_REPS=3): (a), (c) and (g), their repetitions
 # interleaved; (g) is (c) with every tenant limit decided by sluice-quota over a private Redis.
 # Reports what (g) adds to (c) (latency, Envoy CPU) and the CPU of the quota service and
 # Redis. Writes bench/results/global unless BENCH_OUT is given.
@@ -125,6 +127,19 @@ bench-global: wasm mock envoy quota redis
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check matplotlib
 	$(PYTHON) bench/run.py $(BENCH_OUT) --reps $(BENCH_REPS) --only-global
 
+# The response cache alone (about 2 minutes with BENCH_REPS=3): (a), (c) without the cache,
+# (h) every request a cache hit and (m) every request a cache miss (a random query string, part
+# of the key), their repetitions interleaved; Envoy CPU per request, saturation throughput and
+# latency at 10% of (a)'s saturation, and the ratios hit/miss, hit/(a), miss/(c). Fails unless
+# (h) really hit and (m) really missed and stored. Writes bench/results/cache unless BENCH_OUT
+# is given.
+.PHONY: bench-cache
+bench-cache: BENCH_OUT := $(if $(filter file,$(origin BENCH_OUT)),bench/results/cache,$(BENCH_OUT))
+bench-cache: wasm mock envoy
+	@test -x .tools/bin/oha || cargo install oha --locked --root .tools
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check matplotlib
+	$(PYTHON) bench/run.py $(BENCH_OUT) --reps $(BENCH_REPS) --only-cache
+
 # Where Sluice's CPU goes (about 6 minutes): the price of each kind of host call, from a
 # probe filter that makes only those calls, then the steps from a no-op filter to Sluice.
 bench-hostcalls: wasm envoy
@@ -132,7 +147,7 @@ bench-hostcalls: wasm envoy
 	@test -x .tools/bin/oha || cargo install oha --locked --root .tools
 	$(PYTHON) bench/hostcalls.py $(BENCH_OUT)
 
-# Before/after in one run (about 4 minutes, plus the builds): make bench-compare BASE=<git rev>.
+# Before/after in one run (about 3 minutes, plus the builds): make bench-compare BASE=<git rev>.
 # Builds the wasm of revision BASE in a temporary worktree (its own target dir, target/bench-base,
 # so the current build is untouched), then runs (a), (c) and the ablation with (c0), that build,
 # interleaved with (c); results.md ends with CPU us/request and req/s current/baseline.

@@ -23,7 +23,21 @@ With --only-global (make bench-global), only (a), (c) and (g), their repetitions
 and two saturation-only variants that split (g)'s extra Envoy CPU: the probe filter
 (bench/noop) making Sluice's host calls, without and with one callout to the quota service.
 
-Usage: run.py OUT_DIR [--reps N] [--seconds S] [--no-litellm] [--only-ablation | --only-global]
+The response cache, in every full run and alone with --only-cache (make bench-cache): (a) and
+(c) again, and (h) and (m), (c) with the cache on for the bench tenant and model, their
+repetitions interleaved, all four sending the same body with "temperature": 0. (h) sends that
+one body over and over: after a warm-up request every request is a hit, answered by Sluice
+from shared data. (m) sends it to a random query string per request (oha --rand-regex-url):
+the query string is part of the cache key, so every request is a real miss (lookup, fill
+claimed, upstream, response captured and stored) with the same body bytes as (h). Envoy CPU
+per request and saturation throughput, and latency p50/p99 at 10% of (a)'s saturation. The
+run fails unless (h) was answered from the cache (every request a hit, none upstream) and (m)
+missed and stored (every request a miss and upstream, none a hit; a sampled miss is then a
+hit). (c) runs without the cache here and everywhere (the demo configuration caches acme's
+gpt-4.1 family; the bench strips it), so (m) - (c) is what the cache adds to a miss.
+
+Usage: run.py OUT_DIR [--reps N] [--seconds S] [--no-litellm]
+              [--only-ablation | --only-global | --only-cache] [--cache-seconds S]
               [--baseline-wasm PATH [--baseline-label TEXT]]
 """
 import argparse
@@ -63,6 +77,12 @@ BODY = json.dumps(
         ],
     }
 )
+# The cache configurations' request: BODY, deterministic (temperature 0), so cacheable.
+CACHE_BODY = json.dumps(dict(json.loads(BODY), temperature=0))
+# (h) and (m): the gold tier caches the bench model; hits are free. The store is the default.
+CACHE_RULE = {"models": ["gpt-4.1-mini"], "ttl_s": 3600, "max_entry_bytes": 65536, "max_temperature": 0,
+              "hit_price": 0, "wait_ms": 30000}
+CACHE_STORE = {"engine": "local", "slots": 1024}
 UPSTREAM_BODY = json.dumps(
     {
         "id": "chatcmpl-bench",
@@ -372,11 +392,14 @@ HIGH_LIMITS = {"requests_per_minute": 1_000_000_000, "tokens_per_minute": 10_000
 GLOBAL_SECTION = cluster_config.global_section(timeout_ms=50, limits=cluster_config.LIMITS, provider_limits=[])
 
 
-def sluice_yaml(tmp, listen, admin, upstream_port, access_log=True, limits=True, wasm=WASM, quota_port=None):
+def sluice_yaml(tmp, listen, admin, upstream_port, access_log=True, limits=True, wasm=WASM, quota_port=None,
+                cache=None):
     """The demo configuration, pointed at the bench upstream, limits out of the way, loading
     the Sluice build at `wasm`. The ablation variants drop the access log (Envoy's work) and
     the limits (shared data). With `quota_port`, (g): the same plus the `global` section and
-    the sluice_quota cluster, added by scripts/cluster_config.py as for a real cluster."""
+    the sluice_quota cluster, added by scripts/cluster_config.py as for a real cluster.
+    Without the response cache (the demo's gold tier has one), unless `cache` gives the gold
+    tier's rule: (h) and (m), with the store CACHE_STORE."""
     text = (ROOT / "envoy/demo.yaml").read_text()
     for old, new in [("port_value: 9901", f"port_value: {admin}"), ("port_value: 10000", f"port_value: {listen}"),
                      ("filename: target/wasm32-wasip1/release/sluice.wasm", f"filename: {wasm}"),
@@ -393,6 +416,11 @@ def sluice_yaml(tmp, listen, admin, upstream_port, access_log=True, limits=True,
         end += 1
     cfg = json.loads("\n".join(lines[at:end]))
     cfg["tiers"]["gold"]["limits"] = dict(HIGH_LIMITS) if limits else {}
+    cfg["tiers"]["gold"].pop("cache", None)
+    if cache is not None:
+        assert "cache_store" not in cfg
+        cfg["tiers"]["gold"]["cache"] = dict(cache)
+        cfg["cache_store"] = dict(CACHE_STORE)
     lines[at:end] = [" " * indent + json.dumps(cfg)]
     text = "\n".join(lines) + "\n"
     if not access_log:
@@ -440,27 +468,32 @@ def start_envoy(tmp, name, yaml, admin, concurrency=1):
     return proc
 
 
-def oha(url, seconds, conns, rate=None, headers=()):
+def oha(url, seconds, conns, rate=None, headers=(), body=BODY, url_regex=False):
+    """One oha run. With `url_regex`, `url` is a regex each request's URL is drawn from."""
     args = [OHA, "-z", f"{seconds}s", "-c", str(conns), "--no-tui", "--output-format", "json", "-m", "POST",
-            "-H", "content-type: application/json", "-d", BODY]
+            "-H", "content-type: application/json", "-d", body]
     for h in headers:
         args += ["-H", h]
     if rate:
         args += ["-q", str(rate)]
+    if url_regex:
+        args += ["--rand-regex-url"]
     out = subprocess.run(args + [url], capture_output=True, text=True, check=True).stdout
     return json.loads(out)
 
 
-def measure(gateway, url, headers, seconds, reps, rates, extras=None):
-    """Saturation runs (throughput, CPU/request) and fixed-rate runs (latency). `extras` maps
-    a name to another process serving the gateway (the quota service, Redis): its CPU per
-    request is reported as `<name>_cpu_us_per_req`."""
+def measure(gateway, url, headers, seconds, reps, rates, extras=None, request=None, saturation=True):
+    """Saturation runs (throughput, CPU/request) and fixed-rate runs (latency), `reps` of
+    each; without `saturation`, only the fixed-rate runs. `extras` maps a name to another
+    process serving the gateway (the quota service, Redis): its CPU per request is reported
+    as `<name>_cpu_us_per_req`. `request` is more of oha()'s arguments (`body`, `url_regex`)."""
     extras = extras or {}
+    request = request or {}
     sat = []
-    for _ in range(reps):
+    for _ in range(reps if saturation else 0):
         t0 = gateway.cpu_ticks()
         e0 = {n: p.cpu_ticks() for n, p in extras.items()}
-        r = oha(url, seconds, 32, headers=headers)
+        r = oha(url, seconds, 32, headers=headers, **request)
         if extras:
             # The last requests' settlements leave on the next 10 ms tick: count them too.
             time.sleep(0.1)
@@ -476,7 +509,7 @@ def measure(gateway, url, headers, seconds, reps, rates, extras=None):
     for label, rate in rates.items():
         runs = []
         for _ in range(reps):
-            r = oha(url, seconds, 32, rate=rate, headers=headers)
+            r = oha(url, seconds, 32, rate=rate, headers=headers, **request)
             p = r["latencyPercentiles"]
             runs.append({"p50_us": p["p50"] * 1e6, "p99_us": p["p99"] * 1e6, "p999_us": p["p99.9"] * 1e6,
                          "ok_ratio": sum(v for k, v in r["statusCodeDistribution"].items() if k.startswith("2"))
@@ -494,15 +527,17 @@ def measure_interleaved(gateways, headers, seconds, reps, rates, saturation_only
     A B, B A, A B, ...; for three: A B C, B C A, C A B, ...), so that a slow drift of the
     machine falls on all of them alike. `gateways` maps a name to (gateway, url) or
     (gateway, url, extras) (measure()'s `extras`); the gateways named in `saturation_only`
-    skip the fixed-rate runs. Returns name -> measure()'s result, plus the order of each
-    repetition."""
+    skip the fixed-rate runs. A fourth member, (gateway, url, extras, request), is measure()'s
+    `request`. Returns name -> measure()'s result, plus the order of each repetition."""
     names = list(gateways)
     results = {n: {"saturation": [], "latency": {label: [] for label in rates}} for n in names}
     orders = []
 
     def run(n, rates):
         gw, url, *extras = gateways[n]
-        return measure(gw, url, headers, seconds, 1, rates, extras[0] if extras else None)
+        # A fixed-rate run is that run alone (no saturation run before it).
+        return measure(gw, url, headers, seconds, 1, rates, extras[0] if extras else None,
+                       extras[1] if len(extras) > 1 else None, saturation=not rates)
 
     for i in range(reps):
         order = names[i % len(names):] + names[:i % len(names)]
@@ -519,7 +554,7 @@ def measure_interleaved(gateways, headers, seconds, reps, rates, saturation_only
     for n in names:
         gw, _, *extras = gateways[n]
         results[n]["peak_rss_kb"] = gw.peak_rss_kb()
-        for e, p in (extras[0] if extras else {}).items():
+        for e, p in ((extras[0] if extras else None) or {}).items():
             results[n][f"{e}_peak_rss_kb"] = p.peak_rss_kb()
     return results, orders
 
@@ -558,6 +593,11 @@ def main():
     only.add_argument("--only-ablation", action="store_true", help="(a), (c) and the ablation only")
     only.add_argument("--only-global", action="store_true",
                       help="(a), (c) and (g) only, their repetitions interleaved (make bench-global)")
+    only.add_argument("--only-cache", action="store_true",
+                      help="the response cache only: (a), (c), (h) and (m) interleaved (make bench-cache)")
+    ap.add_argument("--cache-seconds", type=int, metavar="S",
+                    help=f"seconds per run of the cache group (default: --seconds with --only-cache, "
+                         f"else {CACHE_SECONDS_IN_FULL_RUN})")
     ap.add_argument("--baseline-wasm", type=Path, metavar="PATH",
                     help="also measure (c0): (c) loading this Sluice build, interleaved with (c), and compare")
     ap.add_argument("--baseline-label", metavar="TEXT", help="what the baseline build is (default: its path)")
@@ -567,10 +607,12 @@ def main():
     for path, how in [(ENVOY, "run `make envoy`"), (WASM, "run `make wasm`"), (MOCK, "run `make mock`"),
                       (OHA, "run `make bench` (installs oha)")]:
         need(path, how)
-    if not args.only_global:
+    if not (args.only_global or args.only_cache):
         need(NOOP_WASM, "run `make bench`")
-    # (g) runs in `make bench` and `make bench-global`, not in the ablation-only runs.
-    with_global = not args.only_ablation
+    # (g) runs in `make bench` and `make bench-global`, not in the ablation-only or cache-only runs.
+    with_global = not (args.only_ablation or args.only_cache)
+    # The cache group runs in `make bench` and `make bench-cache`.
+    with_cache = not (args.only_ablation or args.only_global)
     if with_global:
         need(QUOTA, "run `make quota`")
         redis_server()
@@ -607,6 +649,8 @@ def main():
                                               quota_port=engine.quota_port)
             elif kind == "sluice-baseline":
                 yaml = sluice_yaml(tmp, port, admin, upstream_port, wasm=args.baseline_wasm)
+            elif kind == "sluice-cache":
+                yaml = sluice_yaml(tmp, port, admin, upstream_port, cache=CACHE_RULE)
             elif kind == "sluice-nolog":
                 yaml = sluice_yaml(tmp, port, admin, upstream_port, access_log=False)
             elif kind == "sluice-nolog-nolimits":
@@ -623,7 +667,15 @@ def main():
         rates = None
         auth = [f"authorization: Bearer {KEY}"]
         group = {}  # gateways measured interleaved with (c): (a) with --only-global, (c0), (g)
-        for name, kind in [("a_plain_envoy", "plain"), ("b_noop_wasm", "noop"), ("c_sluice", "sluice")]:
+        if args.only_cache:
+            # Only the rate probe on (a): the cache group measures (a) itself.
+            gw, base = gateway("plain", up_port)
+            results["rate_probe_rps"] = measure(gw, f"{base}/v1/chat/completions", auth, args.seconds, 1,
+                                                {})["saturation"][0]["rps"]
+            gw.stop()
+        main_configs = [] if args.only_cache else [("a_plain_envoy", "plain"), ("b_noop_wasm", "noop"),
+                                                   ("c_sluice", "sluice")]
+        for name, kind in main_configs:
             if (args.only_ablation or args.only_global) and kind == "noop":
                 continue
             gw, base = gateway(kind, up_port)
@@ -686,7 +738,7 @@ def main():
                 results["configs"][name] = measure(gw, url, auth, args.seconds, args.reps, rates)
             gw.stop()
 
-        if not args.only_global:
+        if not (args.only_global or args.only_cache):
             # Ablation of (c): CPU per request without Envoy's access log, then without limits.
             ablation = {}
             for name, kind in [("c1_sluice_no_access_log", "sluice-nolog"),
@@ -696,9 +748,13 @@ def main():
                 ablation[name] = measure(gw, f"{base}/v1/chat/completions", auth, args.seconds, args.reps, {})
                 gw.stop()
             results["ablation"] = ablation
+        if with_cache:
+            seconds = args.cache_seconds or (args.seconds if args.only_cache else CACHE_SECONDS_IN_FULL_RUN)
+            results["cache"] = cache_group(gateway, up_port, auth, seconds, args.reps,
+                                           max(int(results["rate_probe_rps"] * 0.1), 1))
         assert_upstream_connections_reused(up_admin)
 
-        if not args.only_global:
+        if not (args.only_global or args.only_cache):
             # (d) streaming through (a) and (c) from the paced mock.
             stream = {}
             for name, kind in [("a_plain_envoy", "plain"), ("c_sluice", "sluice")]:
@@ -709,7 +765,7 @@ def main():
                 gw.stop()
             results["streaming"] = stream
 
-        if not args.no_litellm and not args.only_ablation and not args.only_global:
+        if not args.no_litellm and not (args.only_ablation or args.only_global or args.only_cache):
             results["configs"]["e_litellm"] = litellm(tmp, up_port, args, rates)
     finally:
         for p in reversed(procs):
@@ -898,6 +954,175 @@ def global_lines(results):
     return lines
 
 
+# The cache group's seconds per run in a full `make bench` (fewer than --seconds, to keep the
+# whole run within about 10 minutes); `make bench-cache` uses --seconds.
+CACHE_SECONDS_IN_FULL_RUN = 3
+CACHE_NAMES = {"a_plain_envoy": "(a) plain Envoy", "c_sluice": "(c) Sluice, no cache",
+               "h_sluice_cache_hit": "(h) Sluice, cache hit", "m_sluice_cache_miss": "(m) Sluice, cache miss"}
+
+
+def sample(url, headers, body=CACHE_BODY):
+    """One request: its status and its x-sluice-cache header (None when absent)."""
+    req = urllib.request.Request(url, data=body.encode(), method="POST",
+                                 headers=dict([("content-type", "application/json")]
+                                              + [tuple(h.split(": ", 1)) for h in headers]))
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            r.read()
+            return r.status, r.headers.get("x-sluice-cache")
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("x-sluice-cache")
+
+
+def expect_samples(what, url, headers, expected):
+    """Sends one request per expected x-sluice-cache value; fails the run on any other answer."""
+    got = [sample(url, headers) for _ in expected]
+    if got != [(200, e) for e in expected]:
+        sys.exit(f"bench: {what}: expected x-sluice-cache {list(expected)} on {url}, got (status, header) {got}")
+    return [h for _, h in got]
+
+
+def cache_counters(admin):
+    """What a Sluice gateway served: 2xx requests, requests sent upstream, cache outcomes."""
+    stats = envoy_stats(admin, "^(http\\.sluice\\.downstream_rq_2xx|cluster\\.openai\\.upstream_rq_total|"
+                               "wasmcustom\\.sluice_cache_requests_total;.*)$")
+    out = {"requests_2xx": stats.get("http.sluice.downstream_rq_2xx", 0),
+           "upstream": stats.get("cluster.openai.upstream_rq_total", 0)}
+    for outcome in ("hit", "miss", "bypass"):
+        out[outcome] = sum(v for k, v in stats.items() if k.startswith("wasmcustom.") and k.endswith(f";cache={outcome}"))
+    return out
+
+
+def cache_group(gateway, up_port, auth, seconds, reps, rate):
+    """(a), (c), (h) and (m) side by side, repetitions interleaved; the checks that (h) hit and
+    (m) missed and stored, before and after. Returns what results.json keeps under `cache`."""
+    path = "/v1/chat/completions"
+    wasm_sha256 = sha256(WASM)  # what (c), (h) and (m) load now
+    gws = {"a_plain_envoy": gateway("plain", up_port), "c_sluice": gateway("sluice", up_port),
+           "h_sluice_cache_hit": gateway("sluice-cache", up_port), "m_sluice_cache_miss": gateway("sluice-cache", up_port)}
+    (a, a_base), (c, c_base), (h, h_base), (m, m_base) = gws.values()
+    checks = {}
+    # (c) runs without the cache: no header. (h): the first request fills, the next one hits.
+    expect_samples("(c) must not cache", c_base + path, auth, [None])
+    checks["h_warm_up"] = expect_samples("(h) warm-up", h_base + path, auth, ["miss", "hit"])
+    # (m): a fresh query string misses and is stored (the same URL again hits).
+    checks["m_before"] = expect_samples("(m) before the runs", f"{m_base}{path}?r=bench-check-before", auth,
+                                        ["miss", "hit"])
+    before = {"h": cache_counters(h.admin), "m": cache_counters(m.admin)}
+    # oha --rand-regex-url takes the URL as a regex whose dots are literal; `?` must be escaped.
+    assert all(ch.isalnum() or ch in ":/._-" for ch in m_base + path)
+    regex = f"{m_base}{path}\\?r=[a-z0-9]{{24}}"
+    group = {"a_plain_envoy": (a, a_base + path, None, {"body": CACHE_BODY}),
+             "c_sluice": (c, c_base + path, None, {"body": CACHE_BODY}),
+             "h_sluice_cache_hit": (h, h_base + path, None, {"body": CACHE_BODY}),
+             "m_sluice_cache_miss": (m, regex, None, {"body": CACHE_BODY, "url_regex": True})}
+    print(f"bench: {', '.join(group)}, interleaved, {reps} x {seconds} s ...", flush=True)
+    measured, orders = measure_interleaved(group, auth, seconds, reps, {"10%": rate})
+    after = {"h": cache_counters(h.admin), "m": cache_counters(m.admin)}
+    delta = {g: {k: after[g][k] - before[g][k] for k in after[g]} for g in after}
+    # Every (m) request stored its response unless its slot held another key's fill in progress:
+    # the table still stores after the load (a new key misses, then hits).
+    checks["m_after"] = expect_samples("(m) after the runs", f"{m_base}{path}?r=bench-check-after", auth,
+                                       ["miss", "hit"])
+    checks["during_runs"] = delta
+    hd, md = delta["h"], delta["m"]
+    # Exact in principle (every (h) request a hit, none upstream; every (m) request a miss and
+    # upstream); 0.1% allows for a request cut off at a run's deadline.
+    if not (hd["requests_2xx"] > 0 and hd["hit"] >= 0.999 * hd["requests_2xx"] and hd["upstream"] <= 0.001 * hd["requests_2xx"]
+            and hd["miss"] + hd["bypass"] <= 0.001 * hd["requests_2xx"]):
+        sys.exit(f"bench: (h) was not answered from the cache: {hd}")
+    if not (md["requests_2xx"] > 0 and md["miss"] >= 0.999 * md["requests_2xx"] and md["hit"] == 0 and md["bypass"] == 0
+            and md["upstream"] >= 0.999 * md["requests_2xx"]):
+        sys.exit(f"bench: (m) did not miss on every request: {md}")
+    print(f"bench: (h) {hd['hit']} hits for {hd['requests_2xx']} requests, {hd['upstream']} sent upstream; "
+          f"(m) {md['miss']} misses for {md['requests_2xx']} requests, {md['upstream']} sent upstream, {md['hit']} hits",
+          flush=True)
+    for gw, _ in gws.values():
+        gw.stop()
+    return {"configs": measured, "orders": orders, "seconds": seconds, "reps": reps, "rates": {"10%": rate},
+            "rule": CACHE_RULE, "store": CACHE_STORE, "body": CACHE_BODY, "checks": checks, "wasm_sha256": wasm_sha256}
+
+
+def cache_lines(results):
+    """results.md's section on the response cache: (h) and (m) against (a) and (c), same run."""
+    info = results["cache"]
+    cfg = info["configs"]
+    label, rate = next(iter(info["rates"].items()))
+
+    def sat(n, key):
+        return [x[key] for x in cfg[n]["saturation"]]
+
+    def lat(n, key):
+        return [x[key] for x in cfg[n]["latency"][label]]
+
+    def cell(values, fmt=".1f"):
+        return f"{med(values):{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
+
+    d = info["checks"]["during_runs"]
+    lines = [
+        "",
+        f"Response cache, same run: (a), (c) without the cache, and (h) and (m), (c) with the gold tier caching "
+        f"gpt-4.1-mini (`\"cache\": {json.dumps(info['rule'])}`, store `{json.dumps(info['store'])}`). All four send the "
+        "bench body with `\"temperature\": 0`. (h) sends it again and again: every request a hit, answered by Sluice "
+        "from shared data. (m) sends it to a random query string per request (`?r=` and 24 random characters, "
+        "oha --rand-regex-url): the query string is part of the key, so every request misses, goes upstream and is "
+        f"stored. {info['reps']} repetitions of {info['seconds']} s, interleaved in rotating order ("
+        + "; ".join(" ".join(n.split("_")[0] for n in o) for o in info["orders"]) + "); medians, min-max in brackets. "
+        f"Latency at {rate} req/s (10% of (a)'s saturation in the probe run).",
+        "",
+        f"| config | saturation req/s | Envoy CPU us/request | p50 us @{label} | p99 us @{label} | peak RSS MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n, title in CACHE_NAMES.items():
+        errors = "" if min(x["ok_ratio"] for x in cfg[n]["latency"][label]) > 0.999 else " (errors)"
+        lines.append(f"| {title} | {cell(sat(n, 'rps'), '.0f')} | {cell(sat(n, 'cpu_us_per_req'))} | "
+                     f"{cell(lat(n, 'p50_us'), '.0f')}{errors} | {cell(lat(n, 'p99_us'), '.0f')} | "
+                     f"{cfg[n]['peak_rss_kb'] / 1024:.0f} |")
+    lines += ["", "| ratio (medians) | Envoy CPU us/request | p50 | p99 | saturation req/s |", "|---|---|---|---|---|"]
+    for num, den, what in (("h_sluice_cache_hit", "m_sluice_cache_miss", "hit / miss"),
+                           ("h_sluice_cache_hit", "a_plain_envoy", "hit / plain Envoy"),
+                           ("m_sluice_cache_miss", "c_sluice", "miss / Sluice without the cache")):
+        cells = [med(sat(num, "cpu_us_per_req")) / med(sat(den, "cpu_us_per_req")),
+                 med(lat(num, "p50_us")) / med(lat(den, "p50_us")), med(lat(num, "p99_us")) / med(lat(den, "p99_us")),
+                 med(sat(num, "rps")) / med(sat(den, "rps"))]
+        lines.append(f"| {what} | " + " | ".join(f"{x:.2f}" for x in cells) + " |")
+    lines += [
+        "",
+        f"Checked during the run: (h) {d['h']['hit']} hits for {d['h']['requests_2xx']} requests, {d['h']['upstream']} sent "
+        f"upstream; (m) {d['m']['miss']} misses for {d['m']['requests_2xx']} requests, {d['m']['upstream']} sent upstream, "
+        f"{d['m']['hit']} hits; a fresh key on (m) missed, then hit, before and after the runs. A miss whose slot holds "
+        "another key's fill in progress goes upstream without being stored and is not counted apart: with 32 "
+        "requests in flight over 1024 slots, an estimated 3% at most of (m)'s saturation requests.",
+    ]
+    return lines
+
+
+def plot(path, configs, labels):
+    """CPU per request and p99 latency per configuration, on log scales."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(configs)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.bar(names, [med([x["cpu_us_per_req"] for x in configs[n]["saturation"]]) for n in names])
+    ax1.set_ylabel("gateway CPU us per request (lower is better)")
+    ax1.set_yscale("log")
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        shift = (i - (len(labels) - 1) / 2) * width
+        ax2.bar([j + shift for j in range(len(names))],
+                [med([x["p99_us"] for x in configs[n]["latency"][label]]) for n in names], width=width,
+                label=f"p99 @ {label} of (a)'s saturation")
+    ax2.set_xticks(range(len(names)), names)
+    ax2.set_ylabel("latency p99 (us)")
+    ax2.set_yscale("log")
+    ax2.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
 def machine():
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), "unknown")
@@ -906,12 +1131,34 @@ def machine():
 
 
 def report(results, out):
+    m = results["machine"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, kernel {m['kernel']}, Envoy {m['envoy']} (1 worker per gateway)."
+    ]
+    if results["configs"]:
+        main = main_lines(results)
+        lines = [f"{lines[0]} {main[0]}"] + main[1:]
+    if "cache" in results:
+        lines += cache_lines(results)
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        if results["configs"]:
+            plot(out / "results.png", results["configs"], ("25%", "50%"))
+        if "cache" in results:
+            # Alone (make bench-cache) the cache group is the run's plot.
+            plot(out / ("cache.png" if results["configs"] else "results.png"), results["cache"]["configs"],
+                 tuple(results["cache"]["rates"]))
+    except ImportError:
+        print("bench: matplotlib missing, no plot")
+
+
+def main_lines(results):
     base = results["configs"]["a_plain_envoy"]
     b_rps = med([r["rps"] for r in base["saturation"]])
     b_cpu = med([r["cpu_us_per_req"] for r in base["saturation"]])
     lines = [
-        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, kernel {results['machine']['kernel']}, "
-        f"Envoy {results['machine']['envoy']} (1 worker per gateway). {results['reps']} repetitions of "
+        f"{results['reps']} repetitions of "
         f"{results['seconds']} s each; medians, with min-max in brackets. Fixed rates: {results['rates']['25%']} and "
         f"{results['rates']['50%']} requests/s (25% and 50% of (a)'s saturation in a probe run).",
         "",
@@ -949,31 +1196,7 @@ def report(results, out):
         lines += global_lines(results)
     if "compare" in results:
         lines += compare_lines(results)
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        names = list(results["configs"])
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-        ax1.bar(names, [med([x["cpu_us_per_req"] for x in results["configs"][n]["saturation"]]) for n in names])
-        ax1.set_ylabel("gateway CPU us per request (lower is better)")
-        ax1.set_yscale("log")
-        for label, shift in (("25%", -0.2), ("50%", 0.2)):
-            ax2.bar([i + shift for i in range(len(names))],
-                    [med([x["p99_us"] for x in results["configs"][n]["latency"][label]]) for n in names], width=0.4,
-                    label=f"p99 @ {label} of (a)'s saturation")
-        ax2.set_xticks(range(len(names)), names)
-        ax2.set_ylabel("latency p99 (us)")
-        ax2.set_yscale("log")
-        ax2.legend(fontsize=8)
-        for ax in (ax1, ax2):
-            ax.tick_params(axis="x", labelrotation=20, labelsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "results.png", dpi=90)
-    except ImportError:
-        print("bench: matplotlib missing, no plot")
+    return lines
 
 
 # Installed by `make bench` into the project (cargo install --root .tools).
