@@ -279,6 +279,7 @@ pub fn admit(
     now_ms: u64,
 ) -> Result<Decision, ApiError> {
     let Plan { local, global } = plan(policy, parties, reservation);
+    never_fits(policy, store, parties, &local, &global, flavour, now_ms)?;
     let (items, local_snapshots) = take(policy, store, parties, &local, flavour, now_ms)?;
     let held = Held {
         items,
@@ -297,6 +298,42 @@ pub fn admit(
         parties,
         started_ms: now_ms,
     }))
+}
+
+/// A request that no wait could admit (more tokens than a bucket holds, more than a
+/// month's limit) is told so first, before any limit it might wait for (a full
+/// requests-per-minute bucket, say) refuses it with a retry hint that cannot help.
+fn never_fits(
+    policy: &Policy,
+    store: &dyn Store,
+    parties: Parties,
+    local: &[(LimitId, Demand)],
+    global: &[GlobalDemand],
+    flavour: ApiFlavour,
+    now_ms: u64,
+) -> Result<(), ApiError> {
+    let all = local
+        .iter()
+        .map(|(id, d)| (*id, d, true))
+        .chain(global.iter().map(|g| (g.id, &g.demand, false)));
+    let Some((id, demand, is_local)) = all.into_iter().find(|(_, d, _)| d.never_fits()) else {
+        return Ok(());
+    };
+    if is_local {
+        // Refused without a change: its own decision gives the refusal with its state.
+        let alone = [(id, demand.clone())];
+        let (items, _) = take(policy, store, parties, &alone, flavour, now_ms)?;
+        give_back(store, &items, now_ms);
+    }
+    let snapshot = Snapshot {
+        limit: demand.limit_units(),
+        remaining: 0,
+        reset_ms: 0,
+    };
+    let whose = scope_text(policy, id.scope, parties);
+    Err(refusal(
+        id, demand, &snapshot, None, &whose, flavour, now_ms,
+    ))
 }
 
 /// What a local decision took, and each limit's state after it.

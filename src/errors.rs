@@ -29,6 +29,8 @@ pub enum ErrorKind {
     InvalidRequest,
     /// Body larger than the configured limit.
     PayloadTooLarge,
+    /// Body compressed in a way the gateway does not read (`content-encoding`).
+    UnsupportedEncoding,
     /// The gateway itself failed (should not happen; never fail open).
     Internal,
     /// A rate, concurrency or monthly limit refused the request.
@@ -66,6 +68,7 @@ impl ErrorKind {
             ErrorKind::MethodNotAllowed => 405,
             ErrorKind::InvalidRequest => 400,
             ErrorKind::PayloadTooLarge => 413,
+            ErrorKind::UnsupportedEncoding => 415,
             ErrorKind::Internal => 500,
         }
     }
@@ -80,6 +83,7 @@ impl ErrorKind {
             ErrorKind::MethodNotAllowed => "method_not_allowed",
             ErrorKind::InvalidRequest => "invalid_request",
             ErrorKind::PayloadTooLarge => "request_too_large",
+            ErrorKind::UnsupportedEncoding => "unsupported_content_encoding",
             ErrorKind::Internal => "internal_error",
             ErrorKind::LimitExceeded(l) => l.reason(),
             ErrorKind::LimiterBusy => "limiter_busy",
@@ -99,6 +103,10 @@ impl ErrorKind {
             ErrorKind::MethodNotAllowed => ("invalid_request_error", Some("method_not_allowed")),
             ErrorKind::InvalidRequest => ("invalid_request_error", None),
             ErrorKind::PayloadTooLarge => ("invalid_request_error", Some("request_too_large")),
+            ErrorKind::UnsupportedEncoding => (
+                "invalid_request_error",
+                Some("unsupported_content_encoding"),
+            ),
             ErrorKind::Internal => ("server_error", None),
             ErrorKind::LimitExceeded(l) if l.is_quota() => {
                 ("insufficient_quota", Some("insufficient_quota"))
@@ -121,7 +129,9 @@ impl ErrorKind {
             ErrorKind::InvalidApiKey => "authentication_error",
             ErrorKind::ModelNotAllowed => "permission_error",
             ErrorKind::ModelNotFound | ErrorKind::UnknownPath => "not_found_error",
-            ErrorKind::MethodNotAllowed | ErrorKind::InvalidRequest => "invalid_request_error",
+            ErrorKind::MethodNotAllowed
+            | ErrorKind::InvalidRequest
+            | ErrorKind::UnsupportedEncoding => "invalid_request_error",
             ErrorKind::PayloadTooLarge => "request_too_large",
             ErrorKind::Internal => "api_error",
             ErrorKind::LimitExceeded(l) if l.is_quota() => "billing_error",

@@ -258,6 +258,10 @@ pub fn record_ending(metrics: &mut impl Metrics, ending: &Ending) {
         ending.usage.usage
     };
     let labels = usage_labels(tenant, model, provider);
+    // Every kind, zeros included, once a request was routed: a tenant's series exist from
+    // its first request (dashboards show 0, not a gap). The host only defines a series for
+    // a zero; it increments nothing.
+    let routed = provider.is_some();
     for (counter, value) in [
         (Counter::InputTokens, usage.input_tokens),
         (Counter::CachedInputTokens, usage.cached_input_tokens),
@@ -270,7 +274,7 @@ pub fn record_ending(metrics: &mut impl Metrics, ending: &Ending) {
             u64::from(ending.usage.estimated && !hit),
         ),
     ] {
-        if value > 0 {
+        if value > 0 || routed {
             metrics.add(MetricKey::Counter(counter, labels), value);
         }
     }

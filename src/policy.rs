@@ -209,6 +209,31 @@ pub struct Tenant {
     pub queueing: Queueing,
     /// Its response cache (from its tier, or its own); `None`: off.
     pub cache: Option<crate::cache::CacheRule>,
+    /// `anthropic-beta` values its tier lets through.
+    pub anthropic_betas: Vec<Pattern>,
+}
+
+/// Client headers that select an account or a billing target at a provider, or carry a
+/// credential of its own: never forwarded (Sluice's key decides who pays). A provider's
+/// own values come from its `headers`.
+pub const ACCOUNT_HEADERS: [&str; 5] = [
+    "openai-organization",
+    "openai-project",
+    "x-goog-user-project",
+    "x-goog-api-key",
+    "api-key",
+];
+
+impl Tenant {
+    /// The comma-separated `anthropic-beta` values of `header` this tenant may send.
+    pub fn allowed_betas(&self, header: &str) -> String {
+        header
+            .split(',')
+            .map(str::trim)
+            .filter(|beta| !beta.is_empty() && self.anthropic_betas.iter().any(|p| p.matches(beta)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
 }
 
 /// How a tenant waits for a full provider (from its tier, queue length its own).
@@ -281,6 +306,8 @@ pub struct Provider {
     pub path_prefix: String,
     pub authority: Option<String>,
     pub credential: Credential,
+    /// Headers set on every request to it (lowercase names).
+    pub headers: Vec<(String, String)>,
 }
 
 /// A provider's fair queue: requests in flight across all workers before new ones wait.

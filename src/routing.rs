@@ -29,6 +29,9 @@ pub enum Api {
     Embeddings,
     Responses,
     Messages,
+    /// Anthropic's `POST /v1/messages/count_tokens`: forwarded to the provider (free
+    /// there), admitted as a request without tokens.
+    CountTokens,
 }
 
 impl Endpoint {
@@ -39,6 +42,7 @@ impl Endpoint {
             "/v1/embeddings" => Some(Endpoint::Api(Api::Embeddings)),
             "/v1/responses" => Some(Endpoint::Api(Api::Responses)),
             "/v1/messages" => Some(Endpoint::Api(Api::Messages)),
+            "/v1/messages/count_tokens" => Some(Endpoint::Api(Api::CountTokens)),
             "/v1/models" => Some(Endpoint::Models(ModelsQuery::List)),
             "/v1/sluice/usage" => Some(Endpoint::Usage),
             _ => {
@@ -69,9 +73,9 @@ impl Endpoint {
             Endpoint::Api(Api::ChatCompletions | Api::Embeddings | Api::Responses) => {
                 KeyPlacement::Bearer
             }
-            Endpoint::Api(Api::Messages) | Endpoint::Models(_) | Endpoint::Usage => {
-                KeyPlacement::BearerOrApiKey
-            }
+            Endpoint::Api(Api::Messages | Api::CountTokens)
+            | Endpoint::Models(_)
+            | Endpoint::Usage => KeyPlacement::BearerOrApiKey,
         }
     }
 }
@@ -84,12 +88,13 @@ impl Api {
             Api::Embeddings => "embeddings",
             Api::Responses => "responses",
             Api::Messages => "messages",
+            Api::CountTokens => "count_tokens",
         }
     }
 
     pub fn flavour(self) -> ApiFlavour {
         match self {
-            Api::Messages => ApiFlavour::Anthropic,
+            Api::Messages | Api::CountTokens => ApiFlavour::Anthropic,
             Api::ChatCompletions | Api::Embeddings | Api::Responses => ApiFlavour::OpenAi,
         }
     }
@@ -101,16 +106,19 @@ impl Api {
             Api::Embeddings => "/embeddings",
             Api::Responses => "/responses",
             Api::Messages => "/messages",
+            Api::CountTokens => "/messages/count_tokens",
         }
     }
 
-    /// How the provider reports usage in its responses.
-    pub fn response_shape(self) -> ResponseShape {
+    /// How the provider reports usage in its responses; `None`: it reports none (a
+    /// token count uses no tokens).
+    pub fn response_shape(self) -> Option<ResponseShape> {
         match self {
-            Api::ChatCompletions => ResponseShape::ChatCompletions,
-            Api::Embeddings => ResponseShape::Embeddings,
-            Api::Responses => ResponseShape::Responses,
-            Api::Messages => ResponseShape::AnthropicMessages,
+            Api::ChatCompletions => Some(ResponseShape::ChatCompletions),
+            Api::Embeddings => Some(ResponseShape::Embeddings),
+            Api::Responses => Some(ResponseShape::Responses),
+            Api::Messages => Some(ResponseShape::AnthropicMessages),
+            Api::CountTokens => None,
         }
     }
 }

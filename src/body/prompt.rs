@@ -33,7 +33,7 @@ impl PromptParts {
     /// Estimated prompt tokens for a request to `api`.
     pub fn tokens(&self, api: Api) -> u64 {
         match api {
-            Api::ChatCompletions | Api::Messages => {
+            Api::ChatCompletions | Api::Messages | Api::CountTokens => {
                 // Anthropic's `system` counts as one more message.
                 let system = if self.system.present && !self.system.null {
                     self.system.tokens.saturating_add(PER_MESSAGE)

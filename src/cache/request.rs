@@ -133,6 +133,7 @@ fn key(who: &Identity, canonical: &[u8]) -> CacheKey {
         Api::Embeddings => "embeddings",
         Api::Responses => "responses",
         Api::Messages => "messages",
+        Api::CountTokens => "count_tokens",
     };
     let parts: [&[u8]; 5] = [
         who.tenant.as_bytes(),

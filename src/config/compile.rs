@@ -140,6 +140,11 @@ pub(super) fn policy(
                 max_queue_length: rt.max_queue_length,
             },
             cache,
+            anthropic_betas: tier
+                .anthropic_betas
+                .iter()
+                .map(|b| Pattern::new(b))
+                .collect(),
         });
     }
 
@@ -496,7 +501,8 @@ fn compile_providers(
                 cluster: p.cluster.clone(),
                 path_prefix: p.path_prefix.clone(),
                 authority: p.authority.clone(),
-                credential: Credential::new(header, value),
+                credential: Credential::new(header.clone(), value),
+                headers: provider_headers(&at, &p.headers, &header)?,
             })
         },
     )
@@ -731,6 +737,39 @@ fn check_model_name(at: &str, name: &str) -> Result<(), ConfigError> {
     let ok = |b: u8| b.is_ascii_graphic() && !matches!(b, b'"' | b'\\' | b';' | b'=');
     let rule = "1-256 printable ASCII characters without spaces, quotes, `\\`, `;` or `=`";
     check_bytes(at, name, 256, ok, rule)
+}
+
+/// A provider's own headers: names a header may have, never one Sluice sets itself (the
+/// credential, routing, framing) or a pseudo-header.
+fn provider_headers(
+    at: &str,
+    raw: &std::collections::BTreeMap<String, String>,
+    credential: &str,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut out = Vec::with_capacity(raw.len());
+    for (name, value) in raw {
+        let here = format!("{at}.headers.{name}");
+        let lower = name.to_ascii_lowercase();
+        let token = |b: u8| b.is_ascii_alphanumeric() || b"-_.".contains(&b);
+        let reserved = [
+            credential,
+            "authorization",
+            "x-api-key",
+            "host",
+            "content-length",
+            "transfer-encoding",
+            crate::headers::CLUSTER_HEADER,
+        ];
+        if lower.is_empty() || !lower.bytes().all(token) || reserved.contains(&lower.as_str()) {
+            return Err(ConfigError::at(
+                here,
+                "must be a header name Sluice does not set itself (not the credential, host, length or routing header)",
+            ));
+        }
+        check_header_value(&here, value)?;
+        out.push((lower, value.clone()));
+    }
+    Ok(out)
 }
 
 fn check_header_value(at: &str, v: &str) -> Result<(), ConfigError> {

@@ -234,6 +234,10 @@ pub struct RawProvider {
     /// queue (by tier priority, then weight) instead of failing.
     #[serde(default)]
     pub max_in_flight: Option<u32>,
+    /// Headers sent to this provider with every request (e.g. `openai-organization`),
+    /// replacing any the client sent.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -283,6 +287,10 @@ pub struct RawTier {
     /// The response cache for this tier's tenants (default: off).
     #[serde(default)]
     pub cache: Option<RawCache>,
+    /// `anthropic-beta` values (or `*` patterns) this tier's clients may send; others are
+    /// dropped (default: none, as betas can change what a request costs).
+    #[serde(default)]
+    pub anthropic_betas: Vec<String>,
 }
 
 fn default_weight() -> u32 {

@@ -52,6 +52,10 @@ impl HostMetrics {
 impl Metrics for HostMetrics {
     fn add(&mut self, key: MetricKey, value: u64) {
         let Some(id) = self.id(key) else { return };
+        // Defining the series was the point (it exists at 0 from now on).
+        if value == 0 && matches!(key, MetricKey::Counter(..)) {
+            return;
+        }
         let result = match key {
             MetricKey::Counter(..) | MetricKey::Global(..) | MetricKey::Cache(..) => {
                 hostcalls::increment_metric(id, i64::try_from(value).unwrap_or(i64::MAX))

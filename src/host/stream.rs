@@ -314,6 +314,12 @@ impl HttpContext for SluiceHttp {
         #[cfg(feature = "test-trap")]
         trap_if(&self.trap_at, b"response-body");
         if !self.exchange.borrow().meters_response() {
+            // Nothing to read, but whether the response completed still counts.
+            if end_of_stream {
+                self.exchange
+                    .borrow_mut()
+                    .on_response_body(&[], true, now_ms());
+            }
             return Action::Continue;
         }
         let chunk = match hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size) {

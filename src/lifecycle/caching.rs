@@ -87,7 +87,7 @@ pub(super) fn replay(
         .trim_start()
         .starts_with("text/event-stream");
     let strip = route.injected_usage && sse;
-    let mut meter = UsageMeter::new(api.response_shape(), sse, strip, route.prompt_estimate);
+    let mut meter = UsageMeter::new(api.response_shape()?, sse, strip, route.prompt_estimate);
     let body = match meter.feed(&entry.body, true) {
         Passthrough::Unchanged => entry.body.clone(),
         Passthrough::Replace(body) => body,

@@ -111,19 +111,24 @@ pub(super) fn route(
         provider.credential.header().to_string(),
         provider.credential.value().to_string(),
     ));
+    step.set.extend(provider.headers.iter().cloned());
 
     // Reserve what the request may use, in one decision over every limit.
     let prompt_estimate = fields.prompt.tokens(api);
     let output_cap = match api {
-        Api::Embeddings => 0,
+        Api::Embeddings | Api::CountTokens => 0,
         _ => fields
             .max_output_tokens
             .unwrap_or(policy.default_max_output_tokens),
     };
-    let expected = TokenUsage {
-        input_tokens: prompt_estimate,
-        output_tokens: output_cap,
-        ..TokenUsage::default()
+    // Counting tokens uses none: only the request itself counts (rates, concurrency).
+    let expected = match api {
+        Api::CountTokens => TokenUsage::default(),
+        _ => TokenUsage {
+            input_tokens: prompt_estimate,
+            output_tokens: output_cap,
+            ..TokenUsage::default()
+        },
     };
     let reservation = Reservation {
         tokens: expected.total(),
@@ -135,7 +140,10 @@ pub(super) fn route(
         provider: provider_id,
     };
     // The cache key comes from the client's body, before the upstream edits.
-    let cache = policy.cache_rule(tenant, model_id).map(|rule| {
+    let rule = policy
+        .cache_rule(tenant, model_id)
+        .filter(|_| api != Api::CountTokens);
+    let cache = rule.map(|rule| {
         let who = Identity {
             tenant: policy.tenant(tenant).map_or("", |t| t.id.as_str()),
             model: &model.name,

@@ -36,7 +36,7 @@ use crate::errors::{ApiError, ApiFlavour, ErrorKind, LocalReply};
 use crate::global::wire::{AdmitReply, AdmitRequest, Lease, PeekReply, Settlement, PEEK_PATH};
 use crate::headers::RequestHeaders;
 use crate::metrics::{Metrics, Outcome};
-use crate::policy::Policy;
+use crate::policy::{Policy, ACCOUNT_HEADERS};
 use crate::routing::{split_path, Endpoint};
 use crate::shared::Store;
 use crate::usage::{Passthrough, TokenUsage, UsageMeter};
@@ -284,10 +284,23 @@ impl Exchange {
         known: Known,
         claims: Claims,
     ) -> Step {
-        let reply = err.reply(self.flavour);
+        let reply = self.with_request_id(err.reply(self.flavour));
         self.replied(&reply, Some(err.kind.reason()), known, claims);
         step.next = Next::Reply(reply);
         step
+    }
+
+    /// The request's id on a reply of the gateway's own, under the header the client's
+    /// SDK reads (`request-id` for Anthropic's, `x-request-id` for OpenAI's).
+    fn with_request_id(&self, reply: LocalReply) -> LocalReply {
+        let Some(id) = &self.request_id else {
+            return reply;
+        };
+        let name = match self.flavour {
+            ApiFlavour::Anthropic => "request-id",
+            ApiFlavour::OpenAi => "x-request-id",
+        };
+        reply.with_header(name, id)
     }
 
     pub fn on_request_headers(
@@ -319,6 +332,8 @@ impl Exchange {
                 ApiFlavour::Anthropic
             }
             Some(e) => e.flavour(),
+            // Anthropic's clients, refused in Anthropic's shape.
+            None if path.starts_with("/v1/messages") => ApiFlavour::Anthropic,
             None => ApiFlavour::OpenAi,
         };
         let placement = endpoint
@@ -338,6 +353,22 @@ impl Exchange {
             Err(e) => return self.refuse(step, e, Known::Nobody),
         };
         let known = Known::Tenant(owner);
+        // Who pays is Sluice's key's account: the client's account selectors never pass,
+        // and only the betas its tier allows.
+        let mut step = step;
+        step.remove
+            .extend(ACCOUNT_HEADERS.iter().map(|h| (*h).to_string()));
+        if let Some(betas) = headers.get_str("anthropic-beta") {
+            let allowed = policy
+                .tenant(owner.tenant)
+                .map(|t| t.allowed_betas(betas))
+                .unwrap_or_default();
+            if allowed.is_empty() {
+                step.remove.push("anthropic-beta".into());
+            } else if allowed != betas {
+                step.set.push(("anthropic-beta".into(), allowed));
+            }
+        }
 
         let method = headers.get_str(":method").unwrap_or("");
         let Some(endpoint) = endpoint else {
@@ -367,6 +398,23 @@ impl Exchange {
                 ErrorKind::InvalidRequest,
                 "The request body is empty; send a JSON object.",
             );
+            return self.refuse(step, err, known);
+        }
+        // The shipped Envoy configs decompress gzip before this filter; anything still
+        // compressed here cannot be read.
+        let encoding = headers.get_str("content-encoding").map(str::trim);
+        if let Some(encoding) =
+            encoding.filter(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity"))
+        {
+            let msg = format!(
+                "Request bodies with `content-encoding: {encoding}` are not supported; send the body uncompressed{}.",
+                if encoding.eq_ignore_ascii_case("gzip") {
+                    " (or add Envoy's gzip decompressor before Sluice)"
+                } else {
+                    " or gzip-compressed"
+                }
+            );
+            let err = ApiError::new(ErrorKind::UnsupportedEncoding, msg);
             return self.refuse(step, err, known);
         }
         let declared = headers
@@ -838,14 +886,10 @@ impl Exchange {
             _ => None,
         };
         let strip = route.injected_usage && sse;
-        let meter = (200..300).contains(&status).then(|| {
-            UsageMeter::new(
-                upstream.admitted.caller.api.response_shape(),
-                sse,
-                strip,
-                route.prompt_estimate,
-            )
-        });
+        let shape = upstream.admitted.caller.api.response_shape();
+        let meter = shape
+            .filter(|_| (200..300).contains(&status))
+            .map(|shape| UsageMeter::new(shape, sse, strip, route.prompt_estimate));
         self.stage = Stage::Responding {
             upstream,
             response: UpstreamResponse {
@@ -900,7 +944,7 @@ impl Exchange {
             ErrorKind::Internal,
             "The gateway failed to process the request.",
         );
-        let reply = err.reply(self.flavour);
+        let reply = self.with_request_id(err.reply(self.flavour));
         let (known, claims) = match std::mem::take(&mut self.stage) {
             Stage::Headers => (Known::Nobody, Claims::default()),
             Stage::AwaitingBody { caller, .. } => (Known::Request(caller), Claims::default()),

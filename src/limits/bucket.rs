@@ -80,6 +80,11 @@ impl Bucket {
         }
     }
 
+    /// Whether the bucket can ever hold `amount` units at once.
+    pub(crate) fn can_hold(&self, amount: u64) -> bool {
+        amount == 0 || (self.per_minute > 0 && parts(amount) <= i128::from(self.capacity))
+    }
+
     /// Takes `amount` units if the bucket holds them; otherwise the ms until it will
     /// (`None`: never, as `amount` exceeds the capacity or nothing refills).
     pub(crate) fn take(&self, state: BucketState, amount: u64) -> Result<BucketState, Option<u64>> {

@@ -45,6 +45,34 @@ pub struct Demand {
     pub amount: u64,
 }
 
+impl Demand {
+    /// More than the limit can ever admit at once (a bucket's capacity, a month's limit):
+    /// no wait helps. Concurrency always fits one request eventually.
+    pub fn never_fits(&self) -> bool {
+        match self.kind {
+            LimitKind::Rate {
+                per_minute,
+                burst_milli,
+            } => !bucket::Bucket::new(per_minute, burst_milli).can_hold(self.amount),
+            LimitKind::Concurrency { .. } => false,
+            LimitKind::Monthly { limit } => self.amount > limit,
+        }
+    }
+
+    /// The limit in whole units (a bucket's capacity).
+    pub fn limit_units(&self) -> u64 {
+        match self.kind {
+            LimitKind::Rate {
+                per_minute,
+                burst_milli,
+            } => u64::try_from(u128::from(per_minute) * u128::from(burst_milli) / 1000)
+                .unwrap_or(u64::MAX),
+            LimitKind::Concurrency { max } => max,
+            LimitKind::Monthly { limit } => limit,
+        }
+    }
+}
+
 /// What admission took, to be settled exactly once (the caller guarantees that) with
 /// [`Limiter::settle`].
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,6 +3,7 @@
 //! answers, settlements, the usage endpoint) in `global.rs`.
 
 mod cache;
+mod clients;
 mod ending;
 mod global;
 mod queue;

@@ -1,0 +1,236 @@
+//! What clients rely on: Anthropic's paths and error shape, request ids on the gateway's
+//! own errors, compressed bodies, account headers, and the order of refusals.
+
+use super::*;
+
+fn client_policy() -> Policy {
+    let cfg = json!({
+        "providers": [
+            {"name": "openai", "api": "openai", "cluster": "openai", "path_prefix": "/v1",
+             "api_key_env": "OPENAI", "headers": {"OpenAI-Organization": "org-sluice"}},
+            {"name": "anthropic", "api": "anthropic", "cluster": "anthropic", "path_prefix": "/v1",
+             "api_key_env": "ANTHROPIC"}
+        ],
+        "models": [
+            {"name": "gpt-4.1", "providers": ["openai"], "price": {"input": 2, "output": 8}},
+            {"name": "claude-sonnet-4.5", "providers": ["anthropic"], "price": {"input": 3, "output": 15}}
+        ],
+        "tiers": {"gold": {"models": ["*"], "anthropic_betas": ["prompt-caching-*"],
+                           "limits": {"requests_per_minute": 1, "tokens_per_minute": 500}}},
+        "tenants": [{"id": "acme", "tier": "gold", "keys": [{"id": "k1", "sha256": sha256_hex("sk-acme")}]}]
+    });
+    compile(cfg.to_string().as_bytes(), &env).unwrap()
+}
+
+fn send(
+    p: &Policy,
+    store: &MemoryStore,
+    path: &str,
+    extra: &[(&str, &str)],
+    body: &str,
+) -> (Exchange, Step, Step) {
+    let mut ex = Exchange::new();
+    let h = ex.on_request_headers(p, &test_env(store), &headers("POST", path, extra), false);
+    if matches!(h.next, Next::Reply(_)) {
+        return (ex, h, Step::default());
+    }
+    let b = ex.on_request_body(p, &test_env(store), body.len(), true, || {
+        Some(body.as_bytes().to_vec())
+    });
+    (ex, h, b)
+}
+
+const CLAUDE: (&str, &str) = ("x-api-key", "sk-acme");
+
+#[test]
+fn count_tokens_is_forwarded_to_the_anthropic_provider_and_uses_no_tokens() {
+    let p = client_policy();
+    let store = MemoryStore::new();
+    let body =
+        r#"{"model":"claude-sonnet-4.5","messages":[{"role":"user","content":"how many?"}]}"#;
+    let (mut ex, _, step) = send(&p, &store, "/v1/messages/count_tokens", &[CLAUDE], body);
+    assert_eq!(step.next, Next::Continue, "{step:?}");
+    assert_eq!(set(&step, ":path"), Some("/v1/messages/count_tokens"));
+    assert_eq!(set(&step, "x-api-key"), Some("provider-key-anthropic"));
+    ex.on_response_headers(200, Some("application/json"), false, 1);
+    assert!(!ex.meters_response(), "a token count reports no usage");
+    // The host tells the end of an unmetered body without reading it.
+    ex.on_response_body(&[], true, 2);
+    let done = ex
+        .finish(&p, &store, None, 2, &mut FakeMetrics::default())
+        .unwrap();
+    let r: Value = serde_json::from_str(&done.record).unwrap();
+    assert_eq!(r["endpoint"], "count_tokens");
+    assert_eq!(
+        (r["outcome"].as_str(), r["input_tokens"].as_u64()),
+        (Some("success"), Some(0))
+    );
+    // It took the one request of the minute, and none of the tokens.
+    let (_, _, step) = send(&p, &store, "/v1/messages/count_tokens", &[CLAUDE], body);
+    let (reply, json) = reply_of(&step);
+    assert_eq!(reply.status, 429);
+    assert_eq!(json["error"]["type"], "rate_limit_error");
+}
+
+#[test]
+fn every_refusal_under_v1_messages_speaks_anthropic() {
+    let p = client_policy();
+    let store = MemoryStore::new();
+    let (_, h, _) = send(
+        &p,
+        &store,
+        "/v1/messages/batches",
+        &[CLAUDE, ("x-request-id", "req-123")],
+        "{}",
+    );
+    let (reply, json) = reply_of(&h);
+    assert_eq!(reply.status, 404);
+    assert_eq!(json["type"], "error");
+    assert_eq!(json["error"]["type"], "not_found_error");
+    assert_eq!(
+        reply.header("request-id"),
+        Some("req-123"),
+        "what the SDK reads"
+    );
+    // A bad key too, and OpenAI's clients get their own header name.
+    let (_, h, _) = send(
+        &p,
+        &store,
+        "/v1/messages",
+        &[("x-api-key", "sk-nope"), ("x-request-id", "r2")],
+        "{}",
+    );
+    let (reply, json) = reply_of(&h);
+    assert_eq!(
+        (reply.status, json["error"]["type"].as_str()),
+        (401, Some("authentication_error"))
+    );
+    assert_eq!(reply.header("request-id"), Some("r2"));
+    let (_, h, _) = send(
+        &p,
+        &store,
+        "/v1/nope",
+        &[("authorization", "Bearer sk-acme"), ("x-request-id", "r3")],
+        "{}",
+    );
+    let (reply, json) = reply_of(&h);
+    assert_eq!(json["error"]["code"], "unknown_url");
+    assert_eq!(reply.header("x-request-id"), Some("r3"));
+}
+
+#[test]
+fn compressed_bodies_the_gateway_cannot_read_get_415() {
+    let p = client_policy();
+    let store = MemoryStore::new();
+    for (encoding, hint) in [("br", "gzip-compressed"), ("gzip", "decompressor")] {
+        let extra = [
+            ("authorization", "Bearer sk-acme"),
+            ("content-encoding", encoding),
+        ];
+        let (_, h, _) = send(&p, &store, "/v1/chat/completions", &extra, "xx");
+        let (reply, json) = reply_of(&h);
+        assert_eq!(reply.status, 415);
+        assert_eq!(json["error"]["code"], "unsupported_content_encoding");
+        assert!(
+            json["error"]["message"].as_str().unwrap().contains(hint),
+            "{json}"
+        );
+    }
+    let extra = [
+        ("authorization", "Bearer sk-acme"),
+        ("content-encoding", "identity"),
+    ];
+    let body = r#"{"model":"gpt-4.1","max_tokens":1,"messages":[]}"#;
+    let (_, _, b) = send(&p, &store, "/v1/chat/completions", &extra, body);
+    assert_eq!(b.next, Next::Continue);
+}
+
+#[test]
+fn account_selecting_headers_never_reach_the_provider() {
+    let p = client_policy();
+    let store = MemoryStore::new();
+    let extra = [
+        ("authorization", "Bearer sk-acme"),
+        ("openai-organization", "org-client"),
+        ("openai-project", "proj-client"),
+    ];
+    let body = r#"{"model":"gpt-4.1","max_tokens":1,"messages":[]}"#;
+    let (_, h, b) = send(&p, &store, "/v1/chat/completions", &extra, body);
+    for name in [
+        "openai-organization",
+        "openai-project",
+        "x-goog-user-project",
+        "api-key",
+    ] {
+        assert!(h.remove.contains(&name.to_string()), "{name}");
+    }
+    assert_eq!(
+        set(&b, "openai-organization"),
+        Some("org-sluice"),
+        "the provider's own"
+    );
+
+    // Betas: only those the tier allows.
+    let claude = r#"{"model":"claude-sonnet-4.5","max_tokens":1,"messages":[]}"#;
+    let betas = [
+        CLAUDE,
+        (
+            "anthropic-beta",
+            "prompt-caching-2024-07-31, context-1m-2025-08-07",
+        ),
+    ];
+    let (_, h, _) = send(&p, &store, "/v1/messages", &betas, claude);
+    assert_eq!(set(&h, "anthropic-beta"), Some("prompt-caching-2024-07-31"));
+    let betas = [CLAUDE, ("anthropic-beta", "context-1m-2025-08-07")];
+    let (_, h, _) = send(&p, &store, "/v1/messages", &betas, claude);
+    assert!(h.remove.contains(&"anthropic-beta".to_string()));
+}
+
+#[test]
+fn a_request_that_can_never_fit_is_told_so_before_a_rate_limit_it_could_wait_out() {
+    let p = client_policy();
+    let store = MemoryStore::new();
+    let acme = [("authorization", "Bearer sk-acme")];
+    let (_, _, b) = send(
+        &p,
+        &store,
+        "/v1/chat/completions",
+        &acme,
+        r#"{"model":"gpt-4.1","max_tokens":1,"messages":[]}"#,
+    );
+    assert_eq!(b.next, Next::Continue);
+    // The minute's one request is taken; this one needs more tokens than the bucket holds.
+    let huge = r#"{"model":"gpt-4.1","max_tokens":10000,"messages":[]}"#;
+    let (_, _, b) = send(&p, &store, "/v1/chat/completions", &acme, huge);
+    let (reply, json) = reply_of(&b);
+    assert_eq!(reply.status, 429);
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Request too large"),
+        "{json}"
+    );
+    assert_eq!(reply.header("x-should-retry"), Some("false"));
+    assert_eq!(reply.header("retry-after-ms"), None);
+}
+
+#[test]
+fn provider_headers_are_checked() {
+    let bad = |headers: Value| {
+        let cfg = json!({
+            "providers": [{"name": "openai", "api": "openai", "cluster": "openai",
+                           "api_key_env": "OPENAI", "headers": headers}],
+            "models": [{"name": "gpt-4.1", "providers": ["openai"], "price": {"input": 2, "output": 8}}],
+            "tiers": {"gold": {"models": ["*"]}},
+            "tenants": [{"id": "acme", "tier": "gold", "keys": [{"id": "k1", "sha256": sha256_hex("sk-acme")}]}]
+        });
+        compile(cfg.to_string().as_bytes(), &env)
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(bad(json!({"Authorization": "x"})).contains("providers[0].headers.Authorization"));
+    assert!(bad(json!({"x-sluice-cluster": "x"})).contains("headers.x-sluice-cluster"));
+    assert!(bad(json!({"bad name": "x"})).contains("headers.bad name"));
+    assert!(bad(json!({"x-ok": "a\nb"})).contains("control characters"));
+}
