@@ -3,17 +3,19 @@
 //!
 //! Each limit's key comes from the keyspace (`shared/keys.rs`).
 
+use crate::accounting::cost_micro_usd;
 use crate::errors::{ApiError, ApiFlavour, ErrorKind};
 use crate::global::wire::{AdmitReply, AdmitRequest, Lease, SettleItem, Settlement};
 use crate::limits::{
     format_reset, rfc3339, Admission, Demand, LimitKind, Limiter, Snapshot, Taken,
 };
 use crate::policy::{
-    LimitId, LimitMeasure, LimitScope, Limits, ModelId, OnEngineFailure, Policy, ProviderId,
+    LimitId, LimitMeasure, LimitScope, Limits, ModelId, OnEngineFailure, Policy, Price, ProviderId,
     TenantId,
 };
 use crate::shared::keys::{self, LimitOf};
 use crate::shared::Store;
+use crate::usage::TokenUsage;
 
 /// What a request is expected to use, reserved at admission and settled at the end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -298,6 +300,54 @@ pub fn admit(
         parties,
         started_ms: now_ms,
     }))
+}
+
+/// The most output tokens a request of `parties` with `prompt_tokens` can still pay for
+/// this month, from the tenant's local monthly token and budget limits (`None`: none
+/// applies, or one could not be read). Global ones are not read here: one call per request
+/// for a clamp is not worth it.
+pub fn affordable_output(
+    policy: &Policy,
+    store: &dyn Store,
+    parties: Parties,
+    prompt_tokens: u64,
+    price: &Price,
+    now_ms: u64,
+) -> Option<u64> {
+    let Plan { local, .. } = plan(policy, parties, Reservation::default());
+    let limiter = Limiter::new(store);
+    let mut most: Option<u64> = None;
+    for (id, demand) in &local {
+        let tenants = matches!(id.scope, LimitScope::Tenant | LimitScope::TenantModel);
+        let monthly = matches!(
+            id.measure,
+            LimitMeasure::MonthlyTokens | LimitMeasure::MonthlyBudget
+        );
+        if !tenants || !monthly {
+            continue;
+        }
+        let left = limiter
+            .reading(&demand.key, demand.kind, now_ms)
+            .ok()?
+            .snapshot
+            .remaining;
+        let output = if id.measure == LimitMeasure::MonthlyTokens {
+            left.saturating_sub(prompt_tokens)
+        } else {
+            let prompt = TokenUsage {
+                input_tokens: prompt_tokens,
+                ..TokenUsage::default()
+            };
+            let budget = left.saturating_sub(cost_micro_usd(&prompt, price));
+            match price.output_micro_usd_per_mtok {
+                0 => u64::MAX,
+                per_mtok => u64::try_from(u128::from(budget) * 1_000_000 / u128::from(per_mtok))
+                    .unwrap_or(u64::MAX),
+            }
+        };
+        most = Some(most.map_or(output, |m| m.min(output)));
+    }
+    most
 }
 
 /// A request that no wait could admit (more tokens than a bucket holds, more than a

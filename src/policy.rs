@@ -211,6 +211,8 @@ pub struct Tenant {
     pub cache: Option<crate::cache::CacheRule>,
     /// `anthropic-beta` values its tier lets through.
     pub anthropic_betas: Vec<Pattern>,
+    /// Its tier lowers output caps to what its monthly budget can still pay for.
+    pub clamp_output_to_budget: bool,
 }
 
 /// Client headers that select an account or a billing target at a provider, or carry a
@@ -263,6 +265,8 @@ pub struct Model {
     pub upstream_name: String,
     pub providers: Vec<ProviderId>,
     pub price: Price,
+    /// The most output tokens it produces per request, when configured.
+    pub max_output_tokens: Option<u64>,
 }
 
 /// Prices in integer micro-USD per million tokens, so cost arithmetic is exact.

@@ -7,7 +7,9 @@ mod prompt;
 mod rewrite;
 
 pub use prompt::{Content, Input, Messages, PromptParts, TextOnly};
-pub use rewrite::{inject_include_usage, replace_model, replace_model_reserialized};
+pub use rewrite::{
+    inject_include_usage, replace_model, replace_model_reserialized, set_output_cap,
+};
 
 use crate::errors::{ApiError, ErrorKind};
 use serde::Deserialize;
@@ -29,6 +31,8 @@ pub struct RequestFields {
     /// The output cap the client set (`max_tokens`, `max_completion_tokens` or
     /// `max_output_tokens`; the largest if several), used to reserve tokens.
     pub max_output_tokens: Option<u64>,
+    /// The field `max_output_tokens` came from.
+    pub max_output_field: Option<&'static str>,
     /// What the prompt-token estimate needs, counted during the same parse.
     pub prompt: PromptParts,
 }
@@ -141,6 +145,15 @@ pub fn parse_request(raw: &[u8]) -> Result<RequestFields, ApiError> {
         ))
         .with_param("model"));
     }
+    let cap = MAX_TOKEN_FIELDS
+        .into_iter()
+        .zip([
+            probe.max_tokens,
+            probe.max_completion_tokens,
+            probe.max_output_tokens,
+        ])
+        .filter_map(|(field, n)| Some((field, n?)))
+        .max_by_key(|(_, n)| *n);
     Ok(RequestFields {
         model: model.into_owned(),
         stream: probe.stream.unwrap_or(false),
@@ -148,14 +161,8 @@ pub fn parse_request(raw: &[u8]) -> Result<RequestFields, ApiError> {
             .stream_options
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
-        max_output_tokens: [
-            probe.max_tokens,
-            probe.max_completion_tokens,
-            probe.max_output_tokens,
-        ]
-        .into_iter()
-        .flatten()
-        .max(),
+        max_output_tokens: cap.map(|(_, n)| n),
+        max_output_field: cap.map(|(field, _)| field),
         prompt: PromptParts {
             messages: probe.messages,
             system: probe.system,
@@ -213,6 +220,7 @@ mod tests {
                 stream: true,
                 include_usage: false,
                 max_output_tokens: None,
+                max_output_field: None,
                 prompt: f.prompt
             }
         );

@@ -60,6 +60,21 @@ pub fn inject_include_usage(raw: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
+/// Returns `raw` with the output cap `field` (`max_tokens`, ...) set to `cap`: in place
+/// (byte-exact) when the field is written plainly, else by re-serializing (added if absent).
+pub fn set_output_cap(raw: &[u8], field: &str, cap: u64) -> Option<Vec<u8>> {
+    if let Some((start, end)) = top_level_value_span(raw, field.as_bytes()) {
+        let mut out = Vec::with_capacity(raw.len() + 20);
+        out.extend_from_slice(raw.get(..start)?);
+        out.extend_from_slice(cap.to_string().as_bytes());
+        out.extend_from_slice(raw.get(end..)?);
+        return Some(out);
+    }
+    let mut value: serde_json::Value = serde_json::from_slice(raw).ok()?;
+    value.as_object_mut()?.insert(field.into(), cap.into());
+    serde_json::to_vec(&value).ok()
+}
+
 /// Re-serializing fallback for [`replace_model`]; keeps every field, may reorder keys.
 pub fn replace_model_reserialized(raw: &[u8], model: &str) -> Option<Vec<u8>> {
     let mut value: serde_json::Value = serde_json::from_slice(raw).ok()?;

@@ -145,6 +145,7 @@ pub(super) fn policy(
                 .iter()
                 .map(|b| Pattern::new(b))
                 .collect(),
+            clamp_output_to_budget: tier.clamp_output_to_budget,
         });
     }
 
@@ -536,11 +537,15 @@ fn compile_models(
         let upstream = m.upstream_model.clone().unwrap_or_else(|| m.name.clone());
         check_model_name(&format!("{at}.upstream_model"), &upstream)?;
         let price = compile_price(&format!("{at}.price"), &m.price)?;
+        if let Some(max) = m.max_output_tokens {
+            within(format!("{at}.max_output_tokens"), max, 10_000_000, "")?;
+        }
         catalog.models.push(Model {
             name: m.name.clone(),
             upstream_name: upstream,
             providers,
             price,
+            max_output_tokens: m.max_output_tokens,
         });
         if catalog.exact.insert(m.name.clone(), id).is_some() {
             return Err(ConfigError::at(

@@ -251,6 +251,10 @@ pub struct RawModel {
     /// Name the provider knows the model by; defaults to `name`.
     #[serde(default)]
     pub upstream_model: Option<String>,
+    /// The most output tokens the model produces per request: a request asking for more
+    /// is refused with the provider's error, and no more is ever reserved.
+    #[serde(default)]
+    pub max_output_tokens: Option<u64>,
     pub price: RawPrice,
 }
 
@@ -291,6 +295,10 @@ pub struct RawTier {
     /// dropped (default: none, as betas can change what a request costs).
     #[serde(default)]
     pub anthropic_betas: Vec<String>,
+    /// Lower a request's output cap to what the tenant's remaining monthly budget (and
+    /// monthly tokens) can pay for, instead of refusing it (default false).
+    #[serde(default)]
+    pub clamp_output_to_budget: bool,
 }
 
 fn default_weight() -> u32 {

@@ -6,7 +6,9 @@
 use super::{BodyEnv, Caller, Known, Route, Step};
 use crate::accounting::cost_micro_usd;
 use crate::admission::{self, Decision, Parties, Reservation};
-use crate::body::{inject_include_usage, parse_request, replace_model, replace_model_reserialized};
+use crate::body::{
+    inject_include_usage, parse_request, replace_model, replace_model_reserialized, set_output_cap,
+};
 use crate::cache::request::{assess, Ask, Directive, Identity};
 use crate::cache::CacheOutcome;
 use crate::errors::{ApiError, ApiFlavour, ErrorKind};
@@ -93,11 +95,10 @@ pub(super) fn route(
         remove: vec!["authorization".into(), "x-api-key".into()],
         ..Step::default()
     };
-    if let Some(b) = &body {
-        step.set
-            .push(("content-length".into(), b.len().to_string()));
+    if let Some(b) = body {
+        set_content_length(&mut step, &b);
+        step.body = Some(b);
     }
-    step.body = body;
     step.set.push((
         ":path".into(),
         upstream_path(provider, api.upstream_suffix(), query),
@@ -115,12 +116,61 @@ pub(super) fn route(
 
     // Reserve what the request may use, in one decision over every limit.
     let prompt_estimate = fields.prompt.tokens(api);
-    let output_cap = match api {
+    let model_max = model.max_output_tokens.unwrap_or(u64::MAX);
+    if let (Some(asked), Some(field)) = (fields.max_output_tokens, fields.max_output_field) {
+        if asked > model_max {
+            return Err(refused(too_many_output_tokens(
+                api.flavour(),
+                field,
+                asked,
+                model_max,
+                &model.upstream_name,
+            )));
+        }
+    }
+    let mut output_cap = match api {
         Api::Embeddings | Api::CountTokens => 0,
         _ => fields
             .max_output_tokens
-            .unwrap_or(policy.default_max_output_tokens),
+            .unwrap_or(policy.default_max_output_tokens)
+            .min(model_max),
     };
+    let parties = Parties {
+        tenant,
+        model: model_id,
+        provider: provider_id,
+    };
+    // Lower the cap to what the month can still pay for, rather than refuse the request.
+    let mut clamped = None;
+    let clamps = policy
+        .tenant(tenant)
+        .is_some_and(|t| t.clamp_output_to_budget);
+    if clamps && output_cap > 0 {
+        let affordable = admission::affordable_output(
+            policy,
+            env.store,
+            parties,
+            prompt_estimate,
+            &model.price,
+            env.now_ms,
+        );
+        // Nothing affordable: the budget's own refusal says so.
+        if let Some(cap) = affordable.filter(|cap| (1..output_cap).contains(cap)) {
+            let field = fields.max_output_field.unwrap_or(match api {
+                Api::ChatCompletions => "max_completion_tokens",
+                Api::Responses => "max_output_tokens",
+                _ => "max_tokens",
+            });
+            let current = step.body.as_deref().unwrap_or(raw);
+            let rewritten = set_output_cap(current, field, cap)
+                .ok_or_else(unrewritable_body)
+                .map_err(refused)?;
+            set_content_length(&mut step, &rewritten);
+            step.body = Some(rewritten);
+            output_cap = cap;
+            clamped = Some(cap);
+        }
+    }
     // Counting tokens uses none: only the request itself counts (rates, concurrency).
     let expected = match api {
         Api::CountTokens => TokenUsage::default(),
@@ -133,11 +183,6 @@ pub(super) fn route(
     let reservation = Reservation {
         tokens: expected.total(),
         cost_micro_usd: cost_micro_usd(&expected, &model.price),
-    };
-    let parties = Parties {
-        tenant,
-        model: model_id,
-        provider: provider_id,
     };
     // The cache key comes from the client's body, before the upstream edits.
     let rule = policy
@@ -163,6 +208,7 @@ pub(super) fn route(
             stream: fields.stream,
             injected_usage,
             prompt_estimate,
+            clamped_output: clamped,
             cache: cache.map(|ask| match ask {
                 Ask::Bypass => CacheOutcome::Bypass,
                 Ask::Refresh(_) | Ask::Lookup(_) => CacheOutcome::Miss,
@@ -172,6 +218,33 @@ pub(super) fn route(
         step,
         cache,
     })
+}
+
+/// Sets (or replaces) the upstream `content-length` for a rewritten body.
+fn set_content_length(step: &mut Step, body: &[u8]) {
+    step.set.retain(|(name, _)| name != "content-length");
+    step.set
+        .push(("content-length".into(), body.len().to_string()));
+}
+
+/// A request asking for more output than the model produces, refused as its provider
+/// would refuse it.
+fn too_many_output_tokens(
+    flavour: ApiFlavour,
+    field: &'static str,
+    asked: u64,
+    max: u64,
+    upstream_model: &str,
+) -> ApiError {
+    let message = match flavour {
+        ApiFlavour::OpenAi => format!(
+            "{field} is too large: {asked}. This model supports at most {max} completion tokens, whereas you provided {asked}."
+        ),
+        ApiFlavour::Anthropic => format!(
+            "{field}: {asked} > {max}, which is the maximum allowed number of output tokens for {upstream_model}"
+        ),
+    };
+    ApiError::new(ErrorKind::InvalidRequest, message).with_param(field)
 }
 
 pub(super) fn model_not_found(name: &str) -> ApiError {

@@ -902,6 +902,9 @@ impl Exchange {
             },
         };
         let mut set = ratelimit_headers;
+        if let Some(cap) = route.clamped_output {
+            set.push(("x-sluice-output-clamped".into(), cap.to_string()));
+        }
         if let Some(cache) = route.cache {
             set.push(("x-sluice-cache".into(), cache.as_str().into()));
         }

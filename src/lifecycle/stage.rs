@@ -29,6 +29,8 @@ pub struct Route {
     pub injected_usage: bool,
     /// Prompt tokens estimated from the request body.
     pub prompt_estimate: u64,
+    /// The output cap was lowered to this, what the tenant's month can still pay for.
+    pub clamped_output: Option<u64>,
     /// What the response cache did (or will do: `Miss` until a lookup hits); `None` when
     /// it is off for the tenant and model.
     pub cache: Option<CacheOutcome>,

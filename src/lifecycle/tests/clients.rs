@@ -234,3 +234,85 @@ fn provider_headers_are_checked() {
     assert!(bad(json!({"bad name": "x"})).contains("headers.bad name"));
     assert!(bad(json!({"x-ok": "a\nb"})).contains("control characters"));
 }
+
+fn output_policy(clamp: bool) -> Policy {
+    let cfg = json!({
+        "providers": [
+            {"name": "openai", "api": "openai", "cluster": "openai", "path_prefix": "/v1", "api_key_env": "OPENAI"},
+            {"name": "anthropic", "api": "anthropic", "cluster": "anthropic", "path_prefix": "/v1", "api_key_env": "ANTHROPIC"}
+        ],
+        "models": [
+            {"name": "gpt-4.1", "providers": ["openai"], "max_output_tokens": 32768,
+             "price": {"input": 2, "output": 8}},
+            {"name": "claude-sonnet-4.5", "upstream_model": "claude-sonnet-4-5-20250929",
+             "providers": ["anthropic"], "max_output_tokens": 64000,
+             "price": {"input": 3, "output": 15}}
+        ],
+        // $0.01 a month: 1,250 output tokens of gpt-4.1 with no prompt.
+        "tiers": {"gold": {"models": ["*"], "clamp_output_to_budget": clamp,
+                           "limits": {"monthly_budget_usd": 0.01}}},
+        "tenants": [{"id": "acme", "tier": "gold", "keys": [{"id": "k1", "sha256": sha256_hex("sk-acme")}]}]
+    });
+    compile(cfg.to_string().as_bytes(), &env).unwrap()
+}
+
+#[test]
+fn a_model_never_reserves_more_than_it_can_produce_and_refuses_more_as_its_provider_does() {
+    let p = output_policy(false);
+    let store = MemoryStore::new();
+    let claude = r#"{"model":"claude-sonnet-4.5","max_tokens":128000,"messages":[]}"#;
+    let (_, _, b) = send(&p, &store, "/v1/messages", &[CLAUDE], claude);
+    let (reply, json) = reply_of(&b);
+    assert_eq!(
+        (reply.status, json["error"]["type"].as_str()),
+        (400, Some("invalid_request_error"))
+    );
+    assert_eq!(
+        json["error"]["message"],
+        "max_tokens: 128000 > 64000, which is the maximum allowed number of output tokens for claude-sonnet-4-5-20250929"
+    );
+    let gpt = r#"{"model":"gpt-4.1","max_completion_tokens":40000,"messages":[]}"#;
+    let (_, _, b) = send(
+        &p,
+        &store,
+        "/v1/chat/completions",
+        &[("authorization", "Bearer sk-acme")],
+        gpt,
+    );
+    let (_, json) = reply_of(&b);
+    assert_eq!(json["error"]["param"], "max_completion_tokens");
+    assert!(json["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("at most 32768"));
+}
+
+#[test]
+fn a_tier_that_clamps_lowers_the_output_cap_to_what_the_month_can_pay() {
+    let store = MemoryStore::new();
+    let acme = [("authorization", "Bearer sk-acme")];
+    let asks = r#"{"model":"gpt-4.1","max_tokens":5000,"messages":[]}"#;
+    // Without the clamp: 5,000 output tokens cost $0.04, over the month's $0.01.
+    let (_, _, b) = send(
+        &output_policy(false),
+        &store,
+        "/v1/chat/completions",
+        &acme,
+        asks,
+    );
+    assert_eq!(reply_of(&b).0.status, 429);
+    // With it: lowered to what $0.01 pays after the prompt (3 tokens, 6 micro-USD).
+    let p = output_policy(true);
+    let (mut ex, _, b) = send(&p, &store, "/v1/chat/completions", &acme, asks);
+    assert_eq!(b.next, Next::Continue, "{b:?}");
+    let body: Value = serde_json::from_slice(b.body.as_deref().unwrap()).unwrap();
+    assert_eq!(body["max_tokens"], 1249);
+    assert_eq!(
+        set(&b, "content-length"),
+        Some(b.body.as_ref().unwrap().len().to_string().as_str())
+    );
+    let edits = ex.on_response_headers(200, Some("application/json"), false, 1);
+    assert!(edits
+        .set
+        .contains(&("x-sluice-output-clamped".into(), "1249".into())));
+}
