@@ -41,9 +41,9 @@ pub(super) fn route(
     query: &str,
     directive: Directive,
     raw: &[u8],
-) -> Result<Forwarding, Refused> {
+) -> Result<Forwarding, Box<Refused>> {
     // Each refusal carries what was known when it was made.
-    let refused = |known| move |error| Refused { error, known };
+    let refused = |known| move |error| Box::new(Refused { error, known });
     let fields = parse_request(raw).map_err(refused(Known::Request(caller)))?;
     let model_id = policy
         .catalog
