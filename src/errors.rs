@@ -19,6 +19,8 @@ pub enum ErrorKind {
     InvalidApiKey,
     /// The tenant's key is valid but it may not use this model.
     ModelNotAllowed,
+    /// A browser page of an origin the tenant does not allow (CORS).
+    OriginNotAllowed,
     /// No such model in the gateway's catalogue.
     ModelNotFound,
     /// Path the gateway does not serve.
@@ -63,7 +65,7 @@ impl ErrorKind {
             ErrorKind::LimitExceeded(_) | ErrorKind::LimiterBusy | ErrorKind::QueueFull => 429,
             ErrorKind::QueueTimeout | ErrorKind::QuotaEngineUnavailable => 503,
             ErrorKind::InvalidApiKey => 401,
-            ErrorKind::ModelNotAllowed => 403,
+            ErrorKind::ModelNotAllowed | ErrorKind::OriginNotAllowed => 403,
             ErrorKind::ModelNotFound | ErrorKind::UnknownPath => 404,
             ErrorKind::MethodNotAllowed => 405,
             ErrorKind::InvalidRequest => 400,
@@ -78,6 +80,7 @@ impl ErrorKind {
         match self {
             ErrorKind::InvalidApiKey => "invalid_api_key",
             ErrorKind::ModelNotAllowed => "model_not_allowed",
+            ErrorKind::OriginNotAllowed => "origin_not_allowed",
             ErrorKind::ModelNotFound => "model_not_found",
             ErrorKind::UnknownPath => "unknown_path",
             ErrorKind::MethodNotAllowed => "method_not_allowed",
@@ -98,6 +101,7 @@ impl ErrorKind {
         match self {
             ErrorKind::InvalidApiKey => ("invalid_request_error", Some("invalid_api_key")),
             ErrorKind::ModelNotAllowed => ("invalid_request_error", Some("model_not_allowed")),
+            ErrorKind::OriginNotAllowed => ("invalid_request_error", Some("origin_not_allowed")),
             ErrorKind::ModelNotFound => ("invalid_request_error", Some("model_not_found")),
             ErrorKind::UnknownPath => ("invalid_request_error", Some("unknown_url")),
             ErrorKind::MethodNotAllowed => ("invalid_request_error", Some("method_not_allowed")),
@@ -127,7 +131,7 @@ impl ErrorKind {
     fn anthropic_type(self) -> &'static str {
         match self {
             ErrorKind::InvalidApiKey => "authentication_error",
-            ErrorKind::ModelNotAllowed => "permission_error",
+            ErrorKind::ModelNotAllowed | ErrorKind::OriginNotAllowed => "permission_error",
             ErrorKind::ModelNotFound | ErrorKind::UnknownPath => "not_found_error",
             ErrorKind::MethodNotAllowed
             | ErrorKind::InvalidRequest

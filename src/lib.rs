@@ -9,6 +9,7 @@ pub mod auth;
 pub mod body;
 pub mod cache;
 pub mod config;
+pub mod cors;
 pub mod errors;
 pub mod fairness;
 pub mod global;

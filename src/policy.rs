@@ -171,6 +171,14 @@ impl Policy {
             .then_some(rule)
     }
 
+    /// Whether some tenant lets pages of `origin` call the gateway (a preflight carries no
+    /// key, so it is answered for the union).
+    pub fn any_tenant_allows(&self, origin: &str) -> bool {
+        self.tenants
+            .iter()
+            .any(|t| t.allowed_origins.iter().any(|p| p.matches(origin)))
+    }
+
     /// Models the tenant may use, in configuration order.
     pub fn models_for(&self, tenant: TenantId) -> impl Iterator<Item = &Model> {
         self.catalog
@@ -213,6 +221,8 @@ pub struct Tenant {
     pub anthropic_betas: Vec<Pattern>,
     /// Its tier lowers output caps to what its monthly budget can still pay for.
     pub clamp_output_to_budget: bool,
+    /// Browser origins allowed to use its keys.
+    pub allowed_origins: Vec<Pattern>,
 }
 
 /// Client headers that select an account or a billing target at a provider, or carry a

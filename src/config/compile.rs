@@ -146,6 +146,10 @@ pub(super) fn policy(
                 .map(|b| Pattern::new(b))
                 .collect(),
             clamp_output_to_budget: tier.clamp_output_to_budget,
+            allowed_origins: compile_origins(
+                &format!("{at}.allowed_origins"),
+                &rt.allowed_origins,
+            )?,
         });
     }
 
@@ -742,6 +746,27 @@ fn check_model_name(at: &str, name: &str) -> Result<(), ConfigError> {
     let ok = |b: u8| b.is_ascii_graphic() && !matches!(b, b'"' | b'\\' | b';' | b'=');
     let rule = "1-256 printable ASCII characters without spaces, quotes, `\\`, `;` or `=`";
     check_bytes(at, name, 256, ok, rule)
+}
+
+/// Browser origins: `scheme://host[:port]`, `*` allowed in the host; never a lone `*`
+/// (a tenant's key would then work from any page).
+fn compile_origins(at: &str, raw: &[String]) -> Result<Vec<Pattern>, ConfigError> {
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, origin) in raw.iter().enumerate() {
+        let here = format!("{at}[{i}]");
+        let ok_byte = |b: u8| b.is_ascii_alphanumeric() || b"-.:/*[]".contains(&b);
+        let scheme_ok = origin.starts_with("https://") || origin.starts_with("http://");
+        let host = origin.split_once("://").map_or("", |(_, h)| h);
+        let named = host.bytes().any(|b| b.is_ascii_alphanumeric());
+        if !scheme_ok || !named || host.contains('/') || !origin.bytes().all(ok_byte) {
+            return Err(ConfigError::at(
+                here,
+                "must be an origin like `https://app.example.com` (`*` may stand for part of the host)",
+            ));
+        }
+        out.push(Pattern::new(&origin.to_ascii_lowercase()));
+    }
+    Ok(out)
 }
 
 /// A provider's own headers: names a header may have, never one Sluice sets itself (the

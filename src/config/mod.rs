@@ -334,6 +334,10 @@ pub struct RawTenant {
     /// Replaces the tier's `cache` as a whole (`models: []` turns it off).
     #[serde(default)]
     pub cache: Option<RawCache>,
+    /// Browser origins (`https://app.acme.com`, or `*` patterns) whose pages may call the
+    /// gateway with this tenant's keys (CORS). Default: none.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

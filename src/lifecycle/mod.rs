@@ -32,6 +32,7 @@ use crate::admission::{self, Decision};
 use crate::auth::{presented_key, KeyOwner};
 use crate::cache::request::{Ask, Directive};
 use crate::cache::{CacheOutcome, CacheStore, Lookup};
+use crate::cors;
 use crate::errors::{ApiError, ApiFlavour, ErrorKind, LocalReply};
 use crate::global::wire::{AdmitReply, AdmitRequest, Lease, PeekReply, Settlement, PEEK_PATH};
 use crate::headers::RequestHeaders;
@@ -128,6 +129,8 @@ pub struct Exchange {
     flavour: ApiFlavour,
     /// The client's `x-request-id`, for the usage record.
     request_id: Option<String>,
+    /// The page's origin, when some tenant allows it: responses carry CORS headers.
+    cors: Option<String>,
     stage: Stage,
 }
 
@@ -268,6 +271,7 @@ impl Exchange {
 
     /// Answers a request that holds nothing (the models endpoint).
     fn answer(&mut self, mut step: Step, reply: LocalReply, known: Known) -> Step {
+        let reply = self.decorate(reply);
         self.replied(&reply, None, known, Claims::default());
         step.next = Next::Reply(reply);
         step
@@ -284,23 +288,27 @@ impl Exchange {
         known: Known,
         claims: Claims,
     ) -> Step {
-        let reply = self.with_request_id(err.reply(self.flavour));
+        let reply = self.decorate(err.reply(self.flavour));
         self.replied(&reply, Some(err.kind.reason()), known, claims);
         step.next = Next::Reply(reply);
         step
     }
 
-    /// The request's id on a reply of the gateway's own, under the header the client's
-    /// SDK reads (`request-id` for Anthropic's, `x-request-id` for OpenAI's).
-    fn with_request_id(&self, reply: LocalReply) -> LocalReply {
-        let Some(id) = &self.request_id else {
-            return reply;
-        };
-        let name = match self.flavour {
-            ApiFlavour::Anthropic => "request-id",
-            ApiFlavour::OpenAi => "x-request-id",
-        };
-        reply.with_header(name, id)
+    /// A reply of the gateway's own with the request's id, under the header the client's
+    /// SDK reads (`request-id` for Anthropic's, `x-request-id` for OpenAI's), and CORS
+    /// headers for a page of an allowed origin.
+    fn decorate(&self, mut reply: LocalReply) -> LocalReply {
+        if let Some(id) = &self.request_id {
+            let name = match self.flavour {
+                ApiFlavour::Anthropic => "request-id",
+                ApiFlavour::OpenAi => "x-request-id",
+            };
+            reply = reply.with_header(name, id);
+        }
+        if let Some(origin) = &self.cors {
+            reply.headers.extend(cors::response_headers(origin));
+        }
+        reply
     }
 
     pub fn on_request_headers(
@@ -341,6 +349,22 @@ impl Exchange {
             .map(Endpoint::key_placement)
             .unwrap_or(crate::auth::KeyPlacement::BearerOrApiKey);
 
+        // Browsers: a preflight carries no key, so it is answered before one is asked for.
+        self.cors = cors::allowed_origin(policy, headers);
+        if cors::is_preflight(headers) {
+            return match self.cors.clone() {
+                Some(origin) => {
+                    let reply = cors::preflight(&origin, headers);
+                    self.answer(step, reply, Known::Nobody)
+                }
+                None => {
+                    let msg = "No tenant of this gateway allows pages of this origin.";
+                    let err = ApiError::new(ErrorKind::OriginNotAllowed, msg);
+                    self.refuse(step, err, Known::Nobody)
+                }
+            };
+        }
+
         let owner = match presented_key(headers, placement) {
             Ok(key) => match policy.keys.lookup(key) {
                 Some(owner) => owner,
@@ -353,6 +377,21 @@ impl Exchange {
             Err(e) => return self.refuse(step, e, Known::Nobody),
         };
         let known = Known::Tenant(owner);
+        // A page may use a key only from an origin its tenant allows.
+        if let Some(origin) = headers.get_str("origin") {
+            let allowed = policy.tenant(owner.tenant).is_some_and(|t| {
+                let origin = origin.trim().to_ascii_lowercase();
+                t.allowed_origins.iter().any(|p| p.matches(&origin))
+            });
+            if !allowed {
+                let msg = format!(
+                    "This key may not be used from pages of `{}`.",
+                    origin.trim()
+                );
+                let err = ApiError::new(ErrorKind::OriginNotAllowed, msg);
+                return self.refuse(step, err, known);
+            }
+        }
         // Who pays is Sluice's key's account: the client's account selectors never pass,
         // and only the betas its tier allows.
         let mut step = step;
@@ -629,6 +668,7 @@ impl Exchange {
                     env.now_ms,
                 );
                 if let Some((reply, usage)) = replayed {
+                    let reply = self.decorate(reply);
                     admitted.route.cache = Some(CacheOutcome::Hit);
                     self.stage = Stage::Cached { admitted, usage };
                     step.next = Next::Reply(reply);
@@ -902,6 +942,9 @@ impl Exchange {
             },
         };
         let mut set = ratelimit_headers;
+        if let Some(origin) = &self.cors {
+            set.extend(cors::response_headers(origin));
+        }
         if let Some(cap) = route.clamped_output {
             set.push(("x-sluice-output-clamped".into(), cap.to_string()));
         }
@@ -947,7 +990,7 @@ impl Exchange {
             ErrorKind::Internal,
             "The gateway failed to process the request.",
         );
-        let reply = self.with_request_id(err.reply(self.flavour));
+        let reply = self.decorate(err.reply(self.flavour));
         let (known, claims) = match std::mem::take(&mut self.stage) {
             Stage::Headers => (Known::Nobody, Claims::default()),
             Stage::AwaitingBody { caller, .. } => (Known::Request(caller), Claims::default()),

@@ -316,3 +316,156 @@ fn a_tier_that_clamps_lowers_the_output_cap_to_what_the_month_can_pay() {
         .set
         .contains(&("x-sluice-output-clamped".into(), "1249".into())));
 }
+
+fn cors_policy() -> Policy {
+    let cfg = json!({
+        "providers": [{"name": "openai", "api": "openai", "cluster": "openai", "path_prefix": "/v1", "api_key_env": "OPENAI"}],
+        "models": [{"name": "gpt-4.1", "providers": ["openai"], "price": {"input": 2, "output": 8}}],
+        "tiers": {"gold": {"models": ["*"]}},
+        "tenants": [
+            {"id": "acme", "tier": "gold", "keys": [{"id": "k1", "sha256": sha256_hex("sk-acme")}],
+             "allowed_origins": ["https://app.acme.test", "https://*.preview.acme.test"]},
+            {"id": "globex", "tier": "gold", "keys": [{"id": "k1", "sha256": sha256_hex("sk-globex")}],
+             "allowed_origins": ["http://localhost:5173"]}
+        ]
+    });
+    compile(cfg.to_string().as_bytes(), &env).unwrap()
+}
+
+fn preflight(p: &Policy, origin: &str, request_headers: &str) -> Step {
+    let mut ex = Exchange::new();
+    let h = headers(
+        "OPTIONS",
+        "/v1/chat/completions",
+        &[
+            ("origin", origin),
+            ("access-control-request-method", "POST"),
+            ("access-control-request-headers", request_headers),
+        ],
+    );
+    ex.on_request_headers(p, &test_env(&MemoryStore::new()), &h, true)
+}
+
+#[test]
+fn preflights_are_answered_before_any_key_for_origins_a_tenant_allows() {
+    let p = cors_policy();
+    let step = preflight(
+        &p,
+        "https://pr-7.preview.acme.test",
+        "authorization, content-type, x-stainless-os, x-evil",
+    );
+    let Next::Reply(reply) = &step.next else {
+        panic!("{step:?}");
+    };
+    assert_eq!(reply.status, 204);
+    assert_eq!(
+        reply.header("access-control-allow-origin"),
+        Some("https://pr-7.preview.acme.test")
+    );
+    assert_eq!(
+        reply.header("access-control-allow-headers"),
+        Some("authorization, content-type, x-stainless-os"),
+        "a header nobody allows is left out: the browser refuses the call"
+    );
+    assert!(reply
+        .header("access-control-allow-methods")
+        .unwrap()
+        .contains("POST"));
+    let step = preflight(&p, "https://evil.test", "authorization");
+    let (reply, json) = reply_of(&step);
+    assert_eq!(reply.status, 403);
+    assert_eq!(json["error"]["code"], "origin_not_allowed");
+    assert_eq!(reply.header("access-control-allow-origin"), None);
+}
+
+#[test]
+fn a_page_uses_a_key_only_from_its_tenants_origins_and_reads_every_answer() {
+    let p = cors_policy();
+    let store = MemoryStore::new();
+    let body = r#"{"model":"gpt-4.1","max_tokens":1,"messages":[]}"#;
+    let from = |origin| [("authorization", "Bearer sk-acme"), ("origin", origin)];
+    let (mut ex, _, b) = send(
+        &p,
+        &store,
+        "/v1/chat/completions",
+        &from("https://app.acme.test"),
+        body,
+    );
+    assert_eq!(b.next, Next::Continue);
+    let edits = ex.on_response_headers(200, Some("application/json"), false, 1);
+    assert!(edits.set.contains(&(
+        "access-control-allow-origin".into(),
+        "https://app.acme.test".into()
+    )));
+    assert!(edits
+        .set
+        .iter()
+        .any(|(n, v)| n == "access-control-expose-headers"
+            && v.contains("x-ratelimit-remaining-tokens")));
+    // Globex's page with acme's key: refused, readable by that page.
+    let (_, h, _) = send(
+        &p,
+        &store,
+        "/v1/chat/completions",
+        &from("http://localhost:5173"),
+        body,
+    );
+    let (reply, json) = reply_of(&h);
+    assert_eq!(
+        (reply.status, json["error"]["code"].as_str()),
+        (403, Some("origin_not_allowed"))
+    );
+    assert_eq!(
+        reply.header("access-control-allow-origin"),
+        Some("http://localhost:5173")
+    );
+    // An error for an allowed page carries the headers too.
+    let unknown = r#"{"model":"nope","messages":[]}"#;
+    let (_, _, b) = send(
+        &p,
+        &store,
+        "/v1/chat/completions",
+        &from("https://app.acme.test"),
+        unknown,
+    );
+    let (reply, _) = reply_of(&b);
+    assert_eq!(reply.status, 404);
+    assert_eq!(
+        reply.header("access-control-allow-origin"),
+        Some("https://app.acme.test")
+    );
+    // Server-side clients send no origin: unchanged.
+    let (_, _, b) = send(
+        &p,
+        &store,
+        "/v1/chat/completions",
+        &[("authorization", "Bearer sk-acme")],
+        body,
+    );
+    assert_eq!(b.next, Next::Continue);
+}
+
+#[test]
+fn origins_are_checked() {
+    for bad in [
+        "*",
+        "https://*",
+        "app.acme.test",
+        "https://app.acme.test/path",
+    ] {
+        let cfg = json!({
+            "providers": [{"name": "openai", "api": "openai", "cluster": "openai", "api_key_env": "OPENAI"}],
+            "models": [{"name": "gpt-4.1", "providers": ["openai"], "price": {"input": 2, "output": 8}}],
+            "tiers": {"gold": {"models": ["*"]}},
+            "tenants": [{"id": "acme", "tier": "gold", "keys": [{"id": "k1", "sha256": sha256_hex("sk-acme")}],
+                         "allowed_origins": [bad]}]
+        });
+        let err = compile(cfg.to_string().as_bytes(), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tenants[0].allowed_origins[0]"),
+            "{bad}: {err}"
+        );
+    }
+}
