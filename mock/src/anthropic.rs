@@ -1,4 +1,5 @@
-//! Anthropic Messages API (`POST {prefix}/messages`).
+//! Anthropic Messages API (`POST {prefix}/messages`) and token counting
+//! (`POST {prefix}/messages/count_tokens`).
 
 use serde_json::{json, Value};
 
@@ -59,30 +60,91 @@ fn prompt_tokens(v: &Value, messages: &[Value]) -> u64 {
     messages_tokens(messages) + system
 }
 
-/// `POST {prefix}/messages`
-pub(crate) fn messages(ctx: &Ctx<'_>) -> Outcome {
+/// Credential, version header, JSON object body, `model` and `messages`: the checks
+/// Messages and count_tokens share, in the real API's order.
+fn common_checks(ctx: &Ctx<'_>) -> Result<(Value, String), Box<Outcome>> {
     match ctx.header("x-api-key") {
         Some(k) if k == ctx.api_key => {}
-        _ => return error(401, "authentication_error", "invalid x-api-key"),
+        _ => {
+            return Err(Box::new(error(
+                401,
+                "authentication_error",
+                "invalid x-api-key",
+            )))
+        }
     }
     if ctx.header("anthropic-version").is_none() {
-        return invalid("anthropic-version: header is required");
+        return Err(Box::new(invalid("anthropic-version: header is required")));
     }
     let v = match ctx.json() {
         Some(v @ Value::Object(_)) => v,
-        _ => return invalid("There was an issue with the JSON in your request body"),
+        _ => {
+            return Err(Box::new(invalid(
+                "There was an issue with the JSON in your request body",
+            )))
+        }
     };
     let model = match v.get("model") {
         Some(Value::String(m)) if !m.is_empty() => m.clone(),
-        Some(_) => return invalid("model: Input should be a valid string"),
-        None => return invalid("model: Field required"),
+        Some(_) => return Err(Box::new(invalid("model: Input should be a valid string"))),
+        None => return Err(Box::new(invalid("model: Field required"))),
     };
-    let messages = match v.get("messages") {
-        Some(Value::Array(a)) if !a.is_empty() => a,
-        Some(Value::Array(_)) => return invalid("messages: at least one message is required"),
-        Some(_) => return invalid("messages: Input should be a valid list"),
-        None => return invalid("messages: Field required"),
+    match v.get("messages") {
+        Some(Value::Array(a)) if !a.is_empty() => {}
+        Some(Value::Array(_)) => {
+            return Err(Box::new(invalid(
+                "messages: at least one message is required",
+            )))
+        }
+        Some(_) => return Err(Box::new(invalid("messages: Input should be a valid list"))),
+        None => return Err(Box::new(invalid("messages: Field required"))),
+    }
+    Ok((v, model))
+}
+
+fn messages_of(v: &Value) -> &[Value] {
+    v.get("messages")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+}
+
+/// Whether the request turned extended thinking on (`thinking.type` other than
+/// `disabled`).
+fn thinking_on(v: &Value) -> bool {
+    match v.get("thinking").and_then(|t| t.get("type")) {
+        Some(Value::String(t)) => t != "disabled",
+        _ => false,
+    }
+}
+
+/// `POST {prefix}/messages/count_tokens`: `{"input_tokens": N}` with N the prompt
+/// size the Messages endpoint would report (input + cache reads + cache writes).
+/// Free: the recorded usage is all zeros.
+pub(crate) fn count_tokens(ctx: &Ctx<'_>) -> Outcome {
+    let v = match common_checks(ctx) {
+        Ok((v, _)) => v,
+        Err(o) => return *o,
     };
+    if let Some(o) = fault(ctx) {
+        return o;
+    }
+    let n = prompt_tokens(&v, messages_of(&v));
+    Outcome::success(
+        Flavour::Anthropic,
+        ctx.knobs,
+        Usage::default(),
+        Reply::Json(json!({ "input_tokens": n })),
+    )
+}
+
+/// `POST {prefix}/messages`
+pub(crate) fn messages(ctx: &Ctx<'_>) -> Outcome {
+    let (v, model) = match common_checks(ctx) {
+        Ok(x) => x,
+        Err(o) => return *o,
+    };
+    let messages = messages_of(&v);
     let max_tokens = match v.get("max_tokens") {
         None => return invalid("max_tokens: Field required"),
         Some(x) => match x.as_u64() {
@@ -106,17 +168,32 @@ pub(crate) fn messages(ctx: &Ctx<'_>) -> Outcome {
         reasoning_tokens: reasoning,
         cache_creation_tokens: cache_creation,
     };
+    // Thinking models report the reasoning part of output_tokens.
+    let thinking_details = reasoning > 0 || thinking_on(&v);
     let stop_reason = if capped { "max_tokens" } else { "end_turn" };
     let id = format!("msg_mock_{}", ctx.seq);
-    let usage_json = |output_tokens: u64| {
-        json!({
+    // The usage object of a message (JSON answer, or `message_start`'s opening
+    // one with an interim `output_tokens`).
+    let message_usage = |output_tokens: u64, details: bool| {
+        let mut u = json!({
             "input_tokens": usage.input_tokens,
             "cache_creation_input_tokens": usage.cache_creation_tokens,
             "cache_read_input_tokens": usage.cached_tokens,
-            "output_tokens": output_tokens
-        })
+            "cache_creation": {
+                // Writes are reported as the default 5-minute TTL.
+                "ephemeral_5m_input_tokens": usage.cache_creation_tokens,
+                "ephemeral_1h_input_tokens": 0
+            },
+            "output_tokens": output_tokens,
+            "service_tier": "standard",
+            "inference_geo": "not_available"
+        });
+        if details {
+            u["output_tokens_details"] = json!({"thinking_tokens": usage.reasoning_tokens});
+        }
+        u
     };
-    let message = |content: Value, stop: Option<&str>, output_tokens: u64| {
+    let message = |content: Value, stop: Option<&str>, usage: Value| {
         json!({
             "id": id,
             "type": "message",
@@ -125,7 +202,8 @@ pub(crate) fn messages(ctx: &Ctx<'_>) -> Outcome {
             "content": content,
             "stop_reason": stop,
             "stop_sequence": null,
-            "usage": usage_json(output_tokens)
+            "stop_details": null,
+            "usage": usage
         })
     };
 
@@ -134,7 +212,7 @@ pub(crate) fn messages(ctx: &Ctx<'_>) -> Outcome {
         let body = message(
             json!([{"type": "text", "text": mock_chunks(visible, 1).concat()}]),
             Some(stop_reason),
-            usage.output_tokens,
+            message_usage(usage.output_tokens, thinking_details),
         );
         return Outcome::success(Flavour::Anthropic, ctx.knobs, usage, Reply::Json(body));
     }
@@ -142,7 +220,7 @@ pub(crate) fn messages(ctx: &Ctx<'_>) -> Outcome {
     let mut plan = StreamPlan::default();
     plan.preamble.push(sse_event(
         "message_start",
-        &json!({"type": "message_start", "message": message(json!([]), None, 1)}),
+        &json!({"type": "message_start", "message": message(json!([]), None, message_usage(1, false))}),
     ));
     plan.preamble.push(sse_event(
         "content_block_start",
@@ -160,13 +238,23 @@ pub(crate) fn messages(ctx: &Ctx<'_>) -> Outcome {
         "content_block_stop",
         &json!({"type": "content_block_stop", "index": 0}),
     ));
-    // One message_delta; its usage is cumulative (the final output total).
+    // One message_delta; its usage is cumulative: every count is the final total
+    // (input and cache fields repeated, as the real API does).
+    let mut delta_usage = json!({
+        "input_tokens": usage.input_tokens,
+        "cache_creation_input_tokens": usage.cache_creation_tokens,
+        "cache_read_input_tokens": usage.cached_tokens,
+        "output_tokens": usage.output_tokens
+    });
+    if thinking_details {
+        delta_usage["output_tokens_details"] = json!({"thinking_tokens": usage.reasoning_tokens});
+    }
     plan.epilogue.push(sse_event(
         "message_delta",
         &json!({
             "type": "message_delta",
-            "delta": {"stop_reason": stop_reason, "stop_sequence": null},
-            "usage": {"output_tokens": usage.output_tokens}
+            "delta": {"stop_reason": stop_reason, "stop_sequence": null, "stop_details": null},
+            "usage": delta_usage
         }),
     ));
     plan.epilogue

@@ -22,6 +22,35 @@ pub(crate) enum Compat {
 
 const FINGERPRINT: &str = "fp_mock";
 
+const OBFUSCATION_CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+
+/// Stand-in for OpenAI's stream obfuscation (random characters that normalize
+/// payload sizes): deterministic, 1..=16 chars, so that `text` plus it fills a
+/// 16-char block. `salt` varies the characters between events.
+fn obfuscation(text: &str, salt: u64) -> String {
+    let n = 16 - text.chars().count() % 16;
+    let len = OBFUSCATION_CHARS.len() as u64;
+    (0..n as u64)
+        .map(|i| {
+            char::from(
+                OBFUSCATION_CHARS[(salt.wrapping_mul(7).wrapping_add(i * 13) % len) as usize],
+            )
+        })
+        .collect()
+}
+
+/// Whether streamed events carry an `obfuscation` field: OpenAI itself (not
+/// DeepSeek, Gemini or Anthropic's compatible endpoint) unless the request set
+/// `stream_options.include_obfuscation: false`.
+fn obfuscates(ctx: &Ctx<'_>, compat: Compat, v: &Value) -> bool {
+    compat == Compat::OpenAi
+        && !matches!(ctx.provider, "deepseek" | "gemini")
+        && v.get("stream_options")
+            .and_then(|o| o.get("include_obfuscation"))
+            .and_then(Value::as_bool)
+            != Some(false)
+}
+
 pub(crate) fn error(
     status: u16,
     message: impl Into<String>,
@@ -270,7 +299,7 @@ pub(crate) fn chat(ctx: &Ctx<'_>, compat: Compat) -> Outcome {
             "model": model,
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": mock_chunks(visible, 1).concat(), "refusal": null},
+                "message": {"role": "assistant", "content": mock_chunks(visible, 1).concat(), "refusal": null, "annotations": []},
                 "logprobs": null,
                 "finish_reason": finish
             }],
@@ -286,7 +315,10 @@ pub(crate) fn chat(ctx: &Ctx<'_>, compat: Compat) -> Outcome {
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         == Some(true);
-    let chunk = |choices: Value, usage: Option<Value>| -> Bytes {
+    let obfuscate = obfuscates(ctx, compat, &v);
+    let salt = std::cell::Cell::new(ctx.seq);
+    // `text`: the chunk's content, which its obfuscation pads.
+    let chunk = |choices: Value, usage: Option<Value>, text: &str| -> Bytes {
         let mut c = json!({
             "id": id,
             "object": "chat.completion.chunk",
@@ -299,6 +331,10 @@ pub(crate) fn chat(ctx: &Ctx<'_>, compat: Compat) -> Outcome {
         if include_usage {
             c["usage"] = usage.unwrap_or(Value::Null);
         }
+        if obfuscate {
+            salt.set(salt.get().wrapping_add(1));
+            c["obfuscation"] = json!(obfuscation(text, salt.get()));
+        }
         sse_data(&c)
     };
     let choice = |delta: Value, finish: Option<&str>| json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]);
@@ -309,15 +345,16 @@ pub(crate) fn chat(ctx: &Ctx<'_>, compat: Compat) -> Outcome {
             None,
         ),
         None,
+        "",
     ));
     for text in mock_chunks(visible, ctx.knobs.chunks) {
         plan.content
-            .push(chunk(choice(json!({"content": text}), None), None));
+            .push(chunk(choice(json!({"content": text}), None), None, &text));
     }
     plan.epilogue
-        .push(chunk(choice(json!({}), Some(finish)), None));
+        .push(chunk(choice(json!({}), Some(finish)), None, ""));
     if include_usage {
-        plan.epilogue.push(chunk(json!([]), Some(usage_json)));
+        plan.epilogue.push(chunk(json!([]), Some(usage_json), ""));
     }
     plan.epilogue.push(Bytes::from_static(b"data: [DONE]\n\n"));
     Outcome::success(
@@ -548,28 +585,48 @@ pub(crate) fn responses(ctx: &Ctx<'_>) -> Outcome {
     } else {
         ("completed", Value::Null)
     };
-    let part = |t: &str| json!({"type": "output_text", "text": t, "annotations": []});
+    let part =
+        |t: &str| json!({"type": "output_text", "annotations": [], "logprobs": [], "text": t});
     let item = |status: &str, content: Value| json!({"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content});
+    let echo = |name: &str| v.get(name).cloned().unwrap_or(Value::Null);
+    // The tier asked for (`auto` by default) until the answer is done, then the one
+    // that served it.
+    let requested_tier = match v.get("service_tier") {
+        Some(Value::String(t)) => t.clone(),
+        _ => "auto".to_string(),
+    };
     let response = |status: &str, incomplete: Value, output: Value, usage: Value| {
+        let done = status != "in_progress";
+        let tier = if done && matches!(requested_tier.as_str(), "auto" | "default") {
+            "default"
+        } else {
+            requested_tier.as_str()
+        };
         json!({
             "id": resp_id,
             "object": "response",
             "created_at": ctx.now,
             "status": status,
+            "background": false,
             "error": null,
             "incomplete_details": incomplete,
-            "instructions": v.get("instructions").cloned().unwrap_or(Value::Null),
+            "instructions": echo("instructions"),
             "max_output_tokens": max,
+            "max_tool_calls": echo("max_tool_calls"),
             "model": model,
             "output": output,
             "parallel_tool_calls": true,
-            "previous_response_id": v.get("previous_response_id").cloned().unwrap_or(Value::Null),
+            "previous_response_id": echo("previous_response_id"),
+            "prompt_cache_key": echo("prompt_cache_key"),
             "reasoning": {"effort": null, "summary": null},
+            "safety_identifier": echo("safety_identifier"),
+            "service_tier": tier,
             "store": v.get("store").and_then(Value::as_bool).unwrap_or(true),
             "temperature": 1.0,
-            "text": {"format": {"type": "text"}},
+            "text": {"format": {"type": "text"}, "verbosity": "medium"},
             "tool_choice": "auto",
             "tools": [],
+            "top_logprobs": 0,
             "top_p": 1.0,
             "truncation": "disabled",
             "usage": usage,
@@ -605,11 +662,13 @@ pub(crate) fn responses(ctx: &Ctx<'_>) -> Outcome {
         "response.content_part.added",
         json!({"item_id": item_id, "output_index": 0, "content_index": 0, "part": part("")}),
     ));
-    for delta in &chunks {
-        plan.content.push(ev(
-            "response.output_text.delta",
-            json!({"item_id": item_id, "output_index": 0, "content_index": 0, "delta": delta, "logprobs": []}),
-        ));
+    let obfuscate = obfuscates(ctx, Compat::OpenAi, &v);
+    for (i, delta) in chunks.iter().enumerate() {
+        let mut body = json!({"item_id": item_id, "output_index": 0, "content_index": 0, "delta": delta, "logprobs": []});
+        if obfuscate {
+            body["obfuscation"] = json!(obfuscation(delta, ctx.seq.wrapping_add(i as u64)));
+        }
+        plan.content.push(ev("response.output_text.delta", body));
     }
     plan.epilogue.push(ev(
         "response.output_text.done",
@@ -657,4 +716,27 @@ pub(crate) fn models(ctx: &Ctx<'_>) -> Outcome {
         200,
         json!({"object": "list", "data": data}),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn obfuscation_pads_to_a_block() {
+        for text in [
+            "",
+            "a",
+            "the sly fox",
+            "sixteen chars!!!",
+            "seventeen chars!!",
+        ] {
+            let o = obfuscation(text, 3);
+            assert!((1..=16).contains(&o.len()), "{text:?}");
+            assert_eq!((text.chars().count() + o.len()) % 16, 0, "{text:?}");
+            assert!(o.bytes().all(|b| b.is_ascii_alphanumeric()));
+            assert_eq!(o, obfuscation(text, 3));
+        }
+        assert_ne!(obfuscation("", 1), obfuscation("", 2));
+    }
 }

@@ -385,12 +385,15 @@ fn route(st: &State, ctx: &Ctx<'_>, path: &str) -> Outcome {
         },
         ProviderKind::Anthropic => match rest {
             Some("/messages") if post => anthropic::messages(ctx),
+            Some("/messages/count_tokens") if post => anthropic::count_tokens(ctx),
             Some("/chat/completions") if post => Outcome {
                 // Anthropic's response headers (request-id) on its OpenAI-compatible endpoint.
                 flavour: Flavour::Anthropic,
                 ..openai::chat(ctx, openai::Compat::Anthropic)
             },
-            Some("/messages" | "/chat/completions") => anthropic::method_not_allowed(ctx),
+            Some("/messages" | "/messages/count_tokens" | "/chat/completions") => {
+                anthropic::method_not_allowed(ctx)
+            }
             _ => anthropic::not_found(ctx),
         },
     }

@@ -247,6 +247,23 @@ async fn chat_json_usage_follows_count_rules() {
     assert_eq!(choice["finish_reason"], "stop");
     assert_eq!(choice["message"]["role"], "assistant");
     assert!(choice["message"]["refusal"].is_null());
+    assert_eq!(choice["message"]["annotations"], json!([]));
+    assert!(choice["logprobs"].is_null());
+    assert_eq!(v["service_tier"], "default");
+    assert!(v["system_fingerprint"].is_string());
+    assert_eq!(
+        v["usage"]["prompt_tokens_details"],
+        json!({"cached_tokens": 0, "audio_tokens": 0})
+    );
+    assert_eq!(
+        v["usage"]["completion_tokens_details"],
+        json!({
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0
+        })
+    );
     let text = choice["message"]["content"].as_str().unwrap();
     assert_eq!(count_tokens(text), 16);
     assert_eq!(text, mock_text(16));
@@ -417,6 +434,74 @@ async fn chat_stream_with_include_usage_has_one_usage_chunk() {
     assert_eq!(count_tokens(&content), 6);
 }
 
+/// `data:` chunks of a chat stream, without `[DONE]`.
+async fn chat_chunks(s: &MockServer, body: &Value) -> Vec<Value> {
+    let events = parse_sse(
+        &post_openai(s, "/v1/chat/completions", body, &[])
+            .await
+            .text()
+            .await
+            .unwrap(),
+    );
+    assert_eq!(events.last().unwrap().1, "[DONE]");
+    events[..events.len() - 1]
+        .iter()
+        .map(|(_, d)| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn chat_stream_obfuscation() {
+    let s = openai().await;
+    let mut body = chat_body();
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let chunks = chat_chunks(&s, &body).await;
+    // Every chunk, the usage chunk included, carries a non-empty obfuscation string
+    // that pads the content to a 16-char block.
+    for c in &chunks {
+        let o = c["obfuscation"].as_str().unwrap();
+        assert!(!o.is_empty() && o.len() <= 16, "{o:?}");
+        assert!(o.chars().all(|ch| ch.is_ascii_alphanumeric()));
+        let content = c["choices"][0]["delta"]["content"].as_str().unwrap_or("");
+        assert_eq!((content.chars().count() + o.len()) % 16, 0);
+        assert_eq!(c["service_tier"], "default");
+    }
+    assert_eq!(
+        chunks.last().unwrap()["usage"]["prompt_tokens"],
+        chat_prompt_tokens()
+    );
+
+    // Opted out.
+    body["stream_options"] = json!({"include_usage": true, "include_obfuscation": false});
+    assert!(chat_chunks(&s, &body)
+        .await
+        .iter()
+        .all(|c| c.get("obfuscation").is_none()));
+
+    // DeepSeek and Anthropic's OpenAI-compatible endpoint do not obfuscate.
+    let ds = server("deepseek", ProviderKind::OpenAi, "", OPENAI_KEY).await;
+    let r = client()
+        .post(url(&ds, "/chat/completions"))
+        .bearer_auth(OPENAI_KEY)
+        .json(&json!({"model": "deepseek-chat", "stream": true, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert!(!r.text().await.unwrap().contains("obfuscation"));
+    let a = anthropic().await;
+    let mut abody = chat_body();
+    abody["stream"] = json!(true);
+    let r = client()
+        .post(url(&a, "/v1/chat/completions"))
+        .bearer_auth(ANTHROPIC_KEY)
+        .json(&abody)
+        .send()
+        .await
+        .unwrap();
+    assert!(!r.text().await.unwrap().contains("obfuscation"));
+}
+
 #[tokio::test]
 async fn anthropic_json_and_openai_compat() {
     let s = anthropic().await;
@@ -444,9 +529,18 @@ async fn anthropic_json_and_openai_compat() {
     assert_eq!(v["stop_reason"], "end_turn");
     assert!(v["stop_sequence"].is_null());
     assert_eq!(count_tokens(v["content"][0]["text"].as_str().unwrap()), 16);
+    assert!(v["stop_details"].is_null());
     assert_eq!(
         v["usage"],
-        json!({"input_tokens": prompt - 5, "cache_creation_input_tokens": 2, "cache_read_input_tokens": 3, "output_tokens": 16})
+        json!({
+            "input_tokens": prompt - 5,
+            "cache_creation_input_tokens": 2,
+            "cache_read_input_tokens": 3,
+            "cache_creation": {"ephemeral_5m_input_tokens": 2, "ephemeral_1h_input_tokens": 0},
+            "output_tokens": 16,
+            "service_tier": "standard",
+            "inference_geo": "not_available"
+        })
     );
     assert_eq!(
         s.requests()[0].usage,
@@ -523,8 +617,20 @@ async fn anthropic_stream_sequence() {
         assert_eq!(d["type"], *n);
     }
     let prompt = count_tokens("Hello") + 4 + 3;
-    assert_eq!(data[0]["message"]["usage"]["input_tokens"], prompt);
-    assert_eq!(data[0]["message"]["usage"]["output_tokens"], 1);
+    assert!(data[0]["message"]["stop_reason"].is_null());
+    assert!(data[0]["message"]["stop_details"].is_null());
+    assert_eq!(
+        data[0]["message"]["usage"],
+        json!({
+            "input_tokens": prompt,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+            "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+            "output_tokens": 1,
+            "service_tier": "standard",
+            "inference_geo": "not_available"
+        })
+    );
     let text: String = data[3..8]
         .iter()
         .map(|d| d["delta"]["text"].as_str().unwrap().to_string())
@@ -533,11 +639,238 @@ async fn anthropic_stream_sequence() {
     let delta = &data[9];
     assert_eq!(
         delta["delta"],
-        json!({"stop_reason": "end_turn", "stop_sequence": null})
+        json!({"stop_reason": "end_turn", "stop_sequence": null, "stop_details": null})
     );
-    // Cumulative: the final total, not an increment over message_start's 1.
-    assert_eq!(delta["usage"]["output_tokens"], 10);
+    // Cumulative: every count is the final total (output not an increment over
+    // message_start's 1; input and cache counts repeated).
+    assert_eq!(
+        delta["usage"],
+        json!({
+            "input_tokens": prompt,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+            "output_tokens": 10
+        })
+    );
     assert!(s.requests()[0].completed);
+}
+
+#[tokio::test]
+async fn anthropic_stream_usage_with_cache_and_thinking() {
+    let s = anthropic().await;
+    let body = json!({
+        "model": "claude-sonnet-4",
+        "max_tokens": 50,
+        "stream": true,
+        "system": [{"type": "text", "text": "Long and stable instructions", "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": "Hello there"}]
+    });
+    let prompt =
+        (count_tokens("Long and stable instructions") + 4) + (count_tokens("Hello there") + 4) + 3;
+    let r = post_anthropic(
+        &s,
+        &body,
+        &[
+            ("x-mock-output-tokens", "6"),
+            ("x-mock-cached-tokens", "5"),
+            ("x-mock-cache-creation-tokens", "4"),
+            ("x-mock-reasoning-tokens", "3"),
+        ],
+    )
+    .await;
+    let events = parse_sse(&r.text().await.unwrap());
+    let data: Vec<Value> = events
+        .iter()
+        .map(|(_, d)| serde_json::from_str(d).unwrap())
+        .collect();
+    let start = &data[0]["message"]["usage"];
+    assert_eq!(start["input_tokens"], prompt - 9);
+    assert_eq!(start["cache_read_input_tokens"], 5);
+    assert_eq!(start["cache_creation_input_tokens"], 4);
+    assert_eq!(
+        start["cache_creation"],
+        json!({"ephemeral_5m_input_tokens": 4, "ephemeral_1h_input_tokens": 0})
+    );
+    assert_eq!(start["output_tokens"], 1);
+    let delta = data.iter().find(|d| d["type"] == "message_delta").unwrap();
+    assert_eq!(
+        delta["usage"],
+        json!({
+            "input_tokens": prompt - 9,
+            "cache_creation_input_tokens": 4,
+            "cache_read_input_tokens": 5,
+            "output_tokens": 9,
+            "output_tokens_details": {"thinking_tokens": 3}
+        })
+    );
+    assert_eq!(
+        s.requests()[0].usage,
+        Some(Usage {
+            input_tokens: prompt - 9,
+            output_tokens: 9,
+            cached_tokens: 5,
+            reasoning_tokens: 3,
+            cache_creation_tokens: 4
+        })
+    );
+
+    // JSON answer: thinking requested, no reasoning knob -> thinking_tokens 0.
+    let mut json_body = body.clone();
+    json_body["stream"] = json!(false);
+    json_body["thinking"] = json!({"type": "enabled", "budget_tokens": 1024});
+    let v: Value = post_anthropic(&s, &json_body, &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        v["usage"]["output_tokens_details"],
+        json!({"thinking_tokens": 0})
+    );
+    assert_eq!(v["usage"]["output_tokens"], 16);
+    // No thinking: no details object.
+    json_body["thinking"] = json!({"type": "disabled"});
+    let v: Value = post_anthropic(&s, &json_body, &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(v["usage"].get("output_tokens_details").is_none());
+}
+
+async fn post_count_tokens(
+    s: &MockServer,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut rb = client()
+        .post(url(s, "/v1/messages/count_tokens"))
+        .header("x-api-key", ANTHROPIC_KEY)
+        .header("anthropic-version", "2023-06-01")
+        .json(body);
+    for (k, v) in headers {
+        rb = rb.header(*k, *v);
+    }
+    rb.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn anthropic_count_tokens() {
+    let s = anthropic().await;
+    // No max_tokens needed; system and tools accepted.
+    let body = json!({
+        "model": "claude-sonnet-4",
+        "system": "Be brief.",
+        "tools": [{"name": "lookup", "description": "Look a word up", "input_schema": {"type": "object"}}],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Hello there, Claude"}]},
+            {"role": "assistant", "content": "Hi"},
+            {"role": "user", "content": "What is a fox?"}
+        ]
+    });
+    let r = post_count_tokens(&s, &body, &[]).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    assert!(r.headers().contains_key("request-id"));
+    let v: Value = r.json().await.unwrap();
+    let n = v["input_tokens"].as_u64().unwrap();
+    assert_eq!(v, json!({ "input_tokens": n }));
+
+    // The same prompt through Messages reports the same input size.
+    let mut msg = body.clone();
+    msg["max_tokens"] = json!(10);
+    let m: Value = post_anthropic(&s, &msg, &[]).await.json().await.unwrap();
+    assert_eq!(m["usage"]["input_tokens"], n);
+    // With cache knobs Messages splits it; count_tokens is the whole prompt.
+    let m: Value = post_anthropic(
+        &s,
+        &msg,
+        &[
+            ("x-mock-cached-tokens", "3"),
+            ("x-mock-cache-creation-tokens", "2"),
+        ],
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let u = &m["usage"];
+    assert_eq!(
+        u["input_tokens"].as_u64().unwrap()
+            + u["cache_read_input_tokens"].as_u64().unwrap()
+            + u["cache_creation_input_tokens"].as_u64().unwrap(),
+        n
+    );
+    let v: Value = post_count_tokens(&s, &body, &[("x-mock-cached-tokens", "3")])
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["input_tokens"], n);
+
+    // Recorded like every request; free, so its usage is all zeros.
+    let reqs = s.requests();
+    assert_eq!(reqs.len(), 4);
+    assert_eq!(reqs[0].path, "/v1/messages/count_tokens");
+    assert_eq!(reqs[0].method, "POST");
+    assert_eq!(reqs[0].status, 200);
+    assert!(reqs[0].completed);
+    assert_eq!(reqs[0].usage, Some(Usage::default()));
+    assert_eq!(reqs[0].json().unwrap()["model"], "claude-sonnet-4");
+
+    // Auth and validation in Anthropic's shape.
+    let r = client()
+        .post(url(&s, "/v1/messages/count_tokens"))
+        .bearer_auth(ANTHROPIC_KEY)
+        .header("anthropic-version", "2023-06-01")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v,
+        json!({"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}})
+    );
+    let r = client()
+        .post(url(&s, "/v1/messages/count_tokens"))
+        .header("x-api-key", ANTHROPIC_KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = post_count_tokens(&s, &json!({"model": "m", "messages": []}), &[]).await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    let r = post_count_tokens(
+        &s,
+        &json!({"messages": [{"role": "user", "content": "x"}]}),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    assert!(s.requests()[4..].iter().all(|r| r.usage.is_none()));
+
+    // Faults and method.
+    let r = post_count_tokens(&s, &body, &[("x-mock-fault", "429")]).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+    let r = post_count_tokens(&s, &body, &[("x-mock-fault", "529")]).await;
+    assert_eq!(r.status(), 529);
+    let r = client()
+        .get(url(&s, "/v1/messages/count_tokens"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["type"], "error");
 }
 
 #[tokio::test]
@@ -624,8 +957,17 @@ async fn responses_json_and_stream() {
     .unwrap();
     assert_eq!(v["object"], "response");
     assert_eq!(v["status"], "completed");
+    assert_eq!(v["background"], false);
+    assert_eq!(v["service_tier"], "default");
+    assert_eq!(v["text"]["verbosity"], "medium");
+    assert_eq!(v["top_logprobs"], 0);
+    for key in ["max_tool_calls", "prompt_cache_key", "safety_identifier"] {
+        assert!(v[key].is_null(), "{key}");
+    }
     assert_eq!(v["output"][0]["type"], "message");
     assert_eq!(v["output"][0]["content"][0]["type"], "output_text");
+    assert_eq!(v["output"][0]["content"][0]["annotations"], json!([]));
+    assert_eq!(v["output"][0]["content"][0]["logprobs"], json!([]));
     assert_eq!(
         count_tokens(v["output"][0]["content"][0]["text"].as_str().unwrap()),
         16
@@ -676,9 +1018,44 @@ async fn responses_json_and_stream() {
     }
     let last = &data[data.len() - 1]["response"];
     assert_eq!(last["status"], "completed");
-    assert_eq!(last["usage"]["input_tokens"], prompt);
-    assert_eq!(last["usage"]["output_tokens"], 16);
+    assert_eq!(
+        last["usage"],
+        json!({
+            "input_tokens": prompt,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": 16,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt + 16
+        })
+    );
     assert!(data[0]["response"]["usage"].is_null());
+    // The tier asked for (default `auto`) while in progress, the serving one at the end.
+    assert_eq!(data[0]["response"]["service_tier"], "auto");
+    assert_eq!(last["service_tier"], "default");
+    // Text deltas carry obfuscation padding them to a 16-char block; nothing else does.
+    for (n, d) in names.iter().zip(&data) {
+        if *n == "response.output_text.delta" {
+            let o = d["obfuscation"].as_str().unwrap();
+            assert_eq!(
+                (d["delta"].as_str().unwrap().chars().count() + o.len()) % 16,
+                0
+            );
+        } else {
+            assert!(d.get("obfuscation").is_none(), "{n}");
+        }
+    }
+    let mut quiet = sbody.clone();
+    quiet["stream_options"] = json!({"include_obfuscation": false});
+    quiet["service_tier"] = json!("flex");
+    let text = post_openai(&s, "/v1/responses", &quiet, &[])
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(!text.contains("obfuscation"));
+    let events = parse_sse(&text);
+    let done: Value = serde_json::from_str(&events.last().unwrap().1).unwrap();
+    assert_eq!(done["response"]["service_tier"], "flex");
 
     // max_output_tokens cap -> incomplete, like the real API.
     let mut capped = body.clone();
