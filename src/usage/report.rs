@@ -99,6 +99,8 @@ pub(crate) struct AnthropicTally {
     cache_creation: u64,
     cache_read: u64,
     output: u64,
+    /// `output_tokens_details.thinking_tokens`: the thinking part of `output_tokens`.
+    thinking: u64,
 }
 
 impl AnthropicTally {
@@ -114,6 +116,14 @@ impl AnthropicTally {
         take(&mut self.cache_creation, "cache_creation_input_tokens");
         take(&mut self.cache_read, "cache_read_input_tokens");
         take(&mut self.output, "output_tokens");
+        if let Some(v) = nested(
+            usage,
+            "output_tokens_details",
+            "thinking_tokens",
+            &mut suspicious,
+        ) {
+            self.thinking = v;
+        }
         suspicious
     }
 
@@ -124,7 +134,7 @@ impl AnthropicTally {
             cached_input_tokens: self.cache_read,
             cache_creation_tokens: self.cache_creation,
             output_tokens: self.output,
-            reasoning_tokens: 0,
+            reasoning_tokens: self.thinking.min(self.output),
         }
     }
 }
@@ -281,5 +291,19 @@ mod tests {
             }
         );
         assert_eq!(tally.usage().total_input(), 3040);
+        // The current message_delta repeats every field, thinking tokens included.
+        tally.merge(&obj(json!({
+            "input_tokens": 40, "cache_creation_input_tokens": 1000,
+            "cache_read_input_tokens": 2000, "output_tokens": 31,
+            "output_tokens_details": {"thinking_tokens": 12}
+        })));
+        assert_eq!(
+            (
+                tally.usage().output_tokens,
+                tally.usage().reasoning_tokens,
+                tally.usage().total_input()
+            ),
+            (31, 12, 3040)
+        );
     }
 }
