@@ -105,6 +105,28 @@ with an.messages.stream(model="claude-sonnet", max_tokens=32, messages=[{"role":
     final = s.get_final_message()
 check("anthropic stream", streamed and final.usage.output_tokens > 0, final)
 
+# Anthropic's token counting, served through the gateway (forwarded: the count is the
+# provider's), and the SDK's view of the gateway's own errors under /v1/messages.
+counted = an.messages.count_tokens(model="claude-sonnet-4.5", messages=[{"role": "user", "content": "Count me"}])
+check("anthropic count_tokens", counted.input_tokens > 0, counted)
+try:
+    an.messages.batches.list()
+    check("anthropic unknown messages path raises", False, "no exception")
+except anthropic.NotFoundError as err:
+    check("anthropic unknown messages path is not_found_error", err.body["error"]["type"] == "not_found_error"
+          and err.request_id, (err.body, err.request_id))
+try:
+    an.messages.create(model="no-such-model", max_tokens=8, messages=[{"role": "user", "content": "x"}])
+    check("anthropic unknown model raises", False, "no exception")
+except anthropic.NotFoundError as err:
+    check("anthropic gateway error carries request_id", err.request_id is not None, err)
+
+# A client's own organization and project never reach the provider (Sluice's key pays).
+org = openai.OpenAI(base_url=f"{BASE}/v1", api_key=ACME, organization="org-client", project="proj-client",
+                    max_retries=0)
+r = org.chat.completions.create(model="gpt-4.1-mini", messages=[{"role": "user", "content": "Whose bill?"}])
+check("openai sdk with organization and project", r.choices[0].message.content, r)
+
 models = [x.id for x in an.models.list()]
 check("anthropic models list", "claude-sonnet-4.5" in models, models)
 

@@ -34,4 +34,21 @@ async fn official_sdks_work_through_the_gateway() {
         "the SDK calls should reach all four providers: {providers:?}"
     );
     assert_never_sent(&gw.mocks.all(), ACME);
+    // The SDK's organization and project headers never reach a provider.
+    for r in gw.mocks.all() {
+        let names: Vec<&str> = r.headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(
+            !names.contains(&"openai-organization") && !names.contains(&"openai-project"),
+            "{} got {names:?}",
+            r.provider
+        );
+    }
+    assert!(
+        gw.mocks
+            .anthropic
+            .requests()
+            .iter()
+            .any(|r| r.path == "/v1/messages/count_tokens"),
+        "count_tokens is forwarded to the provider"
+    );
 }
