@@ -305,7 +305,9 @@ impl Exchange {
             };
             reply = reply.with_header(name, id);
         }
-        if let Some(origin) = &self.cors {
+        // A preflight's answer has its own.
+        let preflight = reply.header("access-control-allow-origin").is_some();
+        if let (Some(origin), false) = (&self.cors, preflight) {
             reply.headers.extend(cors::response_headers(origin));
         }
         reply

@@ -8,6 +8,7 @@ mod limits;
 mod auth;
 mod cache;
 mod config;
+mod conventions;
 mod deploy;
 mod fairness;
 mod global;

@@ -371,6 +371,8 @@ fn preflights_are_answered_before_any_key_for_origins_a_tenant_allows() {
         .header("access-control-allow-methods")
         .unwrap()
         .contains("POST"));
+    let once = |name| reply.headers.iter().filter(|(n, _)| n == name).count();
+    assert_eq!((once("access-control-allow-origin"), once("vary")), (1, 1));
     let step = preflight(&p, "https://evil.test", "authorization");
     let (reply, json) = reply_of(&step);
     assert_eq!(reply.status, 403);
