@@ -417,6 +417,9 @@ def sluice_yaml(tmp, listen, admin, upstream_port, access_log=True, limits=True,
     cfg = json.loads("\n".join(lines[at:end]))
     cfg["tiers"]["gold"]["limits"] = dict(HIGH_LIMITS) if limits else {}
     cfg["tiers"]["gold"].pop("cache", None)
+    # The demo's provider capacity (a queue at 8 in flight) would turn saturation into queueing.
+    for provider in cfg["providers"]:
+        provider.pop("max_in_flight", None)
     if cache is not None:
         assert "cache_store" not in cfg
         cfg["tiers"]["gold"]["cache"] = dict(cache)

@@ -283,6 +283,31 @@ impl HttpContext for SluiceHttp {
         self.apply(step, body_size)
     }
 
+    /// A request that ends with trailers ends its body here: Envoy's gzip decompressor ends
+    /// every request it inflated with trailers (and any HTTP/2 client may send some), so
+    /// the body callback never saw end_of_stream. Run the body step on the whole buffered
+    /// body, and drop the trailers (providers need not see x-envoy-decompressor-*).
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        let Some(policy) = self.configured.as_ref().map(|c| c.policy.clone()) else {
+            return self.fail("no configuration");
+        };
+        if let Err(s) = hostcalls::set_map(MapType::HttpRequestTrailers, vec![]) {
+            return self.fail(&format!("drop request trailers: {s:?}"));
+        }
+        let bytes = match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, u32::MAX as usize) {
+            Ok(Some(b)) => b,
+            Ok(None) => Vec::new(),
+            Err(s) => return self.fail(&format!("read body at trailers: {s:?}")),
+        };
+        let body_size = bytes.len();
+        let env = self.body_env();
+        let step =
+            self.exchange
+                .borrow_mut()
+                .on_request_body(&policy, &env, body_size, true, move || Some(bytes));
+        self.apply(step, body_size)
+    }
+
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let header = |name: &str| {
             hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)

@@ -607,6 +607,10 @@ def transplant(f, route_info, wasm: Path, sluice_override: dict | None = None) -
     hcm = {"@type": HCM_TYPE, "stat_prefix": "sluice_check", "codec_type": "AUTO",
            "route_config": {"name": "check", "virtual_hosts": [{"name": "any", "domains": ["*"], "routes": envoy_routes(route_info)}]},
            "http_filters": [{"name": f["name"], "typed_config": wasm_filter}, router]}
+    # Filters put at the head of the chain (the gzip decompressor), in patch order.
+    firsts = [copy.deepcopy(dig(p, "patch", "value")) for p in patches(ef, "HTTP_FILTER")
+              if dig(p, "patch", "operation") == "INSERT_FIRST"]
+    hcm["http_filters"][:0] = firsts[::-1]
     for p in patches(ef, "NETWORK_FILTER"):
         if dig(p, "patch", "operation") == "MERGE":
             extra = copy.deepcopy(dig(p, "patch", "value", "typed_config", default={}))
@@ -810,7 +814,8 @@ def live_bootstrap(f, route_info, ecds: Path, mock_ports: dict, port: int, admin
     cd = copy.deepcopy(dig(f["http"], "patch", "value", "config_discovery"))
     cd["config_source"].pop("ads")
     cd["config_source"]["path_config_source"] = {"path": str(ecds), "watched_directory": {"path": str(ecds.parent)}}
-    hcm["http_filters"][0] = {"name": f["name"], "config_discovery": cd}
+    at = next(i for i, h in enumerate(hcm["http_filters"]) if h["name"] == f["name"])
+    hcm["http_filters"][at] = {"name": f["name"], "config_discovery": cd}
     for al in hcm.get("access_log", []):
         al["typed_config"]["path"] = str(log)
     # Provider clusters point at the mock providers, in plain HTTP.

@@ -7,6 +7,7 @@ mod limits;
 
 mod auth;
 mod cache;
+mod clients;
 mod config;
 mod conventions;
 mod deploy;
