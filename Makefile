@@ -13,7 +13,7 @@ QUOTA         := target/release/sluice-quota
 DEMO_KEYS     := OPENAI_API_KEY=sk-mock-openai ANTHROPIC_API_KEY=sk-mock-anthropic \
                  DEEPSEEK_API_KEY=sk-mock-deepseek GEMINI_API_KEY=sk-mock-gemini
 
-.PHONY: build wasm wasm-trap wasm-target envoy sdk mock quota redis setup test unit system lint fmt demo demo-cluster key clean fairness-report bench bench-global bench-cache bench-hostcalls bench-vm wasm-oci fuzz fuzz-check
+.PHONY: build wasm wasm-trap wasm-target envoy sdk mock quota redis setup test unit system lint fmt demo demo-cluster demo-flood key clean fairness-report bench bench-global bench-cache bench-hostcalls bench-vm wasm-oci fuzz fuzz-check
 
 build: wasm
 
@@ -57,12 +57,24 @@ redis:
 
 setup: wasm wasm-trap envoy sdk
 
+# Operators' tooling (ops/, see ops/README.md): promtool from Debian's prometheus package
+# (scripts/install-promtool.sh, as root; $SLUICE_PROMTOOL or one on PATH wins), then the
+# Prometheus rules checked and unit-tested (every alert firing and not firing) and the Grafana
+# dashboard checked (JSON, datasources, every query parsed, every metric one Sluice exports).
+PROMTOOL = "$${SLUICE_PROMTOOL:-$$(command -v promtool)}"
+.PHONY: ops
+ops:
+	@scripts/install-promtool.sh
+	$(PROMTOOL) check rules ops/prometheus/sluice-rules.yml ops/prometheus/sluice-budgets.yml
+	$(PROMTOOL) test rules ops/prometheus/tests/*.yml
+	python3 tests/deploy/check_dashboard.py
+
 # What the tests find the quota service and Redis by (a set SLUICE_REDIS_SERVER wins).
 GLOBAL_ENV = SLUICE_REDIS_SERVER="$${SLUICE_REDIS_SERVER:-$$(command -v redis-server)}" SLUICE_QUOTA=$(abspath $(QUOTA))
 
 # Native unit tests, then the whole-system harness (real Envoy + real .wasm + mocks + SDKs,
 # and the quota service with a real Redis for the global limits).
-test: setup redis quota
+test: setup redis quota ops
 	SLUICE_ENVOY=$(abspath $(ENVOY)) SLUICE_WASM=$(abspath $(WASM)) SLUICE_TRAP_WASM=$(abspath $(TRAP_WASM)) SLUICE_PYTHON=$(abspath $(PYTHON)) \
 	  $(GLOBAL_ENV) cargo test --workspace
 
@@ -89,6 +101,12 @@ demo: wasm envoy mock
 # (127.0.0.1:18090) and Redis (127.0.0.1:6380, data in .run/redis); Ctrl-C stops all of it.
 demo-cluster: wasm envoy mock quota redis
 	$(DEMO_KEYS) ENVOY=$(ENVOY) MOCK=$(MOCK) QUOTA=$(QUOTA) scripts/demo-cluster.sh
+
+# Against a running `make demo` (start it in another terminal): tenant tyrell floods the
+# openai provider (max_in_flight 8) while gold tenant acme keeps sending; prints acme's
+# latency before and during the flood, the flood's queueing and shedding, and where to look.
+demo-flood:
+	python3 scripts/demo-flood.py
 
 # Runs the fair-queuing seed scenario and renders docs/fairness/ (report.md, fairness.png).
 fairness-report: setup

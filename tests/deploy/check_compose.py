@@ -5,12 +5,12 @@ Run from anywhere, with PyYAML installed (the project's .venv after `make sdk`):
     SLUICE_ENVOY=.venv/bin/envoy SLUICE_WASM=target/wasm32-wasip1/release/sluice.wasm \\
       .venv/bin/python tests/deploy/check_compose.py
 
-1. The compose file parses, has no top-level `version:`, has the services mock, envoy, quota
-   and redis, and every build context, Dockerfile, bind-mount source and named volume it
-   names exists (relative to the compose file).
-2. Ports: the gateway (10000) and Envoy admin (9901) are published, nothing else (not Redis,
-   not the quota service), and admin only on loopback; the Envoy image is the official one,
-   at the Makefile's ENVOY_VERSION minor.
+1. The compose file parses, has no top-level `version:`, has the services mock, envoy, quota,
+   redis, prometheus and grafana, and every build context, Dockerfile, bind-mount source and
+   named volume it names exists (relative to the compose file).
+2. Ports: the gateway (10000), Envoy admin (9901), Prometheus (9090) and Grafana (3000) are
+   published, nothing else (not Redis, not the quota service), and all but the gateway only
+   on loopback; the Envoy image is the official one, at the Makefile's ENVOY_VERSION minor.
 3. Wiring: Envoy's -c and the wasm filename are the mounted files; every provider cluster
    names a compose service and a port that service's mock provider listens on (0.0.0.0); the
    provider keys Envoy's Sluice sends match the keys the mocks expect, with the same prefixes.
@@ -23,7 +23,15 @@ Run from anywhere, with PyYAML installed (the project's .venv after `make sdk`):
    lines are replayed (honouring .dockerignore) and `cargo fetch --locked` must load the
    workspace from exactly those files.
 5. `scripts/compose_config.py --check`: envoy/compose/envoy.yaml is what envoy/demo.yaml generates.
-6. `$SLUICE_ENVOY --mode validate` on envoy/compose/envoy.yaml (wasm path pointed at
+6. Monitoring: Prometheus (official image, pinned tag) runs with the mounted
+   ops/prometheus/prometheus.yml, loads every rule file of ops/prometheus/ from mounts, keeps
+   at least 30 days (the budget rules look that far back), and its job `sluice` scrapes
+   /stats/prometheus on the compose service envoy at the admin port of the generated Envoy
+   config (bound to 0.0.0.0); `promtool check config` accepts the file (when promtool is
+   installed: `make ops`). Grafana (official image, pinned tag) gets ops/grafana/provisioning's
+   datasources and dashboards; its datasource is http://prometheus:<the port Prometheus
+   listens on>, and the dashboard provider's path holds the mounted sluice-dashboard.json.
+7. `$SLUICE_ENVOY --mode validate` on envoy/compose/envoy.yaml (wasm path pointed at
    $SLUICE_WASM) with the compose file's Envoy environment: this runs the filter's
    on_configure, so a missing provider key or a bad Sluice config fails here.
 
@@ -45,7 +53,13 @@ GENERATED = ROOT / "envoy" / "compose" / "envoy.yaml"
 GENERATOR = ROOT / "scripts" / "compose_config.py"
 WASM_BUILD = ROOT / "target" / "wasm32-wasip1" / "release" / "sluice.wasm"
 GATEWAY_PORT, ADMIN_PORT = 10000, 9901
+PROMETHEUS_PORT, GRAFANA_PORT = 9090, 3000
 QUOTA_SERVICE, REDIS_SERVICE = "quota", "redis"
+PROMETHEUS_SERVICE, GRAFANA_SERVICE = "prometheus", "grafana"
+OPS = ROOT / "ops"
+PROMETHEUS_CONFIG = OPS / "prometheus" / "prometheus.yml"
+DASHBOARD = OPS / "grafana" / "sluice-dashboard.json"
+LOOPBACK = ("127.0.0.1", "[::1]", "::1")
 
 checked = []
 
@@ -85,7 +99,7 @@ def load_compose():
         fail(f"{rel(COMPOSE)} has no `services:` mapping")
     if "version" in compose:
         fail(f"{rel(COMPOSE)} has a top-level `version:`; the compose spec has none")
-    for name in ("mock", "envoy", QUOTA_SERVICE, REDIS_SERVICE):
+    for name in ("mock", "envoy", QUOTA_SERVICE, REDIS_SERVICE, PROMETHEUS_SERVICE, GRAFANA_SERVICE):
         if not isinstance(compose["services"].get(name), dict):
             fail(f"{rel(COMPOSE)} has no service `{name}`")
     ok(f"{rel(COMPOSE)} parses; services: {', '.join(compose['services'])}")
@@ -178,18 +192,23 @@ def check_ports(compose):
                 fail(f"service {name}: port {port!r} maps host {host_port} to {target}; "
                      "the demo uses the same port on both sides")
             published[host_port] = (name, host_ip)
-    if sorted(published) != sorted([GATEWAY_PORT, ADMIN_PORT]):
+    expected = {GATEWAY_PORT: "envoy", ADMIN_PORT: "envoy", PROMETHEUS_PORT: PROMETHEUS_SERVICE,
+                GRAFANA_PORT: GRAFANA_SERVICE}
+    if sorted(published) != sorted(expected):
         fail(f"published ports are {sorted(published)}; expected exactly "
-             f"{GATEWAY_PORT} (gateway) and {ADMIN_PORT} (Envoy admin)")
+             f"{GATEWAY_PORT} (gateway), {ADMIN_PORT} (Envoy admin), {PROMETHEUS_PORT} (Prometheus) "
+             f"and {GRAFANA_PORT} (Grafana)")
     for port, (name, _) in published.items():
-        if name != "envoy":
-            fail(f"port {port} is published by service {name}, expected envoy")
-    # Envoy's admin can stop the server and change runtime: never publish it beyond loopback.
-    if published[ADMIN_PORT][1] not in ("127.0.0.1", "[::1]", "::1"):
-        fail(f"Envoy admin port {ADMIN_PORT} is published on {published[ADMIN_PORT][1] or 'all interfaces'};"
-             " publish it on 127.0.0.1 only")
-    shown = [f"{ip or '*'}:{port}" for port, (_, ip) in sorted(published.items())]
-    ok(f"published ports: {', '.join(shown)} (service envoy)")
+        if name != expected[port]:
+            fail(f"port {port} is published by service {name}, expected {expected[port]}")
+    # Envoy's admin can stop the server and change runtime; Prometheus and Grafana show every
+    # tenant's traffic and spend: never publish them beyond loopback.
+    for port in (ADMIN_PORT, PROMETHEUS_PORT, GRAFANA_PORT):
+        if published[port][1] not in LOOPBACK:
+            fail(f"port {port} ({expected[port]}) is published on "
+                 f"{published[port][1] or 'all interfaces'}; publish it on 127.0.0.1 only")
+    shown = [f"{ip or '*'}:{port} ({name})" for port, (name, ip) in sorted(published.items())]
+    ok(f"published ports: {', '.join(shown)}")
 
 
 def check_image(compose):
@@ -428,6 +447,152 @@ def check_global(compose, config, sluice, quota_cluster):
     ok(f"start order: {REDIS_SERVICE} healthy -> {QUOTA_SERVICE} healthy -> envoy")
 
 
+# ---------------------------------------------------------------- Prometheus and Grafana
+
+
+def mounted(mounts, service, target):
+    """The host path bind-mounted at `target` in `service`, or at a directory above it."""
+    for mount_target, source in mounts.get(service, {}).items():
+        mount_target = mount_target.rstrip("/")
+        if target == mount_target:
+            return source
+        if target.startswith(mount_target + "/") and source.is_dir():
+            return source / target[len(mount_target) + 1:]
+    return None
+
+
+def duration_days(text):
+    """Prometheus retention (e.g. 35d, 6w, 1y, 720h) in days, or None."""
+    units = {"y": 365, "w": 7, "d": 1, "h": 1 / 24, "m": 1 / 1440, "s": 1 / 86400}
+    parts = re.findall(r"(\d+)(ms|[ywdhms])", text or "")
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    return sum(int(n) * (units[u] if u != "ms" else 0) for n, u in parts)
+
+
+def check_prometheus(compose, mounts):
+    """Prometheus: pinned official image, the mounted config and rules, enough retention, and a
+    scrape job that reaches Envoy's admin listener. Returns the port it listens on."""
+    service = compose["services"][PROMETHEUS_SERVICE]
+    image = str(service.get("image", ""))
+    if not re.fullmatch(r"(docker\.io/)?prom/prometheus:v\d+\.\d+\.\d+", image):
+        fail(f"service {PROMETHEUS_SERVICE}: image {image!r} is not the official "
+             "prom/prometheus at a pinned vX.Y.Z tag")
+    args = command_list(service)
+    config_path = flag_value(args, "--config.file")
+    if not config_path:
+        fail(f"service {PROMETHEUS_SERVICE}: its command has no --config.file")
+    if mounted(mounts, PROMETHEUS_SERVICE, config_path) != PROMETHEUS_CONFIG.resolve():
+        fail(f"service {PROMETHEUS_SERVICE}: --config.file {config_path} is not a bind mount of "
+             f"{rel(PROMETHEUS_CONFIG)}")
+    retention = flag_value(args, "--storage.tsdb.retention.time")
+    days = duration_days(retention)
+    if days is None or days < 30:
+        fail(f"service {PROMETHEUS_SERVICE}: --storage.tsdb.retention.time is {retention!r}; the "
+             "budget rules read 30 days back (tenant:sluice_cost_usd:increase30d): keep at least 30d")
+    listen = flag_value(args, "--web.listen-address") or ":9090"
+    port = int(listen.rsplit(":", 1)[1])
+    published = [parse_port(PROMETHEUS_SERVICE, p)[2] for p in service.get("ports") or []]
+    if port not in published:
+        fail(f"service {PROMETHEUS_SERVICE}: listens on {port} but publishes {published}")
+    ok(f"service {PROMETHEUS_SERVICE}: {image}, --config.file {config_path} = "
+       f"{rel(PROMETHEUS_CONFIG)}, retention {retention}, port {port}")
+
+    try:
+        config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        fail(f"cannot parse {rel(PROMETHEUS_CONFIG)}: {e}")
+    loaded = {}
+    for pattern in config.get("rule_files") or []:
+        source = mounted(mounts, PROMETHEUS_SERVICE, pattern)
+        if source is None or not source.is_file():
+            fail(f"{rel(PROMETHEUS_CONFIG)}: rule file {pattern} is not a mounted file in service "
+                 f"{PROMETHEUS_SERVICE}")
+        loaded[pattern] = source
+    wanted = sorted(p for p in (OPS / "prometheus").glob("*.yml") if p != PROMETHEUS_CONFIG)
+    missing = [rel(p) for p in wanted if p.resolve() not in loaded.values()]
+    if missing:
+        fail(f"{rel(PROMETHEUS_CONFIG)}: does not load {', '.join(missing)}")
+    ok(f"{rel(PROMETHEUS_CONFIG)} loads " + ", ".join(
+        f"{rel(source)} (as {pattern})" for pattern, source in loaded.items()))
+
+    # The scrape target is Envoy's admin listener, as the generated config binds it.
+    envoy_config = yaml.safe_load(GENERATED.read_text())
+    admin = envoy_config["admin"]["address"]["socket_address"]
+    if admin["address"] != "0.0.0.0":
+        fail(f"{rel(GENERATED)}: admin binds {admin['address']}; Prometheus in another container "
+             "reaches it only on 0.0.0.0")
+    jobs = {job.get("job_name"): job for job in config.get("scrape_configs") or []}
+    job = jobs.get("sluice")
+    if job is None:
+        fail(f"{rel(PROMETHEUS_CONFIG)}: no scrape job `sluice` (the SluiceEnvoyDown alert selects "
+             "up{job=\"sluice\"})")
+    if job.get("metrics_path") != "/stats/prometheus":
+        fail(f"{rel(PROMETHEUS_CONFIG)}: job sluice scrapes {job.get('metrics_path') or '/metrics'}; "
+             "Envoy serves Prometheus text at /stats/prometheus")
+    targets = [t for group in job.get("static_configs") or [] for t in group.get("targets") or []]
+    expected = f"envoy:{admin['port_value']}"
+    if targets != [expected]:
+        fail(f"{rel(PROMETHEUS_CONFIG)}: job sluice scrapes {targets}; Envoy's admin listener is "
+             f"{expected} (service envoy, admin port of {rel(GENERATED)})")
+    ok(f"{rel(PROMETHEUS_CONFIG)}: job sluice scrapes http://{expected}/stats/prometheus = "
+       f"Envoy's admin listener ({rel(GENERATED)} admin 0.0.0.0:{admin['port_value']})")
+
+    # promtool validates the whole configuration, with the rule files at their host paths.
+    promtool = os.environ.get("SLUICE_PROMTOOL") or shutil.which("promtool")
+    if not promtool:
+        ok("`promtool check config` skipped: promtool is not installed (`make ops` installs it)")
+        return port
+    text = PROMETHEUS_CONFIG.read_text()
+    for pattern, source in loaded.items():
+        text = text.replace(pattern, str(source))
+    with tempfile.TemporaryDirectory(prefix="sluice-prometheus-") as tmp:
+        path = Path(tmp) / "prometheus.yml"
+        path.write_text(text)
+        run = subprocess.run([promtool, "check", "config", str(path)], capture_output=True,
+                             text=True, timeout=120)
+    if run.returncode != 0:
+        fail(f"`promtool check config` rejects {rel(PROMETHEUS_CONFIG)}:\n"
+             f"{(run.stdout + run.stderr).strip()}")
+    ok(f"`promtool check config` accepts {rel(PROMETHEUS_CONFIG)} and its rule files")
+    return port
+
+
+def check_grafana(compose, mounts, prometheus_port):
+    """Grafana: pinned official image, provisioning from ops/grafana, a datasource on the
+    Prometheus service, and the dashboard where the provider looks."""
+    service = compose["services"][GRAFANA_SERVICE]
+    image = str(service.get("image", ""))
+    if not re.fullmatch(r"(docker\.io/)?grafana/grafana(-oss)?:\d+\.\d+\.\d+", image):
+        fail(f"service {GRAFANA_SERVICE}: image {image!r} is not the official grafana/grafana at a "
+             "pinned X.Y.Z tag")
+    provisioning = OPS / "grafana" / "provisioning"
+    for kind in ("datasources", "dashboards"):
+        source = mounted(mounts, GRAFANA_SERVICE, f"/etc/grafana/provisioning/{kind}")
+        if source is None or source.resolve() != (provisioning / kind).resolve():
+            fail(f"service {GRAFANA_SERVICE}: /etc/grafana/provisioning/{kind} is not a bind mount "
+                 f"of {rel(provisioning / kind)}")
+    datasources = []
+    for path in sorted((provisioning / "datasources").glob("*.y*ml")):
+        datasources += yaml.safe_load(path.read_text()).get("datasources") or []
+    urls = [d.get("url") for d in datasources if d.get("type") == "prometheus"]
+    expected = f"http://{PROMETHEUS_SERVICE}:{prometheus_port}"
+    if urls != [expected]:
+        fail(f"{rel(provisioning / 'datasources')}: Prometheus datasource urls {urls}; expected "
+             f"[{expected!r}] (the compose service and the port it listens on)")
+    paths = []
+    for path in sorted((provisioning / "dashboards").glob("*.y*ml")):
+        for provider in yaml.safe_load(path.read_text()).get("providers") or []:
+            paths.append((provider.get("options") or {}).get("path", ""))
+    found = [p for p in paths if mounted(mounts, GRAFANA_SERVICE, f"{p.rstrip('/')}/{DASHBOARD.name}")
+             == DASHBOARD.resolve()]
+    if not found:
+        fail(f"service {GRAFANA_SERVICE}: no dashboard provider path ({paths}) holds a bind mount "
+             f"of {rel(DASHBOARD)}")
+    ok(f"service {GRAFANA_SERVICE}: {image}, provisioning from {rel(provisioning)}; datasource "
+       f"{expected}; provider path {found[0]} holds {rel(DASHBOARD)}")
+
+
 # ---------------------------------------------------------------- Dockerfile build stage
 
 
@@ -588,6 +753,7 @@ def main():
     check_ports(compose)
     check_image(compose)
     envoy_env = check_wiring(compose, mounts)
+    check_grafana(compose, mounts, check_prometheus(compose, mounts))
     for service in compose["services"].values():
         build = service.get("build")
         if build is None:
