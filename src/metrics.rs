@@ -135,6 +135,13 @@ pub enum GlobalEvent {
 }
 
 impl GlobalEvent {
+    pub const ALL: [GlobalEvent; 4] = [
+        GlobalEvent::Fallback,
+        GlobalEvent::SettlementRetried,
+        GlobalEvent::SettlementLost,
+        GlobalEvent::LeaseLost,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             GlobalEvent::Fallback => "sluice_global_fallbacks_total",

@@ -53,7 +53,7 @@ impl Metrics for HostMetrics {
     fn add(&mut self, key: MetricKey, value: u64) {
         let Some(id) = self.id(key) else { return };
         // Defining the series was the point (it exists at 0 from now on).
-        if value == 0 && matches!(key, MetricKey::Counter(..)) {
+        if value == 0 && matches!(key, MetricKey::Counter(..) | MetricKey::Global(..)) {
             return;
         }
         let result = match key {

@@ -639,8 +639,15 @@ fn configure(size: usize) -> Result<Configured, String> {
         hostcalls::get_log_level(),
         Ok(LogLevel::Debug | LogLevel::Trace)
     );
+    let mut metrics = HostMetrics::new(policy.clone());
+    if courier.is_some() {
+        // Their series exist from the start: an alert sees the first event as an increase.
+        for event in GlobalEvent::ALL {
+            metrics.add(MetricKey::Global(event), 0);
+        }
+    }
     Ok(Configured {
-        metrics: Rc::new(RefCell::new(HostMetrics::new(policy.clone()))),
+        metrics: Rc::new(RefCell::new(metrics)),
         policy,
         queue: queue.map(|q| Rc::new(RefCell::new(q))),
         debug,
