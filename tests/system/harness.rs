@@ -625,6 +625,18 @@ pub async fn listener_addr(admin: SocketAddr) -> SocketAddr {
     .unwrap()
 }
 
+/// Nothing is left queued or in flight at any provider (workers refresh the gauges each
+/// second, so this waits for a refresh first).
+pub async fn assert_queues_empty(gw: &Gateway) {
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let prom = gw.prometheus().await;
+    for line in prom.lines().filter(|l| {
+        l.starts_with("sluice_queue_waiting") || l.starts_with("sluice_queue_in_flight")
+    }) {
+        assert!(line.ends_with(" 0"), "a queue is not empty: {line}");
+    }
+}
+
 /// A chat request body.
 pub fn chat(model: &str, text: &str) -> Value {
     serde_json::json!({"model": model, "messages": [{"role": "user", "content": text}]})
