@@ -121,6 +121,15 @@ try:
 except anthropic.NotFoundError as err:
     check("anthropic gateway error carries request_id", err.request_id is not None, err)
 
+# A default output cap larger than the model produces (the AI SDK's 128000 for Claude) is
+# refused as Anthropic refuses it, not reserved from the tenant's tokens per minute.
+try:
+    an.messages.create(model="claude-sonnet-4.5", max_tokens=128000, messages=[{"role": "user", "content": "x"}])
+    check("anthropic max_tokens over the model's raises", False, "no exception")
+except anthropic.BadRequestError as err:
+    check("anthropic max_tokens over the model's is invalid_request_error",
+          "64000" in str(err.body["error"]["message"]), err.body)
+
 # A client's own organization and project never reach the provider (Sluice's key pays).
 org = openai.OpenAI(base_url=f"{BASE}/v1", api_key=ACME, organization="org-client", project="proj-client",
                     max_retries=0)
