@@ -124,7 +124,9 @@ except anthropic.NotFoundError as err:
 # A default output cap larger than the model produces (the AI SDK's 128000 for Claude) is
 # refused as Anthropic refuses it, not reserved from the tenant's tokens per minute.
 try:
-    an.messages.create(model="claude-sonnet-4.5", max_tokens=128000, messages=[{"role": "user", "content": "x"}])
+    # An explicit timeout: the SDK itself refuses a long non-streamed call without one.
+    an.messages.create(model="claude-sonnet-4.5", max_tokens=128000, timeout=30,
+                       messages=[{"role": "user", "content": "x"}])
     check("anthropic max_tokens over the model's raises", False, "no exception")
 except anthropic.BadRequestError as err:
     check("anthropic max_tokens over the model's is invalid_request_error",
