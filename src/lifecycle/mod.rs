@@ -397,8 +397,9 @@ impl Exchange {
         // Who pays is Sluice's key's account: the client's account selectors never pass,
         // and only the betas its tier allows.
         let mut step = step;
-        step.remove
-            .extend(ACCOUNT_HEADERS.iter().map(|h| (*h).to_string()));
+        // Only those present: each removal is a host call.
+        let present = ACCOUNT_HEADERS.iter().filter(|h| headers.get(h).is_some());
+        step.remove.extend(present.map(|h| (*h).to_string()));
         if let Some(betas) = headers.get_str("anthropic-beta") {
             let allowed = policy
                 .tenant(owner.tenant)

@@ -93,6 +93,20 @@ fn stored(p: &Policy, store: &MemoryStore) {
     respond(p, store, &mut first, 200, json, JSON_REPLY, true);
 }
 
+/// The upstream answers `JSON_REPLY`, complete.
+fn json_ok(p: &Policy, store: &MemoryStore, ex: &mut Exchange) -> (ResponseEdits, Completion) {
+    let (edits, _, done) = respond(p, store, ex, 200, "application/json", JSON_REPLY, true);
+    (edits, done)
+}
+
+fn cache_header(edits: &ResponseEdits) -> Option<&str> {
+    edits
+        .set
+        .iter()
+        .find(|(name, _)| name == "x-sluice-cache")
+        .map(|(_, value)| value.as_str())
+}
+
 fn record(done: &Completion) -> Value {
     serde_json::from_str(&done.record).unwrap()
 }
@@ -111,18 +125,8 @@ fn a_miss_is_stored_and_the_next_identical_request_is_a_free_hit() {
     let store = MemoryStore::new();
     let (mut first, step) = ask(&p, &env_at(&store, 0, 1), &[ACME], BODY);
     assert_eq!(step.next, Next::Continue);
-    let (edits, _, done) = respond(
-        &p,
-        &store,
-        &mut first,
-        200,
-        "application/json",
-        JSON_REPLY,
-        true,
-    );
-    assert!(edits
-        .set
-        .contains(&("x-sluice-cache".into(), "miss".into())));
+    let (edits, done) = json_ok(&p, &store, &mut first);
+    assert_eq!(cache_header(&edits), Some("miss"));
     assert_eq!(record(&done)["cache"], "miss");
     assert_eq!(record(&done)["cost_micro_usd"], 60);
 
@@ -245,15 +249,7 @@ fn identical_requests_wait_for_the_one_fetching_then_get_its_response() {
         })
     };
     assert!(poll(&mut waiters, 10).is_empty());
-    respond(
-        &p,
-        &store,
-        &mut fetcher,
-        200,
-        "application/json",
-        JSON_REPLY,
-        true,
-    );
+    json_ok(&p, &store, &mut fetcher);
     let mut found = poll(&mut waiters, 20);
     let (context, lookup) = found.pop().unwrap();
     assert_eq!(context, 2);
@@ -276,18 +272,8 @@ fn a_waiter_whose_wait_runs_out_goes_upstream_without_the_cache() {
     assert!(matches!(step.next, Next::AwaitFill(_)));
     let step = waiter.on_cache_poll(&p, &env_at(&store, 30_005, 2), Lookup::Unavailable);
     assert_eq!(step.next, Next::Continue);
-    let (edits, _, done) = respond(
-        &p,
-        &store,
-        &mut waiter,
-        200,
-        "application/json",
-        JSON_REPLY,
-        true,
-    );
-    assert!(edits
-        .set
-        .contains(&("x-sluice-cache".into(), "miss".into())));
+    let (edits, done) = json_ok(&p, &store, &mut waiter);
+    assert_eq!(cache_header(&edits), Some("miss"));
     assert_eq!(record(&done)["cache"], "miss");
 }
 
@@ -380,9 +366,7 @@ fn no_store_bypasses_no_cache_refreshes_and_uncacheable_requests_bypass() {
         r#"{"usage":{"prompt_tokens":1,"completion_tokens":1}}"#,
         true,
     );
-    assert!(edits
-        .set
-        .contains(&("x-sluice-cache".into(), "bypass".into())));
+    assert_eq!(cache_header(&edits), Some("bypass"));
     assert_eq!(record(&done)["cache"], "bypass");
 
     // A refresh is fetched and replaces the entry.
@@ -411,31 +395,13 @@ fn no_store_bypasses_no_cache_refreshes_and_uncacheable_requests_bypass() {
     // Sampled: no temperature means the default, 1.
     let sampled = r#"{"model":"gpt-4.1","messages":[{"role":"user","content":"hi"}]}"#;
     let (mut s, _) = ask(&p, &env_at(&store, 11, 5), &[ACME], sampled);
-    let (edits, _, _) = respond(
-        &p,
-        &store,
-        &mut s,
-        200,
-        "application/json",
-        JSON_REPLY,
-        true,
-    );
-    assert!(edits
-        .set
-        .contains(&("x-sluice-cache".into(), "bypass".into())));
+    let (edits, _) = json_ok(&p, &store, &mut s);
+    assert_eq!(cache_header(&edits), Some("bypass"));
 
     // A model outside the rule: the cache is off, no header, no field.
     let other = BODY.replace("gpt-4.1", "gpt-4o");
     let (mut o, _) = ask(&p, &env_at(&store, 12, 6), &[ACME], &other);
-    let (edits, _, done) = respond(
-        &p,
-        &store,
-        &mut o,
-        200,
-        "application/json",
-        JSON_REPLY,
-        true,
-    );
+    let (edits, done) = json_ok(&p, &store, &mut o);
     assert!(!edits.set.iter().any(|(n, _)| n == "x-sluice-cache"));
     assert!(record(&done).get("cache").is_none());
 }
@@ -481,15 +447,7 @@ fn the_global_store_looks_up_through_the_quota_service() {
     // Nobody had it: this request fetches, then stores it through the service.
     let step = ex.on_call_answer(&p, &env_at(&store, 1, 1), Ok(&[cache_answer::FILL]));
     assert_eq!(step.next, Next::Continue);
-    let (_, _, done) = respond(
-        &p,
-        &store,
-        &mut ex,
-        200,
-        "application/json",
-        JSON_REPLY,
-        true,
-    );
+    let (_, done) = json_ok(&p, &store, &mut ex);
     let store_call = done.cache_call.expect("a store call");
     assert_eq!(store_call.path, CACHE_STORE_PATH);
     let newline = store_call.body.iter().position(|b| *b == b'\n').unwrap();
@@ -535,18 +493,8 @@ fn the_global_store_gives_a_failed_fetch_back_and_survives_a_silent_service() {
             answer.as_deref().map_err(Clone::clone),
         );
         assert_eq!(step.next, Next::Continue);
-        let (edits, _, done) = respond(
-            &p,
-            &store,
-            &mut ex,
-            200,
-            "application/json",
-            JSON_REPLY,
-            true,
-        );
-        assert!(edits
-            .set
-            .contains(&("x-sluice-cache".into(), "miss".into())));
+        let (edits, done) = json_ok(&p, &store, &mut ex);
+        assert_eq!(cache_header(&edits), Some("miss"));
         assert!(done.cache_call.is_none());
     }
 }

@@ -156,12 +156,20 @@ fn account_selecting_headers_never_reach_the_provider() {
     ];
     let body = r#"{"model":"gpt-4.1","max_tokens":1,"messages":[]}"#;
     let (_, h, b) = send(&p, &store, "/v1/chat/completions", &extra, body);
-    for name in [
-        "openai-organization",
-        "openai-project",
-        "x-goog-user-project",
-        "api-key",
-    ] {
+    for name in ["openai-organization", "openai-project"] {
+        assert!(h.remove.contains(&name.to_string()), "{name}");
+    }
+    assert!(
+        !h.remove.contains(&"x-goog-user-project".to_string()),
+        "only headers present are removed (each removal is a host call)"
+    );
+    let extra = [
+        ("authorization", "Bearer sk-acme"),
+        ("x-goog-user-project", "p"),
+        ("api-key", "k"),
+    ];
+    let (_, h, _) = send(&p, &store, "/v1/chat/completions", &extra, body);
+    for name in ["x-goog-user-project", "api-key"] {
         assert!(h.remove.contains(&name.to_string()), "{name}");
     }
     assert_eq!(
