@@ -310,6 +310,52 @@ pub const STATS_TAGS: [(&str, &str); 8] = [
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::usage::MeterResult;
+
+    #[derive(Default)]
+    struct Added(Vec<(MetricKey, u64)>);
+
+    impl Metrics for Added {
+        fn add(&mut self, key: MetricKey, value: u64) {
+            self.0.push((key, value));
+        }
+    }
+
+    fn counters(ending: &Ending) -> Vec<(Counter, u64)> {
+        let mut added = Added::default();
+        record_ending(&mut added, ending);
+        added
+            .0
+            .into_iter()
+            .filter_map(|(key, value)| match key {
+                MetricKey::Counter(c, _) if c != Counter::Requests => Some((c, value)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_routed_request_defines_every_token_series_even_at_zero() {
+        let usage = MeterResult {
+            usage: TokenUsage {
+                input_tokens: 5,
+                ..TokenUsage::default()
+            },
+            ..MeterResult::default()
+        };
+        let routed = Ending {
+            provider: Some(ProviderId::new(0)),
+            model: Some(ModelId::new(0)),
+            ..Ending::new(Outcome::Success, 200, usage)
+        };
+        let added = counters(&routed);
+        assert_eq!(added.len(), 7, "{added:?}");
+        assert!(added.contains(&(Counter::InputTokens, 5)));
+        assert!(added.contains(&(Counter::ReasoningTokens, 0)));
+        // A refusal before routing adds no token series.
+        let refused = Ending::new(Outcome::Rejected, 401, MeterResult::default());
+        assert!(counters(&refused).is_empty());
+    }
 
     #[test]
     fn queue_metrics_carry_tier_and_priority_labels() {

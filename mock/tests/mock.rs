@@ -150,32 +150,7 @@ async fn openai_auth_failures() {
 async fn anthropic_auth_and_validation() {
     let s = anthropic().await;
     let body = json!({"model": "claude-x", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]});
-    // Missing key; OpenAI-style bearer is not accepted on /v1/messages.
-    let r = client()
-        .post(url(&s, "/v1/messages"))
-        .bearer_auth(ANTHROPIC_KEY)
-        .header("anthropic-version", "2023-06-01")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401);
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(
-        v,
-        json!({"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}})
-    );
-    // Missing anthropic-version.
-    let r = client()
-        .post(url(&s, "/v1/messages"))
-        .header("x-api-key", ANTHROPIC_KEY)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert_anthropic_headers_checked(&s, "/v1/messages", &body).await;
     // Missing max_tokens.
     let r = post_anthropic(&s, &json!({"model": "m", "messages": []}), &[]).await;
     assert_eq!(r.status(), 400);
@@ -738,6 +713,35 @@ async fn anthropic_stream_usage_with_cache_and_thinking() {
     assert!(v["usage"].get("output_tokens_details").is_none());
 }
 
+/// On an Anthropic `path`: a Bearer key (OpenAI's style) is refused 401 in Anthropic's
+/// shape, and a request without `anthropic-version` 400 `invalid_request_error`.
+async fn assert_anthropic_headers_checked(s: &MockServer, path: &str, body: &Value) {
+    let r = client()
+        .post(url(s, path))
+        .bearer_auth(ANTHROPIC_KEY)
+        .header("anthropic-version", "2023-06-01")
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v,
+        json!({"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}})
+    );
+    let r = client()
+        .post(url(s, path))
+        .header("x-api-key", ANTHROPIC_KEY)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+}
+
 async fn post_count_tokens(
     s: &MockServer,
     body: &Value,
@@ -819,28 +823,7 @@ async fn anthropic_count_tokens() {
     assert_eq!(reqs[0].json().unwrap()["model"], "claude-sonnet-4");
 
     // Auth and validation in Anthropic's shape.
-    let r = client()
-        .post(url(&s, "/v1/messages/count_tokens"))
-        .bearer_auth(ANTHROPIC_KEY)
-        .header("anthropic-version", "2023-06-01")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401);
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(
-        v,
-        json!({"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}})
-    );
-    let r = client()
-        .post(url(&s, "/v1/messages/count_tokens"))
-        .header("x-api-key", ANTHROPIC_KEY)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
+    assert_anthropic_headers_checked(&s, "/v1/messages/count_tokens", &body).await;
     let r = post_count_tokens(&s, &json!({"model": "m", "messages": []}), &[]).await;
     assert_eq!(r.status(), 400);
     let v: Value = r.json().await.unwrap();

@@ -301,6 +301,18 @@ async fn a_waiter_goes_upstream_itself_when_its_wait_runs_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_global_cache_is_shared_by_two_envoys() {
     let (_redis, quota, a, b) = two_gateways(&GlobalOptions::default()).await;
+    // The global-limits counters exist from configure, before any event (alerts see the
+    // first one as an increase).
+    let prometheus = a.prometheus().await;
+    for name in [
+        "sluice_global_settlements_lost_total",
+        "sluice_global_fallbacks_total",
+    ] {
+        assert!(
+            prometheus.contains(&format!("\n{name}{{}} 0")),
+            "{name} in:\n{prometheus}"
+        );
+    }
     let body = ask("one cache for all replicas");
     let (status, cache, first) = send(&a, ACME, &body, &[]).await;
     assert_eq!((status, cache.as_str()), (200, "miss"));
