@@ -12,6 +12,24 @@ pub enum ApiFlavour {
     Anthropic,
 }
 
+impl ApiFlavour {
+    /// The name the stream relay is told (`x-sluice-relay`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiFlavour::OpenAi => "openai",
+            ApiFlavour::Anthropic => "anthropic",
+        }
+    }
+
+    pub fn from_name(name: &[u8]) -> Option<Self> {
+        match name {
+            b"openai" => Some(ApiFlavour::OpenAi),
+            b"anthropic" => Some(ApiFlavour::Anthropic),
+            _ => None,
+        }
+    }
+}
+
 /// What went wrong, independent of how each API spells it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -46,6 +64,10 @@ pub enum ErrorKind {
     /// The global limits engine (the quota service, Redis) did not answer in time, and
     /// the configuration says to refuse rather than fall back to local limits.
     QuotaEngineUnavailable,
+    /// The provider could not be reached or broke off its answer (the stream relay).
+    UpstreamFailed,
+    /// The provider did not answer, or stopped sending, within the relay's timeouts.
+    UpstreamTimeout,
 }
 
 impl ErrorKind {
@@ -72,6 +94,9 @@ impl ErrorKind {
             ErrorKind::PayloadTooLarge => 413,
             ErrorKind::UnsupportedEncoding => 415,
             ErrorKind::Internal => 500,
+            // Envoy's own status for a provider it could not reach.
+            ErrorKind::UpstreamFailed => 503,
+            ErrorKind::UpstreamTimeout => 504,
         }
     }
 
@@ -93,6 +118,8 @@ impl ErrorKind {
             ErrorKind::QueueFull => "queue_full",
             ErrorKind::QueueTimeout => "queue_timeout",
             ErrorKind::QuotaEngineUnavailable => "quota_engine_unavailable",
+            ErrorKind::UpstreamFailed => "upstream_failed",
+            ErrorKind::UpstreamTimeout => "upstream_timeout",
         }
     }
 
@@ -124,6 +151,8 @@ impl ErrorKind {
             }
             ErrorKind::QueueTimeout => ("server_error", Some("server_overloaded")),
             ErrorKind::QuotaEngineUnavailable => ("server_error", Some("quota_engine_unavailable")),
+            ErrorKind::UpstreamFailed => ("server_error", Some("upstream_failed")),
+            ErrorKind::UpstreamTimeout => ("server_error", Some("upstream_timeout")),
         }
     }
 
@@ -143,7 +172,9 @@ impl ErrorKind {
                 "rate_limit_error"
             }
             ErrorKind::QueueTimeout => "overloaded_error",
-            ErrorKind::QuotaEngineUnavailable => "api_error",
+            ErrorKind::QuotaEngineUnavailable | ErrorKind::UpstreamFailed => "api_error",
+            // Anthropic's own name for its 504.
+            ErrorKind::UpstreamTimeout => "timeout_error",
         }
     }
 }
@@ -213,6 +244,24 @@ impl ApiError {
 
     /// The complete local reply for a client speaking `flavour`.
     pub fn reply(&self, flavour: ApiFlavour) -> LocalReply {
+        let mut reply = LocalReply::json(self.kind.status_for(flavour), self.body(flavour))
+            .with_header("x-sluice-reason", self.kind.reason());
+        reply.headers.extend(self.headers.iter().cloned());
+        reply
+    }
+
+    /// The server-sent event that ends a stream with this error, as each API ends a stream
+    /// it cannot finish: OpenAI a `data:` chunk holding an `error` object, Anthropic an
+    /// `event: error`.
+    pub fn stream_event(&self, flavour: ApiFlavour) -> String {
+        let body = self.body(flavour);
+        match flavour {
+            ApiFlavour::OpenAi => format!("data: {body}\n\n"),
+            ApiFlavour::Anthropic => format!("event: error\ndata: {body}\n\n"),
+        }
+    }
+
+    fn body(&self, flavour: ApiFlavour) -> String {
         let body = match flavour {
             ApiFlavour::OpenAi => {
                 let (kind, code) = self.kind.openai_type_and_code();
@@ -223,10 +272,7 @@ impl ApiError {
                 "error": {"type": self.kind.anthropic_type(), "message": self.message},
             }),
         };
-        let mut reply = LocalReply::json(self.kind.status_for(flavour), body.to_string())
-            .with_header("x-sluice-reason", self.kind.reason());
-        reply.headers.extend(self.headers.iter().cloned());
-        reply
+        body.to_string()
     }
 }
 

@@ -7,6 +7,11 @@
 pub const INTERNAL_PREFIX: &str = "x-sluice-";
 /// Route header: the Envoy route reads the upstream cluster from it (`cluster_header`).
 pub const CLUSTER_HEADER: &str = "x-sluice-cluster";
+/// Marks a streamed request for Sluice's stream relay (the native `sluice-relay` filter after
+/// this one), naming the API whose error event ends a stream the provider broke off:
+/// `openai` or `anthropic`. The relay removes it; configurations without the relay drop it
+/// with the routing header.
+pub const RELAY_HEADER: &str = "x-sluice-relay";
 
 #[derive(Debug, Default, Clone)]
 pub struct RequestHeaders {

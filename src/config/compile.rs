@@ -788,12 +788,16 @@ fn provider_headers(
             "host",
             "content-length",
             "transfer-encoding",
-            crate::headers::CLUSTER_HEADER,
         ];
-        if lower.is_empty() || !lower.bytes().all(token) || reserved.contains(&lower.as_str()) {
+        let internal = lower.starts_with(crate::headers::INTERNAL_PREFIX);
+        if lower.is_empty()
+            || !lower.bytes().all(token)
+            || internal
+            || reserved.contains(&lower.as_str())
+        {
             return Err(ConfigError::at(
                 here,
-                "must be a header name Sluice does not set itself (not the credential, host, length or routing header)",
+                "must be a header name Sluice does not set itself (not the credential, host, length or an x-sluice- header)",
             ));
         }
         check_header_value(&here, value)?;

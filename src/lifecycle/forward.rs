@@ -12,7 +12,7 @@ use crate::body::{
 use crate::cache::request::{assess, Ask, Directive, Identity};
 use crate::cache::CacheOutcome;
 use crate::errors::{ApiError, ApiFlavour, ErrorKind};
-use crate::headers::CLUSTER_HEADER;
+use crate::headers::{CLUSTER_HEADER, RELAY_HEADER};
 use crate::policy::Policy;
 use crate::routing::{upstream_path, Api};
 use crate::usage::TokenUsage;
@@ -108,6 +108,10 @@ pub(super) fn route(
     }
     step.set
         .push((CLUSTER_HEADER.into(), provider.cluster.clone()));
+    if fields.stream {
+        let flavour = api.flavour().as_str();
+        step.set.push((RELAY_HEADER.into(), flavour.into()));
+    }
     step.set.push((
         provider.credential.header().to_string(),
         provider.credential.value().to_string(),

@@ -46,6 +46,7 @@ enum Key {
     Response,
     Type,
     Choices,
+    Error,
     Text,
 }
 
@@ -155,6 +156,8 @@ pub(crate) struct JsonScanner {
     choices: Choices,
     /// Sticky: something proved this document is not a usage-only chunk.
     not_usage_only: bool,
+    /// The document has a top-level `error` object (an OpenAI stream's error chunk).
+    top_error: bool,
     text_chars: u64,
 }
 
@@ -179,6 +182,7 @@ impl JsonScanner {
             top_usage: TopUsage::Absent,
             choices: Choices::Absent,
             not_usage_only: false,
+            top_error: false,
             text_chars: 0,
         }
     }
@@ -313,6 +317,11 @@ impl JsonScanner {
             && matches!(self.choices, Choices::Absent | Choices::Empty)
     }
 
+    /// This document has a top-level `error` object.
+    pub(crate) fn has_top_level_error(&self) -> bool {
+        self.top_error
+    }
+
     /// Already certain that this document is not a usage-only chunk.
     pub(crate) fn known_not_usage_only(&self) -> bool {
         self.not_usage_only
@@ -407,6 +416,7 @@ impl JsonScanner {
                     self.choices = Choices::NonEmpty;
                     self.not_usage_only = true;
                 }
+                Key::Error if b == b'{' => self.top_error = true,
                 _ => {}
             }
         }
@@ -462,6 +472,7 @@ impl JsonScanner {
             Some(b"response") => Key::Response,
             Some(b"type") => Key::Type,
             Some(b"choices") => Key::Choices,
+            Some(b"error") => Key::Error,
             Some(name) if self.rules.text_keys.contains(&name) => Key::Text,
             Some(_) => Key::Other,
         }

@@ -37,7 +37,9 @@ pub struct UsageMeter {
     anthropic: AnthropicTally,
     reported: Reported,
     suspicious: bool,
-    /// Anthropic `event: error`: usage after it is not trusted.
+    /// The stream carried an error event (Anthropic or Responses `event: error`, an OpenAI
+    /// chunk with an `error` object): the provider, or Sluice's relay for it, gave up on
+    /// the answer. Anthropic usage after it is not trusted.
     stream_error: bool,
 }
 
@@ -131,6 +133,12 @@ impl UsageMeter {
         matches!(self.reported, Reported::Final(_))
     }
 
+    /// The stream ended in an error event: whatever came before it, the answer is not
+    /// complete.
+    pub fn stream_failed(&self) -> bool {
+        self.stream_error
+    }
+
     /// Bytes currently allocated by the meter's buffers; at most
     /// [`super::MAX_METER_HELD_BYTES`].
     pub fn held_bytes(&self) -> usize {
@@ -189,11 +197,9 @@ impl UsageMeter {
 
     /// The current event ended with `chunk[from..to]`.
     fn end_event(&mut self, out: Option<&mut Output>, from: usize, to: usize) {
-        if self.shape == ResponseShape::AnthropicMessages {
-            let event_type = self.framer.event_type().or(self.scanner.type_value());
-            if event_type == Some(b"error") {
-                self.stream_error = true;
-            }
+        let event_type = self.framer.event_type().or(self.scanner.type_value());
+        if event_type == Some(b"error") || self.scanner.has_top_level_error() {
+            self.stream_error = true;
         }
         if let (Some(out), Some(strip)) = (out, self.strip.as_mut()) {
             let size = strip.held.len() + to.saturating_sub(from);

@@ -57,6 +57,15 @@ pub fn wasm_path() -> PathBuf {
     )
 }
 
+/// Sluice's stream relay, the native module (make relay).
+pub fn relay_path() -> PathBuf {
+    required_path(
+        "SLUICE_RELAY",
+        "target/release/libsluice_relay.so",
+        "run `make relay` to build the stream relay",
+    )
+}
+
 /// The test-only build that traps on `x-sluice-test-trap` (make wasm-trap).
 pub fn trap_wasm_path() -> PathBuf {
     required_path(
@@ -453,6 +462,10 @@ pub fn render_demo_config(mocks: &Mocks, dir: &Path, edit: Option<ConfigEdit>) -
         (
             "filename: target/wasm32-wasip1/release/sluice.wasm".to_string(),
             format!("filename: {}", wasm.display()),
+        ),
+        (
+            "filename: target/release/libsluice_relay.so".to_string(),
+            format!("filename: {}", relay_path().display()),
         ),
         // Histograms reach /stats/prometheus at each flush: flush often in tests.
         (

@@ -15,6 +15,7 @@ mod fairness;
 mod global;
 mod hardening;
 mod production;
+mod relay;
 mod routing;
 mod sdk;
 mod streaming;
