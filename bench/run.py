@@ -62,6 +62,7 @@ import cluster_config  # noqa: E402  (the one home of the `global` section and t
 VENV = ROOT / ".venv"
 ENVOY = VENV / "bin" / "envoy"
 WASM = ROOT / "target/wasm32-wasip1/release/sluice.wasm"
+RELAY = ROOT / "target/release/libsluice_relay.so"
 NOOP_WASM = ROOT / "target/wasm32-wasip1/release/sluice_bench_noop.wasm"
 MOCK = ROOT / "target/release/sluice-mock"
 QUOTA = ROOT / "target/release/sluice-quota"
@@ -607,7 +608,7 @@ def main():
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for path, how in [(ENVOY, "run `make envoy`"), (WASM, "run `make wasm`"), (MOCK, "run `make mock`"),
+    for path, how in [(ENVOY, "run `make envoy`"), (WASM, "run `make wasm`"), (RELAY, "run `make relay`"), (MOCK, "run `make mock`"),
                       (OHA, "run `make bench` (installs oha)")]:
         need(path, how)
     if not (args.only_global or args.only_cache):

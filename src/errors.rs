@@ -317,6 +317,39 @@ mod tests {
     }
 
     #[test]
+    fn stream_events_carry_the_same_error_in_each_apis_framing() {
+        let e = ApiError::new(ErrorKind::UpstreamFailed, "cut off");
+        let openai = e.stream_event(ApiFlavour::OpenAi);
+        let json = openai
+            .strip_prefix("data: ")
+            .unwrap()
+            .strip_suffix("\n\n")
+            .unwrap();
+        assert_eq!(json, e.reply(ApiFlavour::OpenAi).body);
+        let v: Value = serde_json::from_str(json).unwrap();
+        assert_eq!(v["error"]["code"], "upstream_failed");
+        let anthropic = e.stream_event(ApiFlavour::Anthropic);
+        let json = anthropic
+            .strip_prefix("event: error\ndata: ")
+            .unwrap()
+            .strip_suffix("\n\n")
+            .unwrap();
+        let v: Value = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            (v["type"].as_str(), v["error"]["type"].as_str()),
+            (Some("error"), Some("api_error"))
+        );
+        let timeout =
+            ApiError::new(ErrorKind::UpstreamTimeout, "slow").reply(ApiFlavour::Anthropic);
+        assert_eq!(timeout.status, 504);
+        assert!(timeout.body.contains("timeout_error"));
+        for f in [ApiFlavour::OpenAi, ApiFlavour::Anthropic] {
+            assert_eq!(ApiFlavour::from_name(f.as_str().as_bytes()), Some(f));
+        }
+        assert_eq!(ApiFlavour::from_name(b"gemini"), None);
+    }
+
+    #[test]
     fn openai_shape_has_all_four_fields() {
         let r = ApiError::new(ErrorKind::ModelNotFound, "The model `x` does not exist")
             .with_param("model")

@@ -96,7 +96,12 @@ pub fn parse(json: &[u8]) -> Result<RelayConfig, String> {
             if base == 0 || max < base {
                 return Err("sluice-relay configuration: retry: base_interval_ms must be at least 1 and at most max_interval_ms".into());
             }
-            if let Some(s) = r.statuses.iter().flatten().find(|s| !(100..=599).contains(*s)) {
+            if let Some(s) = r
+                .statuses
+                .iter()
+                .flatten()
+                .find(|s| !(100..=599).contains(*s))
+            {
                 return Err(format!(
                     "sluice-relay configuration: retry.statuses: {s} is not an HTTP status"
                 ));

@@ -10,9 +10,9 @@
 //! error (and Sluice's filter, before the relay, meters as a failed stream).
 
 use crate::config::RelayConfig;
-use std::sync::Arc;
 use sluice::errors::{ApiError, ApiFlavour, ErrorKind};
 use sluice::headers::{CLUSTER_HEADER, RELAY_HEADER};
+use std::sync::Arc;
 
 pub type Header = (Vec<u8>, Vec<u8>);
 
@@ -220,7 +220,10 @@ impl Exchange {
             self.reply(host, &error, "relay_no_cluster");
             return;
         };
-        upstream.push((b"content-length".to_vec(), body.len().to_string().into_bytes()));
+        upstream.push((
+            b"content-length".to_vec(),
+            body.len().to_string().into_bytes(),
+        ));
         let request = Request {
             cluster,
             headers: upstream,
@@ -258,7 +261,11 @@ impl Exchange {
                         "no_healthy_upstream",
                     ),
                 };
-                self.reply(host, &ApiError::new(ErrorKind::UpstreamFailed, message), cause);
+                self.reply(
+                    host,
+                    &ApiError::new(ErrorKind::UpstreamFailed, message),
+                    cause,
+                );
             }
         }
     }
@@ -313,7 +320,10 @@ impl Exchange {
         end_stream: bool,
         now_ms: u64,
     ) {
-        let Phase::Attempting { stream: current, .. } = &self.phase else {
+        let Phase::Attempting {
+            stream: current, ..
+        } = &self.phase
+        else {
             return;
         };
         if *current != stream {
@@ -432,7 +442,10 @@ impl Exchange {
                         reason.as_str()
                     ),
                 );
-                let cause = format!("upstream_reset_before_response_started{{{}}}", reason.as_str());
+                let cause = format!(
+                    "upstream_reset_before_response_started{{{}}}",
+                    reason.as_str()
+                );
                 self.reply(host, &error, &cause);
             }
             Phase::Streaming { stream: s, .. } if *s == stream => {
@@ -443,7 +456,10 @@ impl Exchange {
                         reason.as_str()
                     ),
                 );
-                let cause = format!("upstream_reset_after_response_started{{{}}}", reason.as_str());
+                let cause = format!(
+                    "upstream_reset_after_response_started{{{}}}",
+                    reason.as_str()
+                );
                 self.end_stream_with(host, &error, &cause);
             }
             _ => {}
@@ -520,10 +536,8 @@ impl Exchange {
     /// Nothing reached the client yet: answer with a complete error in its API.
     fn reply(&mut self, host: &mut dyn Host, error: &ApiError, cause: &str) {
         let reply = error.reply(self.flavour);
-        let mut headers: Vec<Header> = vec![(
-            b":status".to_vec(),
-            reply.status.to_string().into_bytes(),
-        )];
+        let mut headers: Vec<Header> =
+            vec![(b":status".to_vec(), reply.status.to_string().into_bytes())];
         headers.extend(
             reply
                 .headers

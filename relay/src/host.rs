@@ -7,7 +7,7 @@
 //! queued and handled once the outer hook is done, in order.
 
 use crate::config::{self, RelayConfig};
-use crate::exchange::{Exchange, HeadersVerdict, Header, Host, ResetReason, StartFailure};
+use crate::exchange::{Exchange, Header, HeadersVerdict, Host, ResetReason, StartFailure};
 use crate::timer::{self, Scheduler};
 use std::cell::RefCell;
 use std::ffi::c_void;
@@ -66,8 +66,10 @@ extern "C" {
         kind: u32,
         result: *mut HttpHeader,
     ) -> bool;
-    fn envoy_dynamic_module_callback_http_get_body_chunks_size(filter: EnvoyPtr, kind: u32)
-        -> usize;
+    fn envoy_dynamic_module_callback_http_get_body_chunks_size(
+        filter: EnvoyPtr,
+        kind: u32,
+    ) -> usize;
     fn envoy_dynamic_module_callback_http_get_body_chunks(
         filter: EnvoyPtr,
         kind: u32,
@@ -488,8 +490,10 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
             }
             // Each frame is copied and dropped from Envoy's buffers: the relay keeps the
             // one copy it sends (and resends on a retry).
-            let count =
-                envoy_dynamic_module_callback_http_get_body_chunks_size(envoy, RECEIVED_REQUEST_BODY);
+            let count = envoy_dynamic_module_callback_http_get_body_chunks_size(
+                envoy,
+                RECEIVED_REQUEST_BODY,
+            );
             let mut chunks = vec![
                 EnvoyBuffer {
                     ptr: std::ptr::null(),
@@ -580,9 +584,11 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
     module: *const c_void,
 ) {
     if let Some(f) = filter(module) {
-        f.with(envoy, || Deferred::Wake, |state, host| {
-            state.exchange.on_downstream_gone(host)
-        });
+        f.with(
+            envoy,
+            || Deferred::Wake,
+            |state, host| state.exchange.on_downstream_gone(host),
+        );
     }
 }
 
@@ -752,4 +758,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_new(
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_destroy(_config: *const c_void) {}
+pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_destroy(
+    _config: *const c_void,
+) {
+}

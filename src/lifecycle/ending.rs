@@ -228,7 +228,10 @@ pub(super) fn charged_ppm(policy: &Policy, ending: &Ending) -> u64 {
 /// (and a 2xx cut short, or ended by an error event) are its failures; other 4xx are the
 /// client's.
 fn response_outcome(response: &UpstreamResponse, client_left: bool) -> Outcome {
-    let failed = response.meter.as_ref().is_some_and(UsageMeter::stream_failed);
+    let failed = response
+        .meter
+        .as_ref()
+        .is_some_and(UsageMeter::stream_failed);
     match response.status {
         200..=399 if response.complete && !failed => Outcome::Success,
         200..=399 if client_left => Outcome::Aborted,

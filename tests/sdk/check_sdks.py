@@ -138,6 +138,34 @@ org = openai.OpenAI(base_url=f"{BASE}/v1", api_key=ACME, organization="org-clien
 r = org.chat.completions.create(model="gpt-4.1-mini", messages=[{"role": "user", "content": "Whose bill?"}])
 check("openai sdk with organization and project", r.choices[0].message.content, r)
 
+# A provider that breaks off a stream after it started: the gateway's stream relay ends it
+# with an error event, which each SDK raises as an API error with the gateway's message, not
+# as a transport error (APIConnectionError, RemoteProtocolError).
+fault = {"x-mock-fault": "reset"}
+received = []
+try:
+    for c in oa.chat.completions.create(model="gpt-4.1-mini", stream=True, extra_headers=fault,
+                                        messages=[{"role": "user", "content": "Break off"}]):
+        received.extend(x.delta.content or "" for x in c.choices)
+    check("openai broken stream raises", False, "no exception")
+except openai.APIConnectionError as err:
+    check("openai broken stream is an API error, not a connection error", False, repr(err))
+except openai.APIError as err:
+    check("openai broken stream raises APIError with the gateway's message",
+          received and "before the response was complete" in err.message, (received, err.message))
+received = []
+try:
+    with an.messages.stream(model="claude-sonnet", max_tokens=64, extra_headers=fault,
+                            messages=[{"role": "user", "content": "Break off"}]) as s:
+        for t in s.text_stream:
+            received.append(t)
+    check("anthropic broken stream raises", False, "no exception")
+except anthropic.APIConnectionError as err:
+    check("anthropic broken stream is an API error, not a connection error", False, repr(err))
+except anthropic.APIStatusError as err:
+    check("anthropic broken stream raises an API error of type api_error",
+          received and err.body["error"]["type"] == "api_error", (received, err.body))
+
 models = [x.id for x in an.models.list()]
 check("anthropic models list", "claude-sonnet-4.5" in models, models)
 

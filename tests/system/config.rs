@@ -40,6 +40,7 @@ fn every_envoy_yaml_passes_envoy_validate() {
         );
     }
     let wasm = wasm_path();
+    let relay = relay_path();
     for yaml in yamls {
         // Validation loads the real wasm and runs its configure step.
         let dir = unique_dir();
@@ -51,6 +52,13 @@ fn every_envoy_yaml_passes_envoy_validate() {
             let indent = &line[..line.len() - trimmed.len()];
             if trimmed.starts_with("local: { filename:") && trimmed.contains("sluice.wasm") {
                 text += &format!("{indent}local: {{ filename: {} }}\n", wasm.display());
+            } else if trimmed.starts_with("module: { local: { filename:")
+                && trimmed.contains("libsluice_relay.so")
+            {
+                text += &format!(
+                    "{indent}module: {{ local: {{ filename: {} }} }}\n",
+                    relay.display()
+                );
             } else if trimmed.starts_with("path: ") && trimmed.ends_with(".log") {
                 text += &format!("{indent}path: {}\n", dir.join("access.log").display());
             } else {
@@ -61,6 +69,12 @@ fn every_envoy_yaml_passes_envoy_validate() {
         assert!(
             text.contains(&format!("filename: {}", wasm.display())),
             "{}: no sluice.wasm to load",
+            yaml.display()
+        );
+        // Every shipped gateway carries the stream relay right after Sluice.
+        assert!(
+            text.contains(&format!("filename: {} }}", relay.display())),
+            "{}: no stream relay (libsluice_relay.so) after Sluice",
             yaml.display()
         );
         let path = dir.join("validate.yaml");

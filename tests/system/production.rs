@@ -122,6 +122,10 @@ fn production_yaml(mocks: &Mocks, dir: &Path, front_port: u16) -> String {
         &format!("filename: {}", wasm_path().display()),
     );
     once(
+        "filename: /etc/envoy/libsluice_relay.so",
+        &format!("filename: {}", relay_path().display()),
+    );
+    once(
         "path: /dev/stdout",
         &format!("path: {}", dir.join("access.log").display()),
     );

@@ -14,7 +14,11 @@ async fn gateway_with_relay(relay_json: &str) -> Gateway {
     let mocks = Mocks::start().await;
     let dir = unique_dir();
     let yaml = render_demo_config(&mocks, &dir, None);
-    assert_eq!(yaml.matches(DEMO_RELAY_CONFIG).count(), 1, "demo relay config moved");
+    assert_eq!(
+        yaml.matches(DEMO_RELAY_CONFIG).count(),
+        1,
+        "demo relay config moved"
+    );
     let yaml = yaml.replace(DEMO_RELAY_CONFIG, &format!("value: '{relay_json}'"));
     Gateway::start_config(mocks, dir, &yaml, 2).await
 }
@@ -54,7 +58,10 @@ async fn an_openai_stream_broken_off_by_the_provider_ends_with_an_error_chunk() 
         .unwrap();
     assert_eq!(resp.status(), 200);
     let text = read_to_end(resp).await;
-    assert!(text.contains("\"choices\""), "content before the failure: {text}");
+    assert!(
+        text.contains("\"choices\""),
+        "content before the failure: {text}"
+    );
     assert!(!text.contains("[DONE]"), "{text}");
     let error = last_event_data(&text);
     assert_eq!(error["error"]["type"], "server_error", "{error}");
@@ -84,8 +91,10 @@ async fn an_anthropic_stream_broken_off_by_the_provider_ends_with_an_error_event
         .header("x-api-key", ACME)
         .header("anthropic-version", "2023-06-01")
         .header("x-mock-fault", "reset")
-        .json(&json!({"model": "claude-sonnet-4-5", "max_tokens": 256, "stream": true,
-                      "messages": [{"role": "user", "content": "tell me a story"}]}))
+        .json(
+            &json!({"model": "claude-sonnet-4-5", "max_tokens": 256, "stream": true,
+                      "messages": [{"role": "user", "content": "tell me a story"}]}),
+        )
         .send()
         .await
         .unwrap();
@@ -218,8 +227,10 @@ async fn an_unreachable_provider_is_answered_in_the_clients_api_shape() {
         .post(gw.url("/v1/messages"))
         .header("x-api-key", ACME)
         .header("anthropic-version", "2023-06-01")
-        .json(&json!({"model": "claude-sonnet-4-5", "max_tokens": 64, "stream": true,
-                      "messages": [{"role": "user", "content": "hi"}]}))
+        .json(
+            &json!({"model": "claude-sonnet-4-5", "max_tokens": 64, "stream": true,
+                      "messages": [{"role": "user", "content": "hi"}]}),
+        )
         .send()
         .await
         .unwrap();

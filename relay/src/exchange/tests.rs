@@ -26,8 +26,11 @@ impl Host for FakeHost {
         headers: &[Header],
         body: &[u8],
     ) -> Result<u64, StartFailure> {
-        self.calls
-            .push(Call::Start(cluster.to_vec(), headers.to_vec(), body.to_vec()));
+        self.calls.push(Call::Start(
+            cluster.to_vec(),
+            headers.to_vec(),
+            body.to_vec(),
+        ));
         if let Some(f) = self.refuse {
             return Err(f);
         }
@@ -99,7 +102,12 @@ fn started(cfg: &Arc<RelayConfig>, flavour: &str) -> (Exchange, FakeHost) {
         ex.on_request_headers(Some(flavour.as_bytes()), 0),
         HeadersVerdict::Take
     );
-    ex.on_request_complete(&mut host, request_headers(), b"{\"stream\":true}".to_vec(), 0);
+    ex.on_request_complete(
+        &mut host,
+        request_headers(),
+        b"{\"stream\":true}".to_vec(),
+        0,
+    );
     (ex, host)
 }
 
@@ -118,7 +126,10 @@ fn unmarked_requests_pass_to_the_router() {
     assert_eq!(ex.on_request_headers(None, 0), HeadersVerdict::Pass);
     assert!(!ex.is_taken());
     let mut ex = Exchange::new(cfg, 1);
-    assert_eq!(ex.on_request_headers(Some(b"cohere"), 0), HeadersVerdict::Pass);
+    assert_eq!(
+        ex.on_request_headers(Some(b"cohere"), 0),
+        HeadersVerdict::Pass
+    );
 }
 
 #[test]
@@ -134,7 +145,10 @@ fn the_provider_gets_sluices_request_without_internal_or_hop_headers() {
         .iter()
         .map(|(n, _)| String::from_utf8_lossy(n).into_owned())
         .collect();
-    assert!(!names.iter().any(|n| n.starts_with("x-sluice-")), "{names:?}");
+    assert!(
+        !names.iter().any(|n| n.starts_with("x-sluice-")),
+        "{names:?}"
+    );
     assert!(!names.contains(&"connection".to_string()));
     assert!(headers.contains(&h("content-length", "15")), "{headers:?}");
     assert!(headers.contains(&h("authorization", "Bearer sk-provider")));
@@ -196,7 +210,10 @@ fn a_reset_after_the_response_started_ends_with_an_openai_error_chunk() {
     let v: serde_json::Value = serde_json::from_str(json).unwrap();
     assert_eq!(v["error"]["type"], "server_error");
     assert_eq!(v["error"]["code"], "upstream_failed");
-    assert!(v["error"]["message"].as_str().unwrap().contains("remote_reset"));
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("remote_reset"));
     // Nothing more happens: a late event for the stream is ignored.
     ex.on_stream_data(&mut host, 1, &[b"late"], true, 8);
     assert!(host.take().is_empty());
@@ -285,7 +302,10 @@ fn a_reset_before_headers_is_retried_then_answered_in_the_api_shape() {
     let [Call::Reset(1), Call::Wake(at)] = calls.as_slice() else {
         panic!("{calls:?}")
     };
-    assert!((10..110).contains(at), "jittered back-off within the base: {at}");
+    assert!(
+        (10..110).contains(at),
+        "jittered back-off within the base: {at}"
+    );
     ex.on_timer(&mut host, *at);
     assert!(matches!(host.take()[0], Call::Start(..)), "second attempt");
     ex.on_stream_reset(&mut host, 2, ResetReason::ConnectionFailure, 200);
@@ -320,7 +340,10 @@ fn a_retriable_status_waits_out_a_short_retry_after_and_the_last_answer_passes()
     ex.on_stream_headers(&mut host, 1, &limited, false, 100);
     assert_eq!(host.take(), vec![Call::Reset(1), Call::Wake(2100)]);
     ex.on_stream_data(&mut host, 1, &[b"{}"], true, 101);
-    assert!(host.take().is_empty(), "the refused attempt's body is dropped");
+    assert!(
+        host.take().is_empty(),
+        "the refused attempt's body is dropped"
+    );
     ex.on_timer(&mut host, 2100);
     assert!(matches!(host.take()[0], Call::Start(..)));
     // Out of retries: the provider's own 429 reaches the client as it is.
@@ -338,7 +361,13 @@ fn a_long_retry_after_falls_back_to_the_regular_back_off() {
     );
     let (mut ex, mut host) = started(&cfg, "openai");
     host.take();
-    ex.on_stream_headers(&mut host, 1, &[h(":status", "429"), h("retry-after", "60")], false, 100);
+    ex.on_stream_headers(
+        &mut host,
+        1,
+        &[h(":status", "429"), h("retry-after", "60")],
+        false,
+        100,
+    );
     let calls = host.take();
     let [Call::Reset(1), Call::Wake(at)] = calls.as_slice() else {
         panic!("{calls:?}")
@@ -367,7 +396,10 @@ fn a_start_failure_is_answered_at_once() {
     ex.on_request_complete(&mut host, request_headers(), Vec::new(), 0);
     let calls = host.take();
     assert_eq!(calls[1], Call::Note("no_healthy_upstream".into(), 1));
-    assert!(matches!(&calls[2], Call::Headers(h, false) if h[0].1 == b"503"), "{calls:?}");
+    assert!(
+        matches!(&calls[2], Call::Headers(h, false) if h[0].1 == b"503"),
+        "{calls:?}"
+    );
 }
 
 #[test]
@@ -381,7 +413,10 @@ fn a_request_without_a_cluster_is_an_internal_error() {
         .collect();
     ex.on_request_complete(&mut host, headers, Vec::new(), 0);
     let calls = host.take();
-    assert!(matches!(&calls[1], Call::Headers(h, false) if h[0].1 == b"500"), "{calls:?}");
+    assert!(
+        matches!(&calls[1], Call::Headers(h, false) if h[0].1 == b"500"),
+        "{calls:?}"
+    );
 }
 
 #[test]

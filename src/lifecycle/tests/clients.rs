@@ -239,6 +239,7 @@ fn provider_headers_are_checked() {
     };
     assert!(bad(json!({"Authorization": "x"})).contains("providers[0].headers.Authorization"));
     assert!(bad(json!({"x-sluice-cluster": "x"})).contains("headers.x-sluice-cluster"));
+    assert!(bad(json!({"x-sluice-relay": "openai"})).contains("headers.x-sluice-relay"));
     assert!(bad(json!({"bad name": "x"})).contains("headers.bad name"));
     assert!(bad(json!({"x-ok": "a\nb"})).contains("control characters"));
 }

@@ -109,6 +109,26 @@ pub(super) fn post(path: &str, extra: &[(&str, &str)], body: &str) -> (Exchange,
 pub(super) const ACME: (&str, &str) = ("authorization", "Bearer sk-acme");
 
 #[test]
+fn streamed_requests_are_marked_for_the_stream_relay_in_their_api() {
+    let relay = |path: &str, headers: &[(&str, &str)], body: &str| {
+        let (_, _, b) = post(path, headers, body);
+        set(&b, crate::headers::RELAY_HEADER).map(str::to_string)
+    };
+    let chat = r#"{"model":"gpt-4.1","stream":true,"messages":[]}"#;
+    assert_eq!(
+        relay("/v1/chat/completions", &[ACME], chat).as_deref(),
+        Some("openai")
+    );
+    let messages = r#"{"model":"claude-sonnet","max_tokens":8,"stream":true,"messages":[]}"#;
+    assert_eq!(
+        relay("/v1/messages", &[("x-api-key", "sk-acme")], messages).as_deref(),
+        Some("anthropic")
+    );
+    let unstreamed = r#"{"model":"gpt-4.1","messages":[]}"#;
+    assert_eq!(relay("/v1/chat/completions", &[ACME], unstreamed), None);
+}
+
+#[test]
 fn routes_openai_model_with_provider_key() {
     let (ex, h, b) = post(
         "/v1/chat/completions",

@@ -293,3 +293,34 @@ fn a_multi_megabyte_body_is_metered_in_bounded_memory() {
     assert_eq!(meter.result(), reported(usage(4800, 0, 0, 0, 0)));
     assert!(max_held <= 2 * MAX_USAGE_OBJECT_BYTES, "held {max_held}");
 }
+
+#[test]
+fn an_error_event_marks_the_stream_failed_in_every_shape() {
+    let failed = |shape, stream: &str| {
+        let mut meter = UsageMeter::new(shape, true, false, 10);
+        meter.feed(stream.as_bytes(), true);
+        meter.stream_failed()
+    };
+    let openai_ok = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: [DONE]\n\n";
+    assert!(!failed(ResponseShape::ChatCompletions, openai_ok));
+    // The chunk Sluice's relay (or OpenAI itself) ends a broken stream with.
+    let openai_broken = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n\
+        data: {\"error\":{\"message\":\"cut\",\"type\":\"server_error\",\"param\":null,\"code\":\"upstream_failed\"}}\n\n";
+    assert!(failed(ResponseShape::ChatCompletions, openai_broken));
+    // An `error` key inside a choice is content, not a failure.
+    let nested = "data: {\"choices\":[{\"delta\":{\"content\":\"x\"},\"error\":{}}]}\n\n";
+    assert!(!failed(ResponseShape::ChatCompletions, nested));
+    let anthropic = [
+        ANTHROPIC_START.to_string(),
+        anthropic_text("Partial"),
+        "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"api_error\",\"message\":\"cut\"}}\n\n".to_string(),
+    ]
+    .concat();
+    assert!(failed(ResponseShape::AnthropicMessages, &anthropic));
+    assert!(!failed(
+        ResponseShape::AnthropicMessages,
+        &[ANTHROPIC_START.to_string(), anthropic_text("Whole")].concat()
+    ));
+    let responses = "event: error\ndata: {\"type\":\"error\",\"code\":\"server_error\",\"message\":\"cut\"}\n\n";
+    assert!(failed(ResponseShape::Responses, responses));
+}
