@@ -25,6 +25,8 @@ struct RawRetry {
     #[serde(default)]
     on_reset: Option<bool>,
     #[serde(default)]
+    on_connect_failure: Option<bool>,
+    #[serde(default)]
     statuses: Option<Vec<u16>>,
     #[serde(default)]
     base_interval_ms: Option<u64>,
@@ -39,9 +41,11 @@ struct RawRetry {
 pub struct RetryPolicy {
     /// Attempts after the first.
     pub num_retries: u32,
-    /// A connect failure or a reset before response headers (Envoy's `reset` and
-    /// `connect-failure`).
+    /// Any reset before response headers, including one after the provider got the
+    /// request (Envoy's `reset`): a retried generation may be billed twice.
     pub on_reset: bool,
+    /// Only a failure to connect (Envoy's `connect-failure`): the provider got nothing.
+    pub on_connect_failure: bool,
     /// Response statuses tried again (Envoy's `retriable-status-codes`).
     pub statuses: Vec<u16>,
     /// Jittered exponential back-off: the n-th retry waits up to base × 2^(n-1), capped.
@@ -56,6 +60,7 @@ impl RetryPolicy {
     pub const NONE: RetryPolicy = RetryPolicy {
         num_retries: 0,
         on_reset: false,
+        on_connect_failure: false,
         statuses: Vec::new(),
         base_interval_ms: 25,
         max_interval_ms: 250,
@@ -72,10 +77,11 @@ pub struct RelayConfig {
     pub retry: RetryPolicy,
 }
 
-/// Envoy's own defaults for a route: 15 s for the response to start; a relayed stream
-/// would rarely want it, so the relay's default is no overall limit and a 5-minute stall
-/// limit, Envoy's default `stream_idle_timeout`.
-const DEFAULT_IDLE_TIMEOUT_MS: u64 = 300_000;
+/// Envoy's own default for a route is 15 s for the response to start, which a relayed
+/// stream would rarely want: the relay's default is no overall limit and a 4-minute stall
+/// limit, under Envoy's default 5-minute `stream_idle_timeout` (which would reset the
+/// client's stream instead of ending it with an error event).
+const DEFAULT_IDLE_TIMEOUT_MS: u64 = 240_000;
 
 pub fn parse(json: &[u8]) -> Result<RelayConfig, String> {
     let json = if json.iter().all(u8::is_ascii_whitespace) {
@@ -108,7 +114,8 @@ pub fn parse(json: &[u8]) -> Result<RelayConfig, String> {
             }
             RetryPolicy {
                 num_retries: r.num_retries,
-                on_reset: r.on_reset.unwrap_or(true),
+                on_reset: r.on_reset.unwrap_or(false),
+                on_connect_failure: r.on_connect_failure.unwrap_or(true),
                 statuses: r.statuses.unwrap_or_default(),
                 base_interval_ms: base,
                 max_interval_ms: max,
@@ -132,7 +139,7 @@ mod tests {
         let c = parse(b"").unwrap();
         assert_eq!(
             (c.timeout_ms, c.idle_timeout_ms, c.retry.num_retries),
-            (0, 300_000, 0)
+            (0, 240_000, 0)
         );
         let c = parse(
             br#"{"timeout_ms":600000,"idle_timeout_ms":120000,"retry":{"num_retries":2,
@@ -142,7 +149,8 @@ mod tests {
         .unwrap();
         assert_eq!(c.timeout_ms, 600_000);
         assert_eq!(c.idle_timeout_ms, 120_000);
-        assert!(c.retry.on_reset);
+        assert!(!c.retry.on_reset, "a second bill is opt-in");
+        assert!(c.retry.on_connect_failure);
         assert_eq!(c.retry.statuses, vec![429, 503]);
         assert_eq!(c.retry.retry_after_max_ms, 20_000);
     }

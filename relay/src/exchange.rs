@@ -243,7 +243,7 @@ impl Exchange {
                 };
                 self.arm(host);
             }
-            Err(StartFailure::CannotCreate) if self.may_retry_reset() => {
+            Err(StartFailure::CannotCreate) if self.may_retry(ResetReason::ConnectionFailure) => {
                 self.back_off(host, request, None, now_ms);
             }
             Err(failure) => {
@@ -270,8 +270,11 @@ impl Exchange {
         }
     }
 
-    fn may_retry_reset(&self) -> bool {
-        self.config.retry.on_reset && self.attempts <= self.config.retry.num_retries
+    fn may_retry(&self, reason: ResetReason) -> bool {
+        let retry = &self.config.retry;
+        let allowed = retry.on_reset
+            || (retry.on_connect_failure && reason == ResetReason::ConnectionFailure);
+        allowed && self.attempts <= retry.num_retries
     }
 
     /// Waits before the next attempt: the provider's `retry-after` when it is short enough,
@@ -427,7 +430,7 @@ impl Exchange {
             Phase::Attempting { stream: s, .. } if *s == stream => {
                 // A local reply (see `is_envoy_local_reply`) leaves the stream open.
                 host.reset_stream(stream);
-                if self.may_retry_reset() {
+                if self.may_retry(reason) {
                     if let Phase::Attempting { request, .. } =
                         std::mem::replace(&mut self.phase, Phase::Done)
                     {

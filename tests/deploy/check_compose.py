@@ -3,7 +3,7 @@
 
 Run from anywhere, with PyYAML installed (the project's .venv after `make sdk`):
     SLUICE_ENVOY=.venv/bin/envoy SLUICE_WASM=target/wasm32-wasip1/release/sluice.wasm \\
-      .venv/bin/python tests/deploy/check_compose.py
+      SLUICE_RELAY=target/release/libsluice_relay.so .venv/bin/python tests/deploy/check_compose.py
 
 1. The compose file parses, has no top-level `version:`, has the services mock, envoy, quota,
    redis, prometheus and grafana, and every build context, Dockerfile, bind-mount source and
@@ -11,7 +11,9 @@ Run from anywhere, with PyYAML installed (the project's .venv after `make sdk`):
 2. Ports: the gateway (10000), Envoy admin (9901), Prometheus (9090) and Grafana (3000) are
    published, nothing else (not Redis, not the quota service), and all but the gateway only
    on loopback; the Envoy image is the official one, at the Makefile's ENVOY_VERSION minor.
-3. Wiring: Envoy's -c and the wasm filename are the mounted files; every provider cluster
+3. Wiring: Envoy's -c, the wasm filename and the stream relay's filename are the mounted
+   files (the relay's is the build output target/release/libsluice_relay.so, and its filter
+   sits after Sluice's and before the router); every provider cluster
    names a compose service and a port that service's mock provider listens on (0.0.0.0); the
    provider keys Envoy's Sluice sends match the keys the mocks expect, with the same prefixes.
    Global limits: the Sluice JSON's `global.cluster` is a STRICT_DNS, HTTP/2 cluster on the
@@ -32,8 +34,9 @@ Run from anywhere, with PyYAML installed (the project's .venv after `make sdk`):
    datasources and dashboards; its datasource is http://prometheus:<the port Prometheus
    listens on>, and the dashboard provider's path holds the mounted sluice-dashboard.json.
 7. `$SLUICE_ENVOY --mode validate` on envoy/compose/envoy.yaml (wasm path pointed at
-   $SLUICE_WASM) with the compose file's Envoy environment: this runs the filter's
-   on_configure, so a missing provider key or a bad Sluice config fails here.
+   $SLUICE_WASM, the relay's at $SLUICE_RELAY) with the compose file's Envoy environment: this
+   runs the filter's on_configure and loads the relay with its configuration, so a missing
+   provider key, a bad Sluice config or a bad relay config fails here.
 
 Exits 1 with a message naming what is wrong; prints what it checked on success.
 """
@@ -52,6 +55,8 @@ COMPOSE = ROOT / "envoy" / "docker-compose.yaml"
 GENERATED = ROOT / "envoy" / "compose" / "envoy.yaml"
 GENERATOR = ROOT / "scripts" / "compose_config.py"
 WASM_BUILD = ROOT / "target" / "wasm32-wasip1" / "release" / "sluice.wasm"
+RELAY_BUILD = ROOT / "target" / "release" / "libsluice_relay.so"
+RELAY_TYPE = "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
 GATEWAY_PORT, ADMIN_PORT = 10000, 9901
 PROMETHEUS_PORT, GRAFANA_PORT = 9090, 3000
 QUOTA_SERVICE, REDIS_SERVICE = "quota", "redis"
@@ -155,7 +160,8 @@ def check_paths(compose):
             if source is None:
                 continue
             if not source.exists():
-                hint = ("; build it with `make wasm`" if source.name.endswith(".wasm") else "")
+                hint = ("; build it with `make wasm`" if source.name.endswith(".wasm")
+                        else "; build it with `make relay`" if source.name.endswith(".so") else "")
                 fail(f"service {name}: bind-mount source {rel(source)} does not exist "
                      f"(mounted at {target}){hint}")
             mounts[name][target] = source
@@ -275,13 +281,18 @@ def check_wiring(compose, mounts):
         config = yaml.safe_load(GENERATED.read_text())
     except (OSError, yaml.YAMLError) as e:
         fail(f"cannot parse {rel(GENERATED)}: {e}")
-    wasm = None
+    wasm, relay, chain_names = None, None, []
     for listener in config["static_resources"]["listeners"]:
         for chain in listener["filter_chains"]:
             for network_filter in chain["filters"]:
                 for http_filter in network_filter["typed_config"].get("http_filters", []):
+                    chain_names.append(http_filter["name"])
                     if http_filter["name"] == "envoy.filters.http.wasm":
                         wasm = http_filter["typed_config"]["config"]
+                    if (http_filter.get("typed_config") or {}).get("@type") == RELAY_TYPE:
+                        if relay is not None:
+                            fail(f"{rel(GENERATED)} has more than one dynamic-module filter")
+                        relay = http_filter
     if wasm is None:
         fail(f"{rel(GENERATED)} has no envoy.filters.http.wasm filter")
     filename = wasm["vm_config"]["code"]["local"]["filename"]
@@ -289,6 +300,26 @@ def check_wiring(compose, mounts):
         fail(f"service envoy: the filter loads {filename}, which is not a bind mount of "
              f"{rel(WASM_BUILD)}")
     ok(f"service envoy: the filter loads {filename} = {rel(WASM_BUILD)}")
+
+    # Sluice's stream relay: the mounted build output, right after Sluice, before the router.
+    if relay is None:
+        fail(f"{rel(GENERATED)} has no stream relay (a {RELAY_TYPE.rsplit('.', 1)[1]} filter)")
+    module = relay["typed_config"].get("dynamic_module_config") or {}
+    relay_file = ((module.get("module") or {}).get("local") or {}).get("filename")
+    if not relay_file:
+        fail(f"{rel(GENERATED)}: the relay filter {relay['name']} has no "
+             "dynamic_module_config.module.local.filename")
+    source = envoy_mounts.get(relay_file)
+    if source != RELAY_BUILD.resolve() or not source.is_file():
+        fail(f"service envoy: the stream relay loads {relay_file}, which is not a bind mount of "
+             f"the file {rel(RELAY_BUILD)} (`make relay` builds it)")
+    at = chain_names.index(relay["name"])
+    if chain_names[at - 1:at + 2] != ["envoy.filters.http.wasm", relay["name"],
+                                      "envoy.filters.http.router"]:
+        fail(f"{rel(GENERATED)}: the relay filter {relay['name']} must come right after Sluice's "
+             f"and right before the router; the chain is {chain_names}")
+    ok(f"service envoy: the stream relay loads {relay_file} = {rel(RELAY_BUILD)}, between Sluice "
+       "and the router")
 
     # Every provider cluster points at a compose service and a port its mock listens on.
     sluice = json.loads(wasm["configuration"]["value"])
@@ -719,14 +750,22 @@ def check_generated():
 def validate(envoy_env):
     envoy = os.environ.get("SLUICE_ENVOY")
     wasm = os.environ.get("SLUICE_WASM")
+    relay = os.environ.get("SLUICE_RELAY")
     if not envoy or not Path(envoy).is_file():
         fail(f"SLUICE_ENVOY={envoy!r}: set it to the Envoy binary (`make envoy` installs .venv/bin/envoy)")
     if not wasm or not Path(wasm).is_file():
         fail(f"SLUICE_WASM={wasm!r}: set it to the built sluice.wasm (`make wasm` builds {rel(WASM_BUILD)})")
+    if not relay or not Path(relay).is_file():
+        fail(f"SLUICE_RELAY={relay!r}: set it to the built stream relay (`make relay` builds "
+             f"{rel(RELAY_BUILD)})")
     text = GENERATED.read_text()
     anchor = "filename: /etc/sluice/sluice.wasm }"
     if text.count(anchor) != 1:
         fail(f"{rel(GENERATED)}: expected one `{anchor}` to point at $SLUICE_WASM")
+    relay_anchor = "filename: /etc/sluice/libsluice_relay.so }"
+    if text.count(relay_anchor) != 1:
+        fail(f"{rel(GENERATED)}: expected one `{relay_anchor}` to point at $SLUICE_RELAY")
+    text = text.replace(relay_anchor, f"filename: {Path(relay).resolve()} }}")
     # The provider keys come from the compose file's envoy environment only: on_configure
     # (which validate mode runs) refuses a provider whose api_key_env is unset.
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}

@@ -4,7 +4,7 @@
 Run from the repository root:
 
     SLUICE_ENVOY=.venv/bin/envoy SLUICE_WASM=target/wasm32-wasip1/release/sluice.wasm \\
-        .venv/bin/python tests/deploy/check_istio.py
+        SLUICE_RELAY=target/release/libsluice_relay.so .venv/bin/python tests/deploy/check_istio.py
 
 1. Parses every YAML document under envoy/istio/ and checks kinds, apiVersions and the
    fields the setup relies on: the global limits' wiring (with more than one gateway replica
@@ -16,29 +16,41 @@ Run from the repository root:
    variables agree between the filter (host_env_keys and each provider's api_key_env), the
    example Secret and the gateway Deployment; that the VirtualService routes exactly the
    `cluster` values of the providers in the embedded Sluice configuration, to the
-   providers' `authority` hosts, removing x-sluice-cluster; that each DestinationRule
-   originates TLS with SNI equal to its host; selectors and gateway injection.
+   providers' `authority` hosts, removing x-sluice-cluster and x-sluice-relay; that each
+   DestinationRule originates TLS with SNI equal to its host; selectors and gateway injection.
+   Sluice's stream relay: each EnvoyFilter inserts the dynamic-module filter right after
+   Sluice's (INSERT_AFTER the ECDS filter, same listener match), loading the .so from the
+   path Dockerfile.proxy copies it to; its configuration is a JSON object with only the
+   relay's fields, of the right types (as relay/src/config.rs parses it), and repeats the
+   routes' timeout and retries (the relay takes the place of the router for streams); every
+   provider `cluster` is a cluster the relay can call by that name (Istio's
+   outbound|PORT||HOST of the route's destination, or a CLUSTER ADD of the same
+   EnvoyFilter); the gateway pods run the proxy image with the .so (annotation
+   sidecar.istio.io/proxyImage) and Dockerfile.proxy builds it FROM Istio's proxyv2.
 2. Transplants each EnvoyFilter's Wasm config into a minimal Envoy bootstrap (the listener,
    access log, router and stats patches applied; routes translated from the
    VirtualService; the quota service's cluster added as Istio would generate it; the wasm
-   code switched to `local: {filename: $SLUICE_WASM}`) and runs
-   `$SLUICE_ENVOY --mode validate`. Validation loads the VM and runs Sluice's configure
-   step, so this proves Sluice accepts the embedded JSON. As a control, the same bootstrap
-   with one unknown field added to the Sluice JSON must FAIL validation.
+   code switched to `local: {filename: $SLUICE_WASM}`, the relay's .so to $SLUICE_RELAY, the
+   EnvoyFilter's added clusters included) and runs `$SLUICE_ENVOY --mode validate`.
+   Validation loads the VM and runs Sluice's configure step, and loads the relay with its
+   configuration, so this proves both accept the embedded JSON. As controls, the same
+   bootstrap with one unknown field added to the Sluice JSON, or to the relay's, must FAIL
+   validation.
 3. Runs scripts/wasm_oci.py into a temporary directory and verifies the OCI layout:
    index -> manifest -> config and layer digests and sizes match the blob files, the layer
    is one tar.gz holding plugin.wasm whose bytes equal $SLUICE_WASM, the build is
    reproducible, and the digests the script reports are the layout's.
 
 Options: --live also runs the gateway configuration in a real Envoy against the mock
-providers (needs target/release/sluice-mock or $SLUICE_MOCK: `make mock`), and, when the
+providers (needs target/release/sluice-mock or $SLUICE_MOCK: `make mock`; streamed requests
+go through the relay, to the clusters named as Istio names them), and, when the
 configuration has a `global` section, against a real quota service and Redis (needs
 target/release/sluice-quota or $SLUICE_QUOTA, and redis-server on PATH or
 $SLUICE_REDIS_SERVER: `make quota redis`); --dir DIR checks
 another copy of the manifests; --keep leaves the work files (bootstraps, logs) in /tmp.
 
 Exit status 0 when every check passes, 1 otherwise (each failure is printed), 2 when a
-prerequisite (PyYAML, Envoy, the wasm) is missing.
+prerequisite (PyYAML, Envoy, the wasm, the relay) is missing.
 """
 
 from __future__ import annotations
@@ -73,6 +85,22 @@ HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection
 ROUTER_NAME = "envoy.filters.http.router"
 ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 ROUTING_HEADER = "x-sluice-cluster"
+RELAY_HEADER = "x-sluice-relay"
+RELAY_TYPE = "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
+RELAY_SO = "libsluice_relay.so"
+# The relay's configuration (relay/src/config.rs): field -> accepted JSON type.
+RELAY_FIELDS = {"timeout_ms": "u64", "idle_timeout_ms": "u64", "retry": "object"}
+RELAY_RETRY_FIELDS = {"num_retries": "u32", "on_reset": "bool", "on_connect_failure": "bool", "statuses": "statuses",
+                      "base_interval_ms": "u64", "max_interval_ms": "u64", "retry_after_max_ms": "u64"}
+RELAY_DEFAULT_IDLE_TIMEOUT_MS = 300_000
+# What Istio does where the manifests say nothing (istio/istio, pilot/pkg/networking/core):
+# a gateway's stream idle timeout defaults to 5 minutes (connection_settings.go, Istio >=
+# 1.31), a sidecar has none (listener_builder.go); an inbound route has no timeout and
+# retries twice, reset-before-request (route/route.go BuildDefaultHTTPInboundRoute,
+# route/retry/retry.go).
+ISTIO_GATEWAY_STREAM_IDLE_MS = 300_000
+ISTIO_INBOUND = {"timeout_ms": 0, "idle_timeout_ms": 0, "num_retries": 2}
+PROXY_IMAGE_ANNOTATION = "sidecar.istio.io/proxyImage"
 SHA256_PLACEHOLDER = "REPLACE_WITH_MANIFEST_DIGEST"
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
@@ -179,6 +207,110 @@ def patches(ef, apply_to):
     return [p for p in dig(ef, "spec", "configPatches", default=[]) or [] if p.get("applyTo") == apply_to]
 
 
+def parse_relay_config(text: str) -> tuple[dict | None, str]:
+    """The relay's JSON as relay/src/config.rs reads it: (config with defaults, "") or
+    (None, why). Unknown fields and wrong types are errors, as there."""
+    try:
+        raw = json.loads(text) if text.strip() else {}
+    except ValueError as e:
+        return None, f"not JSON: {e}"
+
+    def typed(value, kind) -> bool:
+        if kind == "bool":
+            return isinstance(value, bool)
+        if kind in ("u64", "u32"):
+            return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** (64 if kind == "u64" else 32)
+        if kind == "statuses":
+            return isinstance(value, list) and all(typed(v, "u32") and 100 <= v <= 599 for v in value)
+        return isinstance(value, dict)
+
+    def fields(obj, known, where) -> str:
+        if not isinstance(obj, dict):
+            return f"{where or 'the configuration'} is not a JSON object"
+        for k, v in obj.items():
+            if k not in known:
+                return f"{where}{k}: unknown field, expected one of {', '.join(known)}"
+            if v is not None and not typed(v, known[k]):
+                return f"{where}{k}: {v!r} is not a {known[k]}"
+        return ""
+
+    why = fields(raw, RELAY_FIELDS, "")
+    if why:
+        return None, why
+    retry = raw.get("retry")
+    if retry is not None:
+        why = fields(retry, RELAY_RETRY_FIELDS, "retry.")
+        if why:
+            return None, why
+        if retry.get("num_retries") is None:
+            return None, "retry.num_retries: missing (required in a retry section)"
+        base = retry.get("base_interval_ms") if retry.get("base_interval_ms") is not None else 25
+        top = retry.get("max_interval_ms") if retry.get("max_interval_ms") is not None else base * 10
+        if base == 0 or top < base:
+            return None, "retry: base_interval_ms must be at least 1 and at most max_interval_ms"
+        retry = {"num_retries": retry["num_retries"],
+                 "on_reset": retry.get("on_reset") if retry.get("on_reset") is not None else False,
+                 "on_connect_failure": (retry.get("on_connect_failure")
+                                        if retry.get("on_connect_failure") is not None else True),
+                 "statuses": retry.get("statuses") or [], "base_interval_ms": base, "max_interval_ms": top,
+                 "retry_after_max_ms": retry.get("retry_after_max_ms") or 0}
+    else:
+        retry = {"num_retries": 0, "on_reset": False, "on_connect_failure": False, "statuses": [], "base_interval_ms": 25,
+                 "max_interval_ms": 250, "retry_after_max_ms": 0}
+    timeout = raw.get("timeout_ms")
+    idle = raw.get("idle_timeout_ms")
+    return {"timeout_ms": timeout or 0,
+            "idle_timeout_ms": RELAY_DEFAULT_IDLE_TIMEOUT_MS if idle is None else idle,
+            "retry": retry}, ""
+
+
+def check_relay_patch(ef, sluice_name: str, sluice_http) -> dict | None:
+    """Sluice's stream relay in one EnvoyFilter: an inline dynamic-module filter inserted
+    right after Sluice's, on the same listener; returns what later checks need."""
+    w = ef["__where"]
+    http_patches = patches(ef, "HTTP_FILTER")
+    relays = [p for p in http_patches if dig(p, "patch", "value", "typed_config", "@type") == RELAY_TYPE]
+    if not C.ok(len(relays) == 1, f"{w}: exactly one HTTP_FILTER patch adds Sluice's stream relay ({RELAY_TYPE.rsplit('.', 1)[1]})",
+                f"found {len(relays)}; without it a provider failing mid-stream resets the client's stream"):
+        return None
+    patch = relays[0]
+    C.ok(dig(patch, "patch", "operation") == "INSERT_AFTER"
+         and dig(patch, "match", "listener", "filterChain", "filter", "subFilter", "name") == sluice_name,
+         f"{w}: the relay is inserted right after the Sluice filter (INSERT_AFTER subFilter {sluice_name})",
+         f"operation {dig(patch, 'patch', 'operation')}, subFilter {dig(patch, 'match', 'listener', 'filterChain', 'filter', 'subFilter', 'name')}")
+    position = {id(p): i for i, p in enumerate(http_patches)}
+    C.ok(position[id(patch)] > position[id(sluice_http)],
+         f"{w}: the relay patch comes after the patch that inserts Sluice (istiod applies them in order)")
+
+    def listener_without_subfilter(p):
+        m = copy.deepcopy(dig(p, "match", default={}))
+        dig(m, "listener", "filterChain", "filter", default={}).pop("subFilter", None)
+        return m
+    C.ok(listener_without_subfilter(patch) == listener_without_subfilter(sluice_http),
+         f"{w}: the relay patch matches the same context and listener as Sluice's HTTP filter")
+    value = dig(patch, "patch", "value", default={})
+    tc = value.get("typed_config", {})
+    C.ok(bool(value.get("name")) and value.get("name") != sluice_name, f"{w}: the relay filter has its own name ({value.get('name')})")
+    C.ok(tc.get("filter_name") == "relay", f"{w}: the relay's filter_name is relay (the module's only filter)",
+         f"found {tc.get('filter_name')!r}")
+    filename = dig(tc, "dynamic_module_config", "module", "local", "filename", default="")
+    C.ok(filename.startswith("/") and filename.endswith("/" + RELAY_SO),
+         f"{w}: the relay loads an absolute path to {RELAY_SO} in the proxy image ({filename})")
+    conf = tc.get("filter_config", {})
+    C.ok(conf.get("@type") == STRING_VALUE_TYPE, f"{w}: the relay's filter_config is a google.protobuf.StringValue")
+    config, why = parse_relay_config(str(conf.get("value", "")))
+    if not C.ok(config is not None, f"{w}: the relay's configuration is a JSON object with only the relay's fields "
+                f"({', '.join(RELAY_FIELDS)}; retry: {', '.join(RELAY_RETRY_FIELDS)}), of the right types", why):
+        return None
+    return {"patch": patch, "name": value.get("name"), "filename": filename, "config": config}
+
+
+def added_clusters(ef, context) -> dict:
+    """Clusters the EnvoyFilter adds (CLUSTER ADD) in `context`, by name."""
+    return {dig(p, "patch", "value", "name"): dig(p, "patch", "value") for p in patches(ef, "CLUSTER")
+            if dig(p, "patch", "operation") == "ADD" and dig(p, "match", "context") == context}
+
+
 def check_envoyfilter(ef) -> dict | None:
     """Checks one EnvoyFilter; returns what later checks need, or None if unusable."""
     w = ef["__where"]
@@ -260,6 +392,26 @@ def check_envoyfilter(ef) -> dict | None:
     C.ok(not re.search(r"sk-[A-Za-z0-9_-]{8,}", json.dumps(sluice)),
          f"{w}: no key-like string (sk-...) inside the Sluice configuration")
 
+    relay = check_relay_patch(ef, name, http)
+    if relay is None:
+        return None
+    added = added_clusters(ef, context)
+    if context != "GATEWAY":
+        # No VirtualService: the relay calls the provider's `cluster` by name, so it must be
+        # a cluster this EnvoyFilter adds (Istio's inbound cluster is an ORIGINAL_DST
+        # passthrough, which an upstream call from a filter cannot use).
+        for p in providers:
+            C.ok(p.get("cluster") in added,
+                 f"{w}: provider {p.get('name')}: cluster {p.get('cluster')!r} is a cluster this EnvoyFilter adds "
+                 f"(CLUSTER ADD, context {context}), which the relay can call",
+                 f"added: {sorted(added)}")
+        cfg = relay["config"]
+        got = {"timeout_ms": cfg["timeout_ms"], "idle_timeout_ms": cfg["idle_timeout_ms"],
+               "num_retries": cfg["retry"]["num_retries"]}
+        C.ok(got == ISTIO_INBOUND,
+             f"{w}: the relay repeats Istio's inbound route for streams (no timeout, no stream idle timeout, 2 retries)",
+             f"relay {got} vs Istio's inbound {ISTIO_INBOUND}")
+
     listener = [p for p in patches(ef, "LISTENER") if dig(p, "patch", "operation") == "MERGE"]
     limit = dig(listener, 0, "patch", "value", "per_connection_buffer_limit_bytes")
     max_body = sluice.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES)
@@ -267,6 +419,7 @@ def check_envoyfilter(ef) -> dict | None:
          f"{w}: listener per_connection_buffer_limit_bytes ({limit}) > Sluice max_body_bytes ({max_body})",
          "Envoy, not Sluice, would answer large bodies")
     return {"ef": ef, "context": context, "name": name, "ext": ext, "http": http, "sluice": sluice,
+            "relay": relay, "added_clusters": added,
             "env_keys": list(env_keys), "selector": dig(ef, "spec", "workloadSelector", "labels", default={})}
 
 
@@ -290,6 +443,16 @@ def check_gateway_setup(docs, f) -> dict:
         labels = dig(tmpl, "metadata", "labels", default={})
         C.ok(dig(tmpl, "metadata", "annotations", "inject.istio.io/templates") == "gateway",
              f"{w}: annotation inject.istio.io/templates: gateway")
+        proxy_image = str(dig(tmpl, "metadata", "annotations", PROXY_IMAGE_ANNOTATION, default=""))
+        C.ok("/" in proxy_image and ":" in proxy_image.rsplit("/", 1)[-1],
+             f"{w}: annotation {PROXY_IMAGE_ANNOTATION} names a full image with a tag ({proxy_image}): "
+             "the proxy with the stream relay (Dockerfile.proxy)",
+             "the gateway injection template takes the annotation only when it holds a '/'; "
+             "without it the pods run Istio's image, which has no relay, and reject the listener")
+        out["proxy_image"] = proxy_image
+        if "REGISTRY" in proxy_image or "ISTIO_VERSION" in proxy_image:
+            print(f"        note: {rel(dep['__file'])} still has placeholders in {PROXY_IMAGE_ANNOTATION} "
+                  "(REGISTRY / ISTIO_VERSION): fill them with the image built from Dockerfile.proxy before applying")
         C.ok(labels.get("sidecar.istio.io/inject") == "true" or "istio.io/rev" in labels,
              f"{w}: label sidecar.istio.io/inject: \"true\" (or istio.io/rev)")
         C.ok(selects(dig(dep, "spec", "selector", "matchLabels", default={}), labels),
@@ -380,12 +543,13 @@ def check_gateway_setup(docs, f) -> dict:
             continue
         host = dig(dests[0], "destination", "host")
         port = dig(dests[0], "destination", "port", "number")
-        C.ok(ROUTING_HEADER in (dig(r, "headers", "request", "remove", default=[]) or []),
-             f"{w}: route {rn} removes {ROUTING_HEADER} before forwarding")
+        removed = dig(r, "headers", "request", "remove", default=[]) or []
+        C.ok(ROUTING_HEADER in removed and RELAY_HEADER in removed,
+             f"{w}: route {rn} removes {ROUTING_HEADER} and {RELAY_HEADER} before forwarding", f"removes {removed}")
         for v in values:
             C.ok(v not in routed, f"{w}: {ROUTING_HEADER} value {v!r} is routed once")
             routed[v] = (host, port)
-        out["routes"].append({"name": rn, "values": values, "host": host, "port": port,
+        out["routes"].append({"name": rn, "values": values, "host": host, "port": port, "remove": removed,
                               "timeout": r.get("timeout"), "retries": r.get("retries")})
         # The destination exists and TLS is originated with the right SNI.
         C.ok(host in se_hosts, f"{w}: route {rn} -> {host} is a ServiceEntry host")
@@ -410,12 +574,98 @@ def check_gateway_setup(docs, f) -> dict:
             for p in ps:
                 C.ok(p.get("authority") == routed[cl][0],
                      f"provider {p.get('name')}: authority {p.get('authority')} == the host cluster {cl!r} routes to ({routed[cl][0]})")
+            # The relay calls the cluster by this name: it must be the one istiod generates
+            # for the route's destination.
+            istio_name = f"outbound|{routed[cl][1]}||{routed[cl][0]}"
+            C.ok(cl == istio_name,
+                 f"provider {', '.join(str(p.get('name')) for p in ps)}: cluster {cl!r} is Istio's cluster for the "
+                 f"route's destination ({istio_name}), which the stream relay calls by name",
+                 "the relay would answer every streamed request with relay_cluster_not_found")
+    check_relay_matches_routes(f, out["routes"])
     last = http_routes[-1] if http_routes else {}
     C.ok(not last.get("match") and "directResponse" in last and "route" not in last,
          f"{w}: the last route is a catch-all directResponse (nothing unrouted is forwarded)")
     C.ok(all(r.get("match") for r in http_routes[:-1]), f"{w}: only the last route is a catch-all")
     out["fallback"] = last.get("directResponse")
     return out
+
+
+def duration_ms(value) -> int | None:
+    """An Istio duration ("600s", "1.5s", "500ms", "1m", "1h") in milliseconds."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h)", str(value or "").strip())
+    if not m:
+        return None
+    return round(float(m.group(1)) * {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}[m.group(2)])
+
+
+def check_relay_matches_routes(f, routes) -> None:
+    """The relay takes the router's place for streams: its timeouts and retries must be
+    what the VirtualService gives every provider route."""
+    w = f["ef"]["__where"]
+    cfg = f["relay"]["config"]
+    timeouts = {r["name"]: duration_ms(r["timeout"]) if r["timeout"] else 0 for r in routes}
+    C.ok(len(set(timeouts.values())) == 1 and None not in timeouts.values(),
+         f"{w}: every provider route has the same timeout, which one relay configuration can repeat", f"{timeouts}")
+    want = next(iter(timeouts.values()), 0)
+    C.ok(cfg["timeout_ms"] == want, f"{w}: the relay's timeout_ms ({cfg['timeout_ms']}) == the routes' timeout ({want} ms)")
+    C.ok(cfg["idle_timeout_ms"] == ISTIO_GATEWAY_STREAM_IDLE_MS,
+         f"{w}: the relay's idle_timeout_ms ({cfg['idle_timeout_ms']}) == Istio's stream idle timeout for gateway "
+         f"streams ({ISTIO_GATEWAY_STREAM_IDLE_MS} ms; the routes set none)")
+    hcm_idle = ISTIO_GATEWAY_STREAM_IDLE_MS
+    for p in patches(f["ef"], "NETWORK_FILTER"):
+        value = dig(p, "patch", "value", "typed_config", "stream_idle_timeout")
+        if dig(p, "patch", "operation") == "MERGE" and value is not None:
+            hcm_idle = duration_ms(value)
+    C.ok(hcm_idle is not None and (hcm_idle == 0 or hcm_idle > cfg["idle_timeout_ms"] > 0),
+         f"{w}: the gateway's stream_idle_timeout ({hcm_idle} ms) is above the relay's idle_timeout_ms "
+         f"({cfg['idle_timeout_ms']} ms): a stalled stream is ended by the relay with an event, not reset by Envoy")
+    retries = {r["name"]: json.dumps(r["retries"] or {}, sort_keys=True) for r in routes}
+    C.ok(len(set(retries.values())) == 1,
+         f"{w}: every provider route retries alike, which one relay configuration can repeat", f"{retries}")
+    policy = (routes[0]["retries"] or {}) if routes else {}
+    attempts = int(policy.get("attempts", 0) or 0)
+    retry_on = [x.strip() for x in str(policy.get("retryOn", "")).split(",") if x.strip()]
+    statuses = sorted(int(x) for x in retry_on if x.isdigit())
+    # The relay's on_reset is Envoy's reset (any reset before headers); its
+    # on_connect_failure is connect-failure. The narrower resets (refused-stream,
+    # reset-before-request) have no relay equivalent and are not retried by it.
+    on_reset = "reset" in retry_on
+    on_connect = on_reset or any(x in ("connect-failure", "reset-before-request") for x in retry_on)
+    r = cfg["retry"]
+    C.ok(r["num_retries"] == attempts, f"{w}: the relay's retry.num_retries ({r['num_retries']}) == the routes' attempts ({attempts})")
+    if attempts:
+        C.ok(r["on_reset"] == on_reset,
+             f"{w}: the relay's retry.on_reset ({r['on_reset']}) follows the routes' retryOn ({policy.get('retryOn')})")
+        C.ok(r["on_connect_failure"] == on_connect or r["on_reset"],
+             f"{w}: the relay's retry.on_connect_failure ({r['on_connect_failure']}) follows the routes' retryOn ({policy.get('retryOn')})")
+        C.ok(sorted(r["statuses"]) == statuses,
+             f"{w}: the relay's retry.statuses ({r['statuses']}) == the status codes in the routes' retryOn ({statuses})")
+
+
+def check_proxy_image(f, route_info) -> None:
+    """Dockerfile.proxy builds Istio's proxyv2 with the relay at the path the EnvoyFilter loads."""
+    df = ISTIO_DIR / "Dockerfile.proxy"
+    if not C.ok(df.is_file(), f"{rel(df)} exists (Istio's proxy image with the stream relay)"):
+        return
+    lines = [l.strip() for l in re.sub(r"\\\n", " ", df.read_text()).splitlines() if l.strip() and not l.strip().startswith("#")]
+    args = {}
+    for l in lines:
+        m = re.fullmatch(r"ARG\s+(\w+)(?:=(.*))?", l)
+        if m:
+            args[m.group(1)] = m.group(2)
+    froms = [l for l in lines if l.upper().startswith("FROM ")]
+    C.ok(len(froms) == 1 and re.search(r"/proxyv2:\$\{ISTIO_VERSION\}", froms[0]) is not None,
+         f"{rel(df)}: one stage, FROM Istio's proxyv2 at ${{ISTIO_VERSION}}", f"{froms}")
+    C.ok("ISTIO_VERSION" in args and not args["ISTIO_VERSION"],
+         f"{rel(df)}: ISTIO_VERSION is a build argument without a default (it must be the mesh's version)")
+    steps = [l for l in lines if l.split()[0].upper() in ("COPY", "ADD", "RUN")]
+    want = f["relay"]["filename"]
+    copy_ok = len(steps) == 1 and steps[0].split()[0].upper() == "COPY" and steps[0].split()[-2:] == [RELAY_SO, want]
+    C.ok(copy_ok, f"{rel(df)}: a single COPY of {RELAY_SO} to {want}, the path the EnvoyFilter loads", f"{steps}")
+    if route_info and route_info.get("proxy_image"):
+        C.ok(route_info["proxy_image"].rsplit(":", 1)[0].endswith("/sluice-proxyv2"),
+             f"the gateway's {PROXY_IMAGE_ANNOTATION} is the image Dockerfile.proxy's instructions tag (REGISTRY/sluice-proxyv2:<version>)",
+             route_info["proxy_image"])
 
 
 OUTBOUND_CLUSTER = re.compile(r"^outbound\|(\d+)\|\|([a-z0-9.-]+)$")
@@ -558,7 +808,7 @@ def envoy_routes(route_info) -> list[dict]:
             routes.append({
                 "match": {"prefix": "/", "headers": [{"name": ROUTING_HEADER, "string_match": {"exact": v}}]},
                 "route": route,
-                "request_headers_to_remove": [ROUTING_HEADER],
+                "request_headers_to_remove": list(r["remove"]),
             })
     fb = route_info.get("fallback")
     if fb:
@@ -594,12 +844,18 @@ def envoy_clusters(route_info) -> list[dict]:
     return clusters
 
 
-def transplant(f, route_info, wasm: Path, sluice_override: dict | None = None) -> dict:
+def transplant(f, route_info, wasm: Path, relay: Path, sluice_override: dict | None = None,
+               relay_override: str | None = None) -> dict:
     ef = f["ef"]
     wasm_filter = copy.deepcopy(dig(f["ext"], "patch", "value", "typed_config"))
     wasm_filter["config"]["vm_config"]["code"] = {"local": {"filename": str(wasm)}}
     if sluice_override is not None:
         wasm_filter["config"]["configuration"]["value"] = json.dumps(sluice_override)
+    # The stream relay, from the proxy image's path to this build's .so.
+    relay_filter = copy.deepcopy(dig(f["relay"]["patch"], "patch", "value"))
+    relay_filter["typed_config"]["dynamic_module_config"]["module"]["local"]["filename"] = str(relay)
+    if relay_override is not None:
+        relay_filter["typed_config"]["filter_config"]["value"] = relay_override
     router = {"name": ROUTER_NAME, "typed_config": {"@type": ROUTER_TYPE}}
     for p in patches(ef, "HTTP_FILTER"):
         if dig(p, "patch", "operation") == "MERGE" and dig(p, "match", "listener", "filterChain", "filter", "subFilter", "name") == ROUTER_NAME:
@@ -611,6 +867,13 @@ def transplant(f, route_info, wasm: Path, sluice_override: dict | None = None) -
     firsts = [copy.deepcopy(dig(p, "patch", "value")) for p in patches(ef, "HTTP_FILTER")
               if dig(p, "patch", "operation") == "INSERT_FIRST"]
     hcm["http_filters"][:0] = firsts[::-1]
+    # Filters put right after another one (the relay after Sluice), in patch order.
+    for p in patches(ef, "HTTP_FILTER"):
+        if dig(p, "patch", "operation") == "INSERT_AFTER":
+            after = dig(p, "match", "listener", "filterChain", "filter", "subFilter", "name")
+            at = next(i for i, h in enumerate(hcm["http_filters"]) if h["name"] == after)
+            inserted = relay_filter if p is f["relay"]["patch"] else copy.deepcopy(dig(p, "patch", "value"))
+            hcm["http_filters"].insert(at + 1, inserted)
     for p in patches(ef, "NETWORK_FILTER"):
         if dig(p, "patch", "operation") == "MERGE":
             extra = copy.deepcopy(dig(p, "patch", "value", "typed_config", default={}))
@@ -622,8 +885,9 @@ def transplant(f, route_info, wasm: Path, sluice_override: dict | None = None) -
     for p in patches(ef, "LISTENER"):
         if dig(p, "patch", "operation") == "MERGE":
             listener.update(dig(p, "patch", "value", default={}))
+    clusters = envoy_clusters(route_info) + [copy.deepcopy(c) for c in f["added_clusters"].values()]
     bootstrap = {"node": {"id": "check-istio", "cluster": "check-istio"},
-                 "static_resources": {"listeners": [listener], "clusters": envoy_clusters(route_info)}}
+                 "static_resources": {"listeners": [listener], "clusters": clusters}}
     for p in patches(ef, "BOOTSTRAP"):
         if dig(p, "patch", "operation") == "MERGE":
             bootstrap.update(copy.deepcopy(dig(p, "patch", "value", default={})))
@@ -645,13 +909,14 @@ def run_validate(envoy: str, bootstrap: dict, env_keys, workdir: Path, label: st
     return p.returncode == 0 and "OK" in log, log
 
 
-def check_envoy_validate(envoy: str, wasm: Path, f, route_info, workdir: Path) -> None:
+def check_envoy_validate(envoy: str, wasm: Path, relay: Path, f, route_info, workdir: Path) -> None:
     w = f["ef"]["__where"]
     label = dig(f["ef"], "metadata", "name")
-    bootstrap = transplant(f, route_info, wasm)
+    bootstrap = transplant(f, route_info, wasm, relay)
     ok, log = run_validate(envoy, bootstrap, f["env_keys"], workdir, label)
     C.ok(ok, f"{w}: transplanted into an Envoy bootstrap, `envoy --mode validate` accepts it "
-             f"(Sluice configured with the embedded JSON, {len(dig(bootstrap, 'static_resources', 'clusters'))} clusters, "
+             f"(Sluice configured with the embedded JSON, the relay loaded with its configuration, "
+             f"{len(dig(bootstrap, 'static_resources', 'clusters'))} clusters, "
              f"{len(dig(bootstrap, 'static_resources', 'listeners', 0, 'filter_chains', 0, 'filters', 0, 'typed_config', 'route_config', 'virtual_hosts', 0, 'routes'))} routes)",
          next((l.split("wasm log ", 1)[-1] for l in log.splitlines() if "invalid sluice configuration" in l), "see the log")
          + "\n" + "\n".join("        | " + l for l in log.strip().splitlines()[-25:]))
@@ -659,10 +924,18 @@ def check_envoy_validate(envoy: str, wasm: Path, f, route_info, workdir: Path) -
     # shows validation really ran Sluice's configure step.
     broken = copy.deepcopy(f["sluice"])
     broken["providers"][0]["clustr"] = "typo"
-    ok_broken, log_broken = run_validate(envoy, transplant(f, route_info, wasm, broken), f["env_keys"], workdir, label + "-broken")
+    ok_broken, log_broken = run_validate(envoy, transplant(f, route_info, wasm, relay, broken), f["env_keys"], workdir, label + "-broken")
     C.ok(not ok_broken and "clustr" in log_broken,
          f"{w}: control - with an unknown field in the Sluice JSON, validation fails naming it",
          "validation passed or did not name the field: it may not run Sluice's configure step\n" + log_broken[-2000:])
+    # And the relay's: validation loads the module and parses its configuration.
+    relay_json = json.loads(dig(f["relay"]["patch"], "patch", "value", "typed_config", "filter_config", "value") or "{}")
+    relay_json["idle_timout_ms"] = 1
+    ok_broken, log_broken = run_validate(envoy, transplant(f, route_info, wasm, relay, relay_override=json.dumps(relay_json)),
+                                         f["env_keys"], workdir, label + "-broken-relay")
+    C.ok(not ok_broken and "idle_timout_ms" in log_broken,
+         f"{w}: control - with an unknown field in the relay's JSON, validation fails naming it",
+         "validation passed or did not name the field: it may not load the relay\n" + log_broken[-2000:])
 
 
 # ---------------------------------------------------------------------------------------
@@ -802,9 +1075,9 @@ def ecds_file(path: Path, f, wasm: Path, sluice: dict, version: str) -> None:
     os.replace(tmp, path)  # atomic: Envoy watches the directory for moves
 
 
-def live_bootstrap(f, route_info, ecds: Path, mock_ports: dict, port: int, admin: int, log: Path,
+def live_bootstrap(f, route_info, ecds: Path, relay: Path, mock_ports: dict, port: int, admin: int, log: Path,
                    quota_port: int | None = None) -> dict:
-    b = transplant(f, route_info, Path("/unused"))
+    b = transplant(f, route_info, Path("/unused"), relay)
     b["admin"] = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}}
     lst = b["static_resources"]["listeners"][0]
     lst["address"]["socket_address"]["port_value"] = port
@@ -833,7 +1106,7 @@ def live_bootstrap(f, route_info, ecds: Path, mock_ports: dict, port: int, admin
     return b
 
 
-def live_check(envoy: str, wasm: Path, f, route_info, workdir: Path, mock: str) -> None:
+def live_check(envoy: str, wasm: Path, relay: Path, f, route_info, workdir: Path, mock: str) -> None:
     import signal
     import time
     sluice = copy.deepcopy(f["sluice"])
@@ -842,6 +1115,7 @@ def live_check(envoy: str, wasm: Path, f, route_info, workdir: Path, mock: str) 
     kinds = {p["cluster"]: p["api"] for p in providers}
     prefixes = {p["cluster"]: p["path_prefix"] for p in providers}
     keyenv = {p["cluster"]: p["api_key_env"] for p in providers}
+    cluster_of = {p["name"]: p["cluster"] for p in providers}
     mock_ports = {host_of[c]: free_port() for c in host_of}
     # A test tenant with a known key, in the first tier that allows every model.
     tier = next(t for t, v in sluice["tiers"].items() if v.get("models") == ["*"])
@@ -882,7 +1156,7 @@ def live_check(envoy: str, wasm: Path, f, route_info, workdir: Path, mock: str) 
             """An Envoy on the live bootstrap, its log in workdir/<name>.log; returns its ports."""
             port, admin = free_port(), free_port()
             boot = workdir / f"{name}.yaml"
-            boot.write_text(yaml.safe_dump(live_bootstrap(f, route_info, ecds, mock_ports, port, admin,
+            boot.write_text(yaml.safe_dump(live_bootstrap(f, route_info, ecds, relay, mock_ports, port, admin,
                                                           workdir / access_log, quota_port), sort_keys=False))
             log = open(workdir / f"{name}.log", "w")
             procs.append(subprocess.Popen([envoy, "-c", str(boot), "--concurrency", str(concurrency),
@@ -908,32 +1182,67 @@ def live_check(envoy: str, wasm: Path, f, route_info, workdir: Path, mock: str) 
                  ("deepseek", "/v1/chat/completions", "deepseek-chat", {}),
                  ("gemini", "/v1/chat/completions", "gemini-2.5-flash", {}),
                  ("anthropic", "/v1/messages", "claude-sonnet", {"anthropic-version": "2023-06-01"})]
-        for cluster, path, model, extra in cases:
+        for name, path, model, extra in cases:
+            cluster = cluster_of[name]
             host = host_of[cluster]
             clear(host)
             body = {"model": model, "max_tokens": 16, "messages": [{"role": "user", "content": "hello"}]}
             # The client names some public host and tries to pick a cluster itself.
+            spoof = cluster_of["anthropic"] if name != "anthropic" else cluster_of["openai"]
             hdrs = {"host": "llm.example.com", "authorization": f"Bearer {LIVE_KEY}", "content-type": "application/json",
-                    ROUTING_HEADER: "anthropic" if cluster != "anthropic" else "openai", **extra}
+                    ROUTING_HEADER: spoof, **extra}
             st, _, resp = http("POST", gw + path, hdrs, json.dumps(body).encode())
             got = mock_requests(host)
             seen = got[-1] if got else {}
             h = {k: v for k, v in seen.get("headers", [])}
             C.ok(st == 200 and len(got) == 1,
-                 f"live: {model} via {path} -> 200 from the {cluster} mock (route re-chosen on {ROUTING_HEADER})",
+                 f"live: {model} via {path} -> 200 from the {name} mock (route re-chosen on {ROUTING_HEADER})",
                  f"status {st}, {len(got)} requests at the mock: {resp[:300]!r}")
             if seen:
-                C.ok(h.get("host") == host, f"live: {cluster} received Host {host} (Sluice's :authority rewrite)", f"got {h.get('host')}")
-                C.ok(ROUTING_HEADER not in h, f"live: {cluster} did not receive {ROUTING_HEADER} (removed by the route)")
-                C.ok(LIVE_KEY not in json.dumps(seen), f"live: {cluster} never saw the tenant key")
-                C.ok(not any(k.startswith("x-envoy-") for k in h), f"live: {cluster} saw no x-envoy-* headers (router patch)",
+                C.ok(h.get("host") == host, f"live: {name} received Host {host} (Sluice's :authority rewrite)", f"got {h.get('host')}")
+                C.ok(ROUTING_HEADER not in h, f"live: {name} did not receive {ROUTING_HEADER} (removed by the route)")
+                C.ok(LIVE_KEY not in json.dumps(seen), f"live: {name} never saw the tenant key")
+                C.ok(not any(k.startswith("x-envoy-") for k in h), f"live: {name} saw no x-envoy-* headers (router patch)",
                      str([k for k in h if k.startswith("x-envoy-")]))
-        clear(host_of["openai"])
+        openai_host = host_of[cluster_of["openai"]]
+        clear(openai_host)
         st, hd, _ = http("POST", gw + "/v1/chat/completions", {"authorization": "Bearer sk-wrong", "content-type": "application/json"},
                          b'{"model":"gpt-4.1-mini","messages":[]}')
-        C.ok(st == 401 and not mock_requests(host_of["openai"]), "live: an unknown key gets 401 and reaches no provider")
+        C.ok(st == 401 and not mock_requests(openai_host), "live: an unknown key gets 401 and reaches no provider")
+
+        # Streams go through the stream relay, which calls the cluster x-sluice-cluster names
+        # (Istio's outbound|443||host) itself: a complete stream arrives complete, and a
+        # provider breaking off mid-stream ends the client's stream with an error chunk
+        # instead of a reset (which urllib would raise as a transport error).
+        stream_body = json.dumps({"model": "gpt-4.1-mini", "stream": True,
+                                  "messages": [{"role": "user", "content": "hello"}]}).encode()
+        stream_hdrs = {"authorization": f"Bearer {LIVE_KEY}", "content-type": "application/json", "x-mock-chunks": "3"}
+        clear(openai_host)
+        try:
+            st, _, resp = http("POST", gw + "/v1/chat/completions", stream_hdrs, stream_body)
+        except Exception as e:  # noqa: BLE001 - a reset stream is what this looks for
+            st, resp = repr(e), b""
+        got = mock_requests(openai_host)
+        h = {k: v for k, v in (got[-1].get("headers", []) if got else [])}
+        C.ok(st == 200 and resp.rstrip().endswith(b"data: [DONE]") and len(got) == 1,
+             "live: a streamed request through the relay -> 200, complete ([DONE]), one request at the openai mock",
+             f"status {st}, {len(got)} requests: {resp[-300:]!r}")
+        C.ok(bool(h) and h.get("host") == openai_host and not any(k.startswith("x-sluice-") for k in h),
+             f"live: the relayed request reached {openai_host} with Host {openai_host} and no x-sluice-* header",
+             str(sorted(h)))
+        try:
+            st, _, resp = http("POST", gw + "/v1/chat/completions", {**stream_hdrs, "x-mock-fault": "reset"}, stream_body)
+        except Exception as e:  # noqa: BLE001
+            st, resp = repr(e), b""
+        last = resp.decode(errors="replace").strip().rsplit("\n\n", 1)[-1]
+        C.ok(st == 200 and last.startswith("data: {") and '"upstream_failed"' in last,
+             "live: a provider breaking off mid-stream -> the relay ends the stream with an error chunk (not a reset)",
+             f"status {st}: {resp[-400:]!r}")
         time.sleep(0.5)
         logged = (workdir / "access.log").read_text() if (workdir / "access.log").exists() else ""
+        C.ok('"relay":"upstream_reset_after_response_started' in logged,
+             "live: the access log's relay field names why the relay ended that stream",
+             logged[-1000:])
         C.ok('"tenant":"live-check"' in logged, "live: the access log carries Sluice's usage record")
         if route_info.get("quota"):
             C.ok('"limits_engine":"global"' in logged,
@@ -1005,14 +1314,19 @@ def main() -> int:
     if not wasm.is_file():
         print(f"check_istio: wasm not found at {wasm}; run `make wasm` or set SLUICE_WASM", file=sys.stderr)
         return 2
-    wasm = wasm.resolve()
+    relay = Path(os.environ.get("SLUICE_RELAY") or ROOT / "target/release" / RELAY_SO)
+    if not relay.is_file():
+        print(f"check_istio: the stream relay not found at {relay}; run `make relay` or set SLUICE_RELAY",
+              file=sys.stderr)
+        return 2
+    wasm, relay = wasm.resolve(), relay.resolve()
     envoy = str(Path(envoy).resolve())  # validation runs in a scratch directory
-    print(f"check_istio: {rel(ISTIO_DIR)} with envoy {rel(Path(envoy))} and wasm {rel(wasm)}")
+    print(f"check_istio: {rel(ISTIO_DIR)} with envoy {rel(Path(envoy))}, wasm {rel(wasm)} and relay {rel(relay)}")
 
     C.section("manifests: parse, kinds, apiVersions")
     docs = load_docs()
 
-    C.section("EnvoyFilters: ECDS wiring, FAIL_CLOSED, allow_on_headers_stop_iteration, Sluice config")
+    C.section("EnvoyFilters: ECDS wiring, FAIL_CLOSED, allow_on_headers_stop_iteration, Sluice config, stream relay")
     filters = []
     for ef in by_kind(docs, "EnvoyFilter"):
         f = check_envoyfilter(ef)
@@ -1028,13 +1342,17 @@ def main() -> int:
         C.section(f"gateway {dig(f['ef'], 'metadata', 'namespace')}: Deployment, Secret, Gateway, routing")
         route_infos[id(f)] = check_gateway_setup(docs, f)
 
+    C.section("proxy image: Istio's proxyv2 with the stream relay (Dockerfile.proxy)")
+    for f in gateway_filters:
+        check_proxy_image(f, route_infos.get(id(f)))
+
     keep = "--keep" in sys.argv[1:]
     tmpdir = tempfile.mkdtemp(prefix="check-istio-")
     try:
         workdir = Path(tmpdir)
         C.section("Envoy: the EnvoyFilters' Wasm config in a real Envoy (--mode validate)")
         for f in filters:
-            check_envoy_validate(envoy, wasm, f, route_infos.get(id(f)), workdir)
+            check_envoy_validate(envoy, wasm, relay, f, route_infos.get(id(f)), workdir)
         C.section("wasm image: scripts/wasm_oci.py -> OCI image layout")
         check_oci(wasm, workdir)
         if "--live" in sys.argv[1:]:
@@ -1045,7 +1363,7 @@ def main() -> int:
                     live = workdir / "live"
                     live.mkdir()
                     try:
-                        live_check(envoy, wasm, f, route_infos[id(f)], live, mock)
+                        live_check(envoy, wasm, relay, f, route_infos[id(f)], live, mock)
                     except Exception as e:  # report, don't crash: the other results stand
                         import traceback
                         C.ok(False, "live: the live run completed", f"{e!r}\n{traceback.format_exc()}")

@@ -11,6 +11,7 @@ fn run_check(script: &str) {
         .arg(repo_root().join(script))
         .env("SLUICE_ENVOY", envoy_bin())
         .env("SLUICE_WASM", wasm_path())
+        .env("SLUICE_RELAY", relay_path())
         .current_dir(repo_root())
         .output()
         .unwrap();

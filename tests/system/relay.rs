@@ -7,7 +7,7 @@ use crate::harness::*;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
-const DEMO_RELAY_CONFIG: &str = r#"value: '{"timeout_ms": 600000, "idle_timeout_ms": 300000}'"#;
+const DEMO_RELAY_CONFIG: &str = r#"value: '{"timeout_ms": 600000, "idle_timeout_ms": 240000}'"#;
 
 /// The demo gateway with the relay configured by `relay_json`.
 async fn gateway_with_relay(relay_json: &str) -> Gateway {

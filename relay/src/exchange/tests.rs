@@ -152,8 +152,8 @@ fn the_provider_gets_sluices_request_without_internal_or_hop_headers() {
     assert!(!names.contains(&"connection".to_string()));
     assert!(headers.contains(&h("content-length", "15")), "{headers:?}");
     assert!(headers.contains(&h("authorization", "Bearer sk-provider")));
-    // The default 5-minute stall limit is armed.
-    assert_eq!(calls[1], Call::Wake(300_000));
+    // The default 4-minute stall limit is armed.
+    assert_eq!(calls[1], Call::Wake(240_000));
 }
 
 #[test]
@@ -317,6 +317,19 @@ fn a_reset_before_headers_is_retried_then_answered_in_the_api_shape() {
             2
         )
     );
+    // A reset after the provider got the request is retried only with `on_reset`.
+    let (mut ex, mut host) = started(&cfg, "openai");
+    host.take();
+    ex.on_stream_reset(&mut host, 1, ResetReason::RemoteReset, 10);
+    assert!(matches!(&host.take()[2], Call::Headers(h, false) if h[0].1 == b"503"));
+    let cfg = config(r#"{"retry":{"num_retries":1,"on_reset":true}}"#);
+    let (mut ex, mut host) = started(&cfg, "openai");
+    host.take();
+    ex.on_stream_reset(&mut host, 1, ResetReason::RemoteReset, 10);
+    assert!(matches!(
+        host.take().as_slice(),
+        [Call::Reset(1), Call::Wake(_)]
+    ));
     let Call::Headers(headers, false) = &calls[2] else {
         panic!("{calls:?}")
     };
