@@ -508,13 +508,15 @@ impl Exchange {
         }
     }
 
-    /// The client went away (or Envoy ends the stream): stop the provider call.
+    /// The client went away (or Envoy ends the stream): stop the provider call, and make
+    /// no further attempt (a wake may still arrive for a back-off).
     pub fn on_downstream_gone(&mut self, host: &mut dyn Host) {
         match std::mem::replace(&mut self.phase, Phase::Done) {
             Phase::Attempting { stream, .. } | Phase::Streaming { stream, .. } => {
                 host.reset_stream(stream);
             }
-            other => self.phase = other,
+            Phase::Start | Phase::Passing => self.phase = Phase::Passing,
+            Phase::Collecting | Phase::BackingOff { .. } | Phase::Done => {}
         }
     }
 

@@ -471,3 +471,14 @@ fn envoys_own_answer_for_an_unreachable_provider_counts_as_a_reset() {
     ex.on_stream_headers(&mut host, 2, &provider_reply, false, 110);
     assert!(matches!(&host.take()[0], Call::Headers(h, false) if h[0].1 == b"503"));
 }
+
+#[test]
+fn a_client_that_leaves_during_a_back_off_gets_no_further_attempt() {
+    let cfg = config(r#"{"retry":{"num_retries":2,"statuses":[503],"base_interval_ms":10}}"#);
+    let (mut ex, mut host) = started(&cfg, "openai");
+    ex.on_stream_headers(&mut host, 1, &[h(":status", "503"), h("date", "x")], false, 5);
+    host.take();
+    ex.on_downstream_gone(&mut host);
+    ex.on_timer(&mut host, 1_000);
+    assert!(host.take().is_empty());
+}
