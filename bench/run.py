@@ -5,7 +5,8 @@ direct_response serving a chat completion with usage) with the same request body
   (a) plain Envoy routing to the upstream            -- the floor
   (b) Envoy + a no-op Proxy-Wasm filter              -- the Proxy-Wasm tax
   (c) Envoy + Sluice, full path (auth, body routing, limits set high, usage on JSON)
-  (d) streaming: time to first byte through (a) and (c) from a paced SSE mock
+  (d) streaming: time to first byte through (a), (c) and (c) without the stream relay, from
+      a paced SSE mock, paired request by request (STREAM_PAIRS rounds; --only-streaming)
   (e) LiteLLM proxy with an equivalent key and model (skipped with --no-litellm)
 For each: saturation throughput, latency p50/p99/p99.9 at 25% and 50% of (a)'s saturation,
 the gateway's CPU microseconds per request (from /proc, robust on a noisy machine) and
@@ -37,7 +38,7 @@ hit). (c) runs without the cache here and everywhere (the demo configuration cac
 gpt-4.1 family; the bench strips it), so (m) - (c) is what the cache adds to a miss.
 
 Usage: run.py OUT_DIR [--reps N] [--seconds S] [--no-litellm]
-              [--only-ablation | --only-global | --only-cache] [--cache-seconds S]
+              [--only-ablation | --only-global | --only-cache | --only-streaming] [--cache-seconds S]
               [--baseline-wasm PATH [--baseline-label TEXT]]
 """
 import argparse
@@ -394,13 +395,14 @@ GLOBAL_SECTION = cluster_config.global_section(timeout_ms=50, limits=cluster_con
 
 
 def sluice_yaml(tmp, listen, admin, upstream_port, access_log=True, limits=True, wasm=WASM, quota_port=None,
-                cache=None):
+                cache=None, relay=True):
     """The demo configuration, pointed at the bench upstream, limits out of the way, loading
     the Sluice build at `wasm`. The ablation variants drop the access log (Envoy's work) and
     the limits (shared data). With `quota_port`, (g): the same plus the `global` section and
     the sluice_quota cluster, added by scripts/cluster_config.py as for a real cluster.
     Without the response cache (the demo's gold tier has one), unless `cache` gives the gold
-    tier's rule: (h) and (m), with the store CACHE_STORE."""
+    tier's rule: (h) and (m), with the store CACHE_STORE. Without `relay`, the stream relay's
+    filter is cut out (streams then go through Envoy's router, as before the relay)."""
     text = (ROOT / "envoy/demo.yaml").read_text()
     for old, new in [("port_value: 9901", f"port_value: {admin}"), ("port_value: 10000", f"port_value: {listen}"),
                      ("filename: target/wasm32-wasip1/release/sluice.wasm", f"filename: {wasm}"),
@@ -427,6 +429,10 @@ def sluice_yaml(tmp, listen, admin, upstream_port, access_log=True, limits=True,
         cfg["cache_store"] = dict(CACHE_STORE)
     lines[at:end] = [" " * indent + json.dumps(cfg)]
     text = "\n".join(lines) + "\n"
+    if not relay:
+        start = text.index("          - name: sluice_relay\n")
+        end = text.index("          - name: envoy.filters.http.router\n")
+        text = text[:start] + text[end:]
     if not access_log:
         start = text.index("          access_log:")
         end = text.index("          route_config:")
@@ -571,20 +577,44 @@ def spread(values):
     return f"{min(values):.0f}-{max(values):.0f}"
 
 
-def ttfb(url, headers, n):
-    """Median time to first byte and to last byte of a paced SSE stream, via curl."""
-    first, total = [], []
+STREAM_PAIRS = 100
+
+
+def ttfb_once(url, headers):
+    """Time to first byte and to last byte (µs) of one paced SSE stream (10 chunks 5 ms
+    apart), via curl: a new connection, as a client's first request."""
     body = json.dumps({"model": "gpt-4.1-mini", "stream": True, "messages": [{"role": "user", "content": "stream"}]})
-    for _ in range(n):
-        args = ["curl", "-s", "-o", "/dev/null", "-w", "%{time_starttransfer} %{time_total}", url,
-                "-H", "content-type: application/json", "-H", "x-mock-chunks: 10", "-H", "x-mock-chunk-delay-ms: 20",
-                "-d", body]
-        for h in headers:
-            args += ["-H", h]
-        a, b = subprocess.run(args, capture_output=True, text=True, check=True).stdout.split()
-        first.append(float(a) * 1e6)
-        total.append(float(b) * 1e6)
-    return {"ttfb_us": med(first), "total_us": med(total), "ttfb_runs": first}
+    args = ["curl", "-s", "-o", "/dev/null", "-w", "%{time_starttransfer} %{time_total}", url,
+            "-H", "content-type: application/json", "-H", "x-mock-chunks: 10", "-H", "x-mock-chunk-delay-ms: 5",
+            "-d", body]
+    for h in headers:
+        args += ["-H", h]
+    a, b = subprocess.run(args, capture_output=True, text=True, check=True).stdout.split()
+    return float(a) * 1e6, float(b) * 1e6
+
+
+def ttfb_paired(targets, n):
+    """(d): `n` rounds; each round sends one stream through every gateway of `targets` (name
+    -> (url, headers)), in an order rotated each round, so that each gateway's i-th request
+    is paired with the others' i-th, sent moments apart. Returns per gateway the median time
+    to first and last byte, and the median over rounds of its first byte minus the first
+    gateway's (the added time to first byte)."""
+    names = list(targets)
+    first = {name: [] for name in names}
+    total = {name: [] for name in names}
+    for i in range(n):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            a, b = ttfb_once(*targets[name])
+            first[name].append(a)
+            total[name].append(b)
+    base = names[0]
+    out = {}
+    for name in names:
+        added = [x - y for x, y in zip(first[name], first[base])]
+        out[name] = {"ttfb_us": med(first[name]), "total_us": med(total[name]), "added_ttfb_us": med(added),
+                     "added_ttfb_p25_p75_us": [statistics.quantiles(added, n=4)[0], statistics.quantiles(added, n=4)[2]],
+                     "pairs": n}
+    return out
 
 
 def main():
@@ -597,6 +627,8 @@ def main():
     only.add_argument("--only-ablation", action="store_true", help="(a), (c) and the ablation only")
     only.add_argument("--only-global", action="store_true",
                       help="(a), (c) and (g) only, their repetitions interleaved (make bench-global)")
+    only.add_argument("--only-streaming", action="store_true",
+                      help="(d) only: time to first byte through (a), (c) and (c) without the relay, paired")
     only.add_argument("--only-cache", action="store_true",
                       help="the response cache only: (a), (c), (h) and (m) interleaved (make bench-cache)")
     ap.add_argument("--cache-seconds", type=int, metavar="S",
@@ -614,9 +646,9 @@ def main():
     if not (args.only_global or args.only_cache):
         need(NOOP_WASM, "run `make bench`")
     # (g) runs in `make bench` and `make bench-global`, not in the ablation-only or cache-only runs.
-    with_global = not (args.only_ablation or args.only_cache)
+    with_global = not (args.only_ablation or args.only_cache or args.only_streaming)
     # The cache group runs in `make bench` and `make bench-cache`.
-    with_cache = not (args.only_ablation or args.only_global)
+    with_cache = not (args.only_ablation or args.only_global or args.only_streaming)
     if with_global:
         need(QUOTA, "run `make quota`")
         redis_server()
@@ -655,6 +687,8 @@ def main():
                 yaml = sluice_yaml(tmp, port, admin, upstream_port, wasm=args.baseline_wasm)
             elif kind == "sluice-cache":
                 yaml = sluice_yaml(tmp, port, admin, upstream_port, cache=CACHE_RULE)
+            elif kind == "sluice-norelay":
+                yaml = sluice_yaml(tmp, port, admin, upstream_port, relay=False)
             elif kind == "sluice-nolog":
                 yaml = sluice_yaml(tmp, port, admin, upstream_port, access_log=False)
             elif kind == "sluice-nolog-nolimits":
@@ -677,7 +711,7 @@ def main():
             results["rate_probe_rps"] = measure(gw, f"{base}/v1/chat/completions", auth, args.seconds, 1,
                                                 {})["saturation"][0]["rps"]
             gw.stop()
-        main_configs = [] if args.only_cache else [("a_plain_envoy", "plain"), ("b_noop_wasm", "noop"),
+        main_configs = [] if (args.only_cache or args.only_streaming) else [("a_plain_envoy", "plain"), ("b_noop_wasm", "noop"),
                                                    ("c_sluice", "sluice")]
         for name, kind in main_configs:
             if (args.only_ablation or args.only_global) and kind == "noop":
@@ -742,7 +776,7 @@ def main():
                 results["configs"][name] = measure(gw, url, auth, args.seconds, args.reps, rates)
             gw.stop()
 
-        if not (args.only_global or args.only_cache):
+        if not (args.only_global or args.only_cache or args.only_streaming):
             # Ablation of (c): CPU per request without Envoy's access log, then without limits.
             ablation = {}
             for name, kind in [("c1_sluice_no_access_log", "sluice-nolog"),
@@ -756,20 +790,26 @@ def main():
             seconds = args.cache_seconds or (args.seconds if args.only_cache else CACHE_SECONDS_IN_FULL_RUN)
             results["cache"] = cache_group(gateway, up_port, auth, seconds, args.reps,
                                            max(int(results["rate_probe_rps"] * 0.1), 1))
-        assert_upstream_connections_reused(up_admin)
+        if not args.only_streaming:
+            assert_upstream_connections_reused(up_admin)
 
         if not (args.only_global or args.only_cache):
-            # (d) streaming through (a) and (c) from the paced mock.
-            stream = {}
-            for name, kind in [("a_plain_envoy", "plain"), ("c_sluice", "sluice")]:
+            # (d) streaming through (a), (c) and (c) without the stream relay, from the paced
+            # mock, paired request by request.
+            targets, gws = {}, []
+            for name, kind in [("a_plain_envoy", "plain"), ("c_sluice", "sluice"),
+                               ("c_sluice_without_relay", "sluice-norelay")]:
                 gw, base = gateway(kind, mock_port)
+                gws.append(gw)
                 # Plain Envoy forwards the client's header, so it carries the mock's own key.
-                headers = auth if kind == "sluice" else ["authorization: Bearer sk-bench"]
-                stream[name] = ttfb(f"{base}/v1/chat/completions", headers, 30)
+                headers = auth if kind != "plain" else ["authorization: Bearer sk-bench"]
+                targets[name] = (f"{base}/v1/chat/completions", headers)
+            print(f"bench: (d) streaming, {STREAM_PAIRS} paired rounds ...", flush=True)
+            results["streaming"] = ttfb_paired(targets, STREAM_PAIRS)
+            for gw in gws:
                 gw.stop()
-            results["streaming"] = stream
 
-        if not args.no_litellm and not (args.only_ablation or args.only_global or args.only_cache):
+        if not args.no_litellm and not (args.only_ablation or args.only_global or args.only_cache or args.only_streaming):
             results["configs"]["e_litellm"] = litellm(tmp, up_port, args, rates)
     finally:
         for p in reversed(procs):
@@ -1142,6 +1182,8 @@ def report(results, out):
     if results["configs"]:
         main = main_lines(results)
         lines = [f"{lines[0]} {main[0]}"] + main[1:]
+    if "streaming" in results:
+        lines += streaming_lines(results)
     if "cache" in results:
         lines += cache_lines(results)
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -1155,6 +1197,23 @@ def report(results, out):
                  tuple(results["cache"]["rates"]))
     except ImportError:
         print("bench: matplotlib missing, no plot")
+
+
+def streaming_lines(results):
+    s = results["streaming"]
+    lines = []
+    if True:
+        pairs = s["c_sluice"].get("pairs", 30)
+        lines += ["", f"Streaming (d): {pairs} rounds, each one SSE request (10 chunks 5 ms apart, a new connection) "
+                  "through every gateway, in rotating order; added = the median over rounds of the gateway's time "
+                  "to first byte minus (a)'s in the same round.", "",
+                  "| gateway | time to first byte, median us | added over (a), median [p25-p75] us | time to last byte, median ms |",
+                  "|---|---|---|---|"]
+        for name, r in s.items():
+            spread_added = r.get("added_ttfb_p25_p75_us", [0, 0])
+            lines.append(f"| {name} | {r['ttfb_us']:.0f} | {r.get('added_ttfb_us', 0):.0f} "
+                         f"[{spread_added[0]:.0f}-{spread_added[1]:.0f}] | {r['total_us'] / 1000:.1f} |")
+    return lines
 
 
 def main_lines(results):
@@ -1186,16 +1245,6 @@ def main_lines(results):
         rps = [x["rps"] for x in r["saturation"]]
         cpu = [x["cpu_us_per_req"] for x in r["saturation"]]
         lines.append(f"| {name} | {med(rps):.0f} [{spread(rps)}] | {med(cpu):.1f} [{spread(cpu)}] | {med(cpu) / b_cpu:.2f} |")
-    if "streaming" in results:
-        s = results["streaming"]
-        added = s["c_sluice"]["ttfb_us"] - s["a_plain_envoy"]["ttfb_us"]
-        lines += [
-            "",
-            f"Streaming (d), 30 sequential SSE requests of 10 chunks 20 ms apart through (a) and (c): median time to first "
-            f"byte {s['a_plain_envoy']['ttfb_us']:.0f} us vs {s['c_sluice']['ttfb_us']:.0f} us (added {added:.0f} us); "
-            f"median time to last byte {s['a_plain_envoy']['total_us'] / 1000:.1f} ms vs {s['c_sluice']['total_us'] / 1000:.1f} ms "
-            "(chunks are not held: the first byte arrives long before the stream ends).",
-        ]
     if "global" in results:
         lines += global_lines(results)
     if "compare" in results:
