@@ -32,6 +32,20 @@ async fn read_to_end(resp: reqwest::Response) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
+/// A streamed chat completion from the gold tenant, with the mock's knobs in `headers`.
+async fn stream_chat(gw: &Gateway, headers: &[(&str, &str)]) -> reqwest::Response {
+    let mut request = gw
+        .client
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(ACME)
+        .json(&json!({"model": "gpt-4.1-mini", "stream": true,
+                      "messages": [{"role": "user", "content": "tell me a story"}]}));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request.send().await.unwrap()
+}
+
 fn last_event_data(text: &str) -> Value {
     let data = text
         .trim_end()
@@ -45,17 +59,7 @@ fn last_event_data(text: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_openai_stream_broken_off_by_the_provider_ends_with_an_error_chunk() {
     let gw = Gateway::start().await;
-    let resp = gw
-        .client
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(ACME)
-        .header("x-mock-fault", "reset")
-        .header("x-mock-chunks", "4")
-        .json(&json!({"model": "gpt-4.1-mini", "stream": true,
-                      "messages": [{"role": "user", "content": "tell me a story"}]}))
-        .send()
-        .await
-        .unwrap();
+    let resp = stream_chat(&gw, &[("x-mock-fault", "reset"), ("x-mock-chunks", "4")]).await;
     assert_eq!(resp.status(), 200);
     let text = read_to_end(resp).await;
     assert!(
@@ -113,16 +117,7 @@ async fn an_anthropic_stream_broken_off_by_the_provider_ends_with_an_error_event
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relayed_streams_are_complete_metered_and_carry_no_internal_headers() {
     let gw = Gateway::start().await;
-    let resp = gw
-        .client
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(ACME)
-        .header("x-mock-chunks", "5")
-        .json(&json!({"model": "gpt-4.1-mini", "stream": true,
-                      "messages": [{"role": "user", "content": "hello"}]}))
-        .send()
-        .await
-        .unwrap();
+    let resp = stream_chat(&gw, &[("x-mock-chunks", "5")]).await;
     assert_eq!(resp.status(), 200);
     let text = read_to_end(resp).await;
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
@@ -151,17 +146,11 @@ async fn relayed_streams_are_complete_metered_and_carry_no_internal_headers() {
 async fn a_stalled_stream_is_cut_with_a_timeout_event() {
     let gw = gateway_with_relay(r#"{"idle_timeout_ms": 400}"#).await;
     let start = Instant::now();
-    let resp = gw
-        .client
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(ACME)
-        .header("x-mock-chunks", "4")
-        .header("x-mock-chunk-delay-ms", "3000")
-        .json(&json!({"model": "gpt-4.1-mini", "stream": true,
-                      "messages": [{"role": "user", "content": "hello"}]}))
-        .send()
-        .await
-        .unwrap();
+    let resp = stream_chat(
+        &gw,
+        &[("x-mock-chunks", "4"), ("x-mock-chunk-delay-ms", "3000")],
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     let text = read_to_end(resp).await;
     assert!(
@@ -182,18 +171,15 @@ async fn a_provider_429_before_the_stream_is_retried_after_its_retry_after() {
         r#"{"retry": {"num_retries": 1, "statuses": [429], "retry_after_max_ms": 5000}}"#,
     )
     .await;
-    let resp = gw
-        .client
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(ACME)
-        .header("x-request-id", "relay-retry-1")
-        .header("x-mock-fault", "429")
-        .header("x-mock-fault-times", "1")
-        .json(&json!({"model": "gpt-4.1-mini", "stream": true,
-                      "messages": [{"role": "user", "content": "hello"}]}))
-        .send()
-        .await
-        .unwrap();
+    let resp = stream_chat(
+        &gw,
+        &[
+            ("x-request-id", "relay-retry-1"),
+            ("x-mock-fault", "429"),
+            ("x-mock-fault-times", "1"),
+        ],
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     let text = read_to_end(resp).await;
     assert!(text.contains("[DONE]"), "{text}");

@@ -476,7 +476,13 @@ fn envoys_own_answer_for_an_unreachable_provider_counts_as_a_reset() {
 fn a_client_that_leaves_during_a_back_off_gets_no_further_attempt() {
     let cfg = config(r#"{"retry":{"num_retries":2,"statuses":[503],"base_interval_ms":10}}"#);
     let (mut ex, mut host) = started(&cfg, "openai");
-    ex.on_stream_headers(&mut host, 1, &[h(":status", "503"), h("date", "x")], false, 5);
+    ex.on_stream_headers(
+        &mut host,
+        1,
+        &[h(":status", "503"), h("date", "x")],
+        false,
+        5,
+    );
     host.take();
     ex.on_downstream_gone(&mut host);
     ex.on_timer(&mut host, 1_000);
