@@ -179,7 +179,7 @@ bench-hostcalls: wasm envoy
 
 # Before/after in one run (about 3 minutes, plus the builds): make bench-compare BASE=<git rev>.
 # Builds the wasm of revision BASE in a temporary worktree (its own target dir, target/bench-base,
-# so the current build is untouched), then runs (a), (c) and the ablation with (c0), that build,
+# so the current build is untouched), run with that revision's envoy/demo.yaml, then runs (a), (c) and the ablation with (c0), that build,
 # interleaved with (c); results.md ends with CPU us/request and req/s current/baseline.
 # Writes bench/results/compare unless BENCH_OUT is given.
 BENCH_REPS ?= 3
@@ -203,8 +203,10 @@ bench-compare: wasm relay mock envoy
 	  trap 'git worktree remove --force "$$tree"; rm -rf "$$tree"; git worktree prune' EXIT; \
 	  git worktree add --detach "$$tree" $(BASE_REV); \
 	  (cd "$$tree" && CARGO_TARGET_DIR=$(abspath $(BENCH_BASE_DIR)) cargo build --release --target wasm32-wasip1 -p sluice); \
-	  cp $(BENCH_BASE_DIR)/wasm32-wasip1/release/sluice.wasm $(BENCH_BASE_WASM)
+	  cp $(BENCH_BASE_DIR)/wasm32-wasip1/release/sluice.wasm $(BENCH_BASE_WASM); \
+	  cp "$$tree/envoy/demo.yaml" $(BENCH_BASE_DIR)/demo-base.yaml
 	$(PYTHON) bench/run.py $(BENCH_OUT) --reps $(BENCH_REPS) --only-ablation --no-litellm --baseline-wasm $(BENCH_BASE_WASM) \
+	  --baseline-config $(BENCH_BASE_DIR)/demo-base.yaml \
 	  --baseline-label "$(BASE) ($(shell git rev-parse --short $(BASE_REV)))"
 
 # Sluice's pure request path timed inside Envoy's V8 (a diagnostics build, never shipped).

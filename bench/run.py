@@ -395,15 +395,16 @@ GLOBAL_SECTION = cluster_config.global_section(timeout_ms=50, limits=cluster_con
 
 
 def sluice_yaml(tmp, listen, admin, upstream_port, access_log=True, limits=True, wasm=WASM, quota_port=None,
-                cache=None, relay=True):
+                cache=None, relay=True, source=None):
     """The demo configuration, pointed at the bench upstream, limits out of the way, loading
     the Sluice build at `wasm`. The ablation variants drop the access log (Envoy's work) and
     the limits (shared data). With `quota_port`, (g): the same plus the `global` section and
     the sluice_quota cluster, added by scripts/cluster_config.py as for a real cluster.
     Without the response cache (the demo's gold tier has one), unless `cache` gives the gold
     tier's rule: (h) and (m), with the store CACHE_STORE. Without `relay`, the stream relay's
-    filter is cut out (streams then go through Envoy's router, as before the relay)."""
-    text = (ROOT / "envoy/demo.yaml").read_text()
+    filter is cut out (streams then go through Envoy's router, as before the relay). `source`:
+    another revision's demo configuration (a baseline build needs the configuration it knew)."""
+    text = (source or ROOT / "envoy/demo.yaml").read_text()
     for old, new in [("port_value: 9901", f"port_value: {admin}"), ("port_value: 10000", f"port_value: {listen}"),
                      ("filename: target/wasm32-wasip1/release/sluice.wasm", f"filename: {wasm}"),
                      ("path: .run/access.log", f"path: {tmp}/access.log")]:
@@ -637,6 +638,8 @@ def main():
     ap.add_argument("--baseline-wasm", type=Path, metavar="PATH",
                     help="also measure (c0): (c) loading this Sluice build, interleaved with (c), and compare")
     ap.add_argument("--baseline-label", metavar="TEXT", help="what the baseline build is (default: its path)")
+    ap.add_argument("--baseline-config", type=Path, metavar="PATH",
+                    help="the demo configuration the baseline build is run with (default: envoy/demo.yaml)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -684,7 +687,8 @@ def main():
                 yaml = probe_in_sluice_config(tmp, port, admin, upstream_port, PROBE_PLAN + " callout=1",
                                               quota_port=engine.quota_port)
             elif kind == "sluice-baseline":
-                yaml = sluice_yaml(tmp, port, admin, upstream_port, wasm=args.baseline_wasm)
+                yaml = sluice_yaml(tmp, port, admin, upstream_port, wasm=args.baseline_wasm,
+                                   source=args.baseline_config)
             elif kind == "sluice-cache":
                 yaml = sluice_yaml(tmp, port, admin, upstream_port, cache=CACHE_RULE)
             elif kind == "sluice-norelay":

@@ -91,8 +91,19 @@ pub(super) fn route(
                 .map_err(refused)?,
         );
     }
+    // The tenant's key never goes upstream: each header that carried one is removed, or
+    // replaced by the provider's credential.
+    let credential = provider.credential.header();
+    let sent = [
+        ("authorization", caller.sent.authorization),
+        ("x-api-key", caller.sent.x_api_key),
+    ];
     let mut step = Step {
-        remove: vec!["authorization".into(), "x-api-key".into()],
+        remove: sent
+            .iter()
+            .filter(|(name, sent)| *sent && *name != credential)
+            .map(|(name, _)| (*name).to_string())
+            .collect(),
         ..Step::default()
     };
     if let Some(b) = body {

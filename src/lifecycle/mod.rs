@@ -47,7 +47,7 @@ use stage::{
     Admitted, Admitting, Caching, Capture, FillClaim, Known, Replied, Stage, Upstream,
     UpstreamResponse,
 };
-pub use stage::{Caller, Route};
+pub use stage::{Caller, Route, SentCredentials};
 
 /// What the host must do after a callback.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -466,7 +466,14 @@ impl Exchange {
             return self.refuse(step, too_large(policy), known);
         }
         self.stage = Stage::AwaitingBody {
-            caller: Caller { owner, api },
+            caller: Caller {
+                owner,
+                api,
+                sent: SentCredentials {
+                    authorization: headers.get("authorization").is_some(),
+                    x_api_key: headers.get("x-api-key").is_some(),
+                },
+            },
             query: query.to_string(),
             directive: Directive::from_cache_control(headers.get_str("cache-control")),
         };

@@ -17,6 +17,17 @@ use crate::usage::UsageMeter;
 pub struct Caller {
     pub owner: KeyOwner,
     pub api: Api,
+    /// The credential headers the client sent (it may send a key in both).
+    pub sent: SentCredentials,
+}
+
+/// Which headers that can carry a tenant's key the client sent: each must be removed
+/// before the request goes upstream, unless the provider's own credential replaces it
+/// (a removal is a host call).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SentCredentials {
+    pub authorization: bool,
+    pub x_api_key: bool,
 }
 
 /// What the gateway decided about a routed request (used by accounting and limits).

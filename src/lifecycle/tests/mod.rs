@@ -142,9 +142,24 @@ fn routes_openai_model_with_provider_key() {
     assert_eq!(set(&b, CLUSTER_HEADER), Some("openai"));
     assert_eq!(set(&b, "authorization"), Some("Bearer provider-key-openai"));
     assert!(
-        b.remove.contains(&"authorization".to_string())
-            && b.remove.contains(&"x-api-key".to_string())
+        b.remove.is_empty(),
+        "the provider's credential replaces the tenant's key; no x-api-key was sent: {:?}",
+        b.remove
     );
+    // A tenant key in a header the provider does not use is removed.
+    let (_, _, both) = post(
+        "/v1/chat/completions",
+        &[ACME, ("x-api-key", "sk-acme")],
+        r#"{"model":"gpt-4.1","messages":[]}"#,
+    );
+    assert_eq!(both.remove, vec!["x-api-key".to_string()]);
+    let (_, _, other) = post(
+        "/v1/messages",
+        &[ACME],
+        r#"{"model":"claude-sonnet","max_tokens":8,"messages":[]}"#,
+    );
+    assert_eq!(set(&other, "x-api-key"), Some("provider-key-anthropic"));
+    assert_eq!(other.remove, vec!["authorization".to_string()]);
     assert_eq!(b.body, None, "no rewrite when the name is unchanged");
     assert!(
         b.routed && !h.routed,
