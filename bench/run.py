@@ -445,8 +445,8 @@ def sluice_yaml(tmp, listen, admin, upstream_port, access_log=True, limits=True,
 
 # The host calls Sluice makes on the bench request, as the probe filter's plan (bench/noop):
 # gold tier, 3 limits taken at admission, 2 settled (requests/min needs no settlement),
-# 5 metric updates.
-SLUICE_CALLS = ("body=1 header_map=1 body_header_set=5 shared=5 metric=5 time=4 "
+# 4 request headers set (2 removals fewer since 2026-12-01), 5 metric updates.
+SLUICE_CALLS = ("body=1 header_map=1 body_header_set=4 shared=5 metric=5 time=4 "
                 "response_header_get=2 response_header_set=6 response_body=1 property=1")
 
 
