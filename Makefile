@@ -134,6 +134,7 @@ bench: wasm relay mock envoy quota redis
 	@test -x .tools/bin/oha || cargo install oha --locked --root .tools
 	@test -x .venv-litellm/bin/litellm || { python3 -m venv .venv-litellm && \
 	  .venv-litellm/bin/pip install --quiet --disable-pip-version-check 'litellm[proxy]'; }
+	@test -f $(PORTKEY_GATEWAY) || npm install --silent --no-audit --no-fund --prefix .tools/portkey @portkey-ai/gateway@$(PORTKEY_VERSION)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check matplotlib
 	$(PYTHON) bench/run.py $(BENCH_OUT)
 	cargo bench --bench hot_paths --features vm-bench
@@ -183,6 +184,9 @@ bench-hostcalls: wasm envoy
 # interleaved with (c); results.md ends with CPU us/request and req/s current/baseline.
 # Writes bench/results/compare unless BENCH_OUT is given.
 BENCH_REPS ?= 3
+# Portkey's open-source gateway, a peer in `make bench` (npm registry, the machine's Node.js).
+PORTKEY_VERSION := 1.15.2
+PORTKEY_GATEWAY := .tools/portkey/node_modules/@portkey-ai/gateway/build/start-server.js
 BENCH_BASE_DIR := target/bench-base
 BENCH_BASE_WASM := $(BENCH_BASE_DIR)/sluice-base.wasm
 ifneq ($(filter bench-compare,$(MAKECMDGOALS)),)

@@ -8,6 +8,8 @@ direct_response serving a chat completion with usage) with the same request body
   (d) streaming: time to first byte through (a), (c) and (c) without the stream relay, from
       a paced SSE mock, paired request by request (STREAM_PAIRS rounds; --only-streaming)
   (e) LiteLLM proxy with an equivalent key and model (skipped with --no-litellm)
+  (f) Portkey's open-source gateway (npm @portkey-ai/gateway, Node.js), proxying to the same
+      upstream through its custom-host header (skipped with --no-portkey)
 For each: saturation throughput, latency p50/p99/p99.9 at 25% and 50% of (a)'s saturation,
 the gateway's CPU microseconds per request (from /proc, robust on a noisy machine) and
 peak memory. Several repetitions; medians with min-max spread; ratios against (a).
@@ -37,7 +39,7 @@ missed and stored (every request a miss and upstream, none a hit; a sampled miss
 hit). (c) runs without the cache here and everywhere (the demo configuration caches acme's
 gpt-4.1 family; the bench strips it), so (m) - (c) is what the cache adds to a miss.
 
-Usage: run.py OUT_DIR [--reps N] [--seconds S] [--no-litellm]
+Usage: run.py OUT_DIR [--reps N] [--seconds S] [--no-litellm] [--no-portkey]
               [--only-ablation | --only-global | --only-cache | --only-streaming] [--cache-seconds S]
               [--baseline-wasm PATH [--baseline-label TEXT]]
 """
@@ -624,6 +626,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--no-litellm", action="store_true")
+    ap.add_argument("--no-portkey", action="store_true")
     only = ap.add_mutually_exclusive_group()
     only.add_argument("--only-ablation", action="store_true", help="(a), (c) and the ablation only")
     only.add_argument("--only-global", action="store_true",
@@ -813,8 +816,11 @@ def main():
             for gw in gws:
                 gw.stop()
 
-        if not args.no_litellm and not (args.only_ablation or args.only_global or args.only_cache or args.only_streaming):
+        peers = not (args.only_ablation or args.only_global or args.only_cache or args.only_streaming)
+        if peers and not args.no_litellm:
             results["configs"]["e_litellm"] = litellm(tmp, up_port, args, rates)
+        if peers and not args.no_portkey:
+            results["configs"]["f_portkey"] = portkey(tmp, up_port, args, rates)
     finally:
         for p in reversed(procs):
             p.stop()
@@ -848,6 +854,27 @@ litellm_settings:
         print("bench: e_litellm ...", flush=True)
         return measure(proc, f"http://127.0.0.1:{port}/v1/chat/completions", [f"authorization: Bearer {KEY}"],
                        args.seconds, args.reps, rates)
+    finally:
+        proc.stop()
+
+
+PORTKEY = ROOT / ".tools/portkey/node_modules/@portkey-ai/gateway/build/start-server.js"
+
+
+def portkey(tmp, upstream_port, args, rates):
+    """(f): Portkey's gateway, one Node.js process. It has no configuration file for this:
+    each request names the provider and the upstream in headers, and carries the upstream's
+    own key (Portkey checks no key of its own and enforces no limit)."""
+    need(PORTKEY, "run `make bench` (installs @portkey-ai/gateway with npm)")
+    port = free_port()
+    proc = Proc(["node", str(PORTKEY), f"--port={port}", "--headless"], Path(tmp) / "portkey.log",
+                env=dict(ENV, NODE_ENV="production"))
+    try:
+        wait_http(f"http://127.0.0.1:{port}/", seconds=60)
+        print("bench: f_portkey ...", flush=True)
+        headers = ["authorization: Bearer sk-bench", "x-portkey-provider: openai",
+                   f"x-portkey-custom-host: http://127.0.0.1:{upstream_port}/v1"]
+        return measure(proc, f"http://127.0.0.1:{port}/v1/chat/completions", headers, args.seconds, args.reps, rates)
     finally:
         proc.stop()
 
