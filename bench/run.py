@@ -818,9 +818,9 @@ def main():
 
         peers = not (args.only_ablation or args.only_global or args.only_cache or args.only_streaming)
         if peers and not args.no_litellm:
-            results["configs"]["e_litellm"] = litellm(tmp, up_port, args, rates)
+            results["configs"]["e_litellm"] = litellm(tmp, up_port, args)
         if peers and not args.no_portkey:
-            results["configs"]["f_portkey"] = portkey(tmp, up_port, args, rates)
+            results["configs"]["f_portkey"] = portkey(tmp, up_port, args)
     finally:
         for p in reversed(procs):
             p.stop()
@@ -829,7 +829,7 @@ def main():
     report(results, out)
 
 
-def litellm(tmp, upstream_port, args, rates):
+def litellm(tmp, upstream_port, args):
     # Its own virtualenv: LiteLLM pins versions of the SDKs the tests use.
     exe = ROOT / ".venv-litellm" / "bin" / "litellm"
     need(exe, "run `make bench` (installs litellm[proxy])")
@@ -862,7 +862,7 @@ litellm_settings:
 PORTKEY = ROOT / ".tools/portkey/node_modules/@portkey-ai/gateway/build/start-server.js"
 
 
-def portkey(tmp, upstream_port, args, rates):
+def portkey(tmp, upstream_port, args):
     """(f): Portkey's gateway, one Node.js process. It has no configuration file for this:
     each request names the provider and the upstream in headers, and carries the upstream's
     own key (Portkey checks no key of its own and enforces no limit)."""
