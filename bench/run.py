@@ -483,8 +483,15 @@ def start_envoy(tmp, name, yaml, admin, concurrency=1):
 
 def oha(url, seconds, conns, rate=None, headers=(), body=BODY, url_regex=False):
     """One oha run. With `url_regex`, `url` is a regex each request's URL is drawn from."""
+    if len(body) > 65536:
+        # Too long for a command line: oha reads it from a file.
+        path = Path(tempfile.gettempdir()) / f"sluice-bench-body-{hashlib.sha256(body.encode()).hexdigest()[:16]}.json"
+        path.write_text(body)
+        given = ["-D", str(path)]
+    else:
+        given = ["-d", body]
     args = [OHA, "-z", f"{seconds}s", "-c", str(conns), "--no-tui", "--output-format", "json", "-m", "POST",
-            "-H", "content-type: application/json", "-d", body]
+            "-H", "content-type: application/json", *given]
     for h in headers:
         args += ["-H", h]
     if rate:
