@@ -262,3 +262,46 @@ async fn requests_that_are_not_streamed_still_go_through_the_router() {
         log[0]
     );
 }
+
+/// A gzip-compressed streamed request: Envoy's decompressor ends it with trailers, which
+/// end the request for the relay too. Over HTTP/1.1 and HTTP/2, the stream is relayed whole
+/// and the provider gets the inflated body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gzip_request_ended_by_trailers_is_relayed() {
+    use flate2::{write::GzEncoder, Compression};
+    use std::io::Write;
+    let gw = Gateway::start().await;
+    let body = json!({"model": "gpt-4.1-mini", "stream": true,
+                      "messages": [{"role": "user", "content": "compressed hello"}]});
+    let mut encoder = GzEncoder::new(Vec::new(), Compression::best());
+    encoder.write_all(body.to_string().as_bytes()).unwrap();
+    let compressed = encoder.finish().unwrap();
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for client in [&gw.client, &h2] {
+        let resp = client
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(ACME)
+            .header("content-type", "application/json")
+            .header("content-encoding", "gzip")
+            .body(compressed.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let text = read_to_end(resp).await;
+        assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    }
+    let reqs = gw.mocks.all();
+    assert_eq!(reqs.len(), 2);
+    for r in &reqs {
+        assert!(r.body.contains("compressed hello"), "{}", r.body);
+        assert!(
+            !r.headers.iter().any(|(n, _)| n == "content-encoding"),
+            "{:?}",
+            r.headers
+        );
+    }
+}
