@@ -14,7 +14,7 @@ RELAY         := target/release/libsluice_relay.so
 DEMO_KEYS     := OPENAI_API_KEY=sk-mock-openai ANTHROPIC_API_KEY=sk-mock-anthropic \
                  DEEPSEEK_API_KEY=sk-mock-deepseek GEMINI_API_KEY=sk-mock-gemini
 
-.PHONY: build wasm wasm-trap wasm-target relay envoy sdk mock quota redis setup test unit system lint fmt demo demo-cluster demo-flood key clean fairness-report bench bench-global bench-cache bench-streaming bench-hostcalls bench-vm wasm-oci fuzz fuzz-check
+.PHONY: build wasm wasm-trap wasm-target relay envoy sdk mock quota redis setup test unit system lint fmt demo demo-cluster demo-flood key clean fairness-report bench bench-global bench-cache bench-streaming bench-scaling bench-hostcalls bench-vm wasm-oci fuzz fuzz-check
 
 build: wasm relay
 
@@ -170,6 +170,15 @@ bench-streaming: BENCH_OUT := $(if $(filter file,$(origin BENCH_OUT)),bench/resu
 bench-streaming: wasm relay mock envoy
 	@test -x .tools/bin/oha || cargo install oha --locked --root .tools
 	$(PYTHON) bench/run.py $(BENCH_OUT) --only-streaming
+
+# How cost grows with tenants, workers, concurrent streams and body size (about 6 minutes;
+# bench/results/scaling/). BENCH_ONLY=tenants,workers,streams,bodies picks studies.
+BENCH_ONLY ?= tenants,workers,streams,bodies
+bench-scaling: BENCH_OUT := $(if $(filter file,$(origin BENCH_OUT)),bench/results/scaling,$(BENCH_OUT))
+bench-scaling: wasm relay mock envoy
+	@test -x .tools/bin/oha || cargo install oha --locked --root .tools
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check pyyaml
+	$(PYTHON) bench/scaling.py $(BENCH_OUT) --reps $(BENCH_REPS) --only $(BENCH_ONLY)
 
 # Where Sluice's CPU goes (about 6 minutes): the price of each kind of host call, from a
 # probe filter that makes only those calls, then the steps from a no-op filter to Sluice.

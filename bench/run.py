@@ -472,11 +472,12 @@ ENV = dict(os.environ, OPENAI_API_KEY="sk-bench", ANTHROPIC_API_KEY="sk-bench", 
            GEMINI_API_KEY="sk-bench")
 
 
-def start_envoy(tmp, name, yaml, admin, concurrency=1):
+def start_envoy(tmp, name, yaml, admin, concurrency=1, extra_args=()):
     path = Path(tmp) / f"{name}.yaml"
     path.write_text(yaml)
     proc = Proc([str(ENVOY), "-c", str(path), "--concurrency", str(concurrency), "--disable-hot-restart",
-                 "--log-level", "warn", "--base-id", str(free_port())], Path(tmp) / f"{name}.log", env=ENV)
+                 "--log-level", "warn", "--base-id", str(free_port()), *extra_args], Path(tmp) / f"{name}.log",
+                env=ENV)
     wait_http(f"http://127.0.0.1:{admin}/ready")
     return proc
 

@@ -118,6 +118,9 @@ pub enum MetricKey {
     Global(GlobalEvent),
     /// Counter: what the response cache did, by tenant and model.
     Cache(Option<TenantId>, Option<ModelId>, CacheOutcome),
+    /// Counter: compare-and-set writes to shared data lost to another worker (each one
+    /// retried): the contention between workers.
+    CasRetries,
 }
 
 /// Events of the global limits engine, each its own counter.
@@ -158,6 +161,7 @@ pub trait Metrics {
 }
 
 const NONE: &str = "none";
+const CAS_RETRIES: &str = "sluice_shared_data_cas_retries_total";
 
 /// The full stat name for a key; tag values are the policy's names.
 pub fn stat_name(policy: &Policy, key: &MetricKey) -> String {
@@ -203,6 +207,7 @@ pub fn stat_name(policy: &Policy, key: &MetricKey) -> String {
             format!("sluice_queue_in_flight;provider={}", provider(Some(*p)))
         }
         MetricKey::Global(event) => event.name().to_string(),
+        MetricKey::CasRetries => CAS_RETRIES.to_string(),
         MetricKey::Cache(t, m, outcome) => format!(
             "sluice_cache_requests_total;tenant={};model={};cache={}",
             tenant(*t),

@@ -26,9 +26,10 @@ impl HostMetrics {
             return Some(id);
         }
         let kind = match key {
-            MetricKey::Counter(..) | MetricKey::Global(..) | MetricKey::Cache(..) => {
-                MetricType::Counter
-            }
+            MetricKey::Counter(..)
+            | MetricKey::Global(..)
+            | MetricKey::Cache(..)
+            | MetricKey::CasRetries => MetricType::Counter,
             MetricKey::Histogram(..) | MetricKey::QueueWait(..) => MetricType::Histogram,
             MetricKey::QueueWaiting(..) | MetricKey::QueueInFlight(..) => MetricType::Gauge,
         };
@@ -53,11 +54,19 @@ impl Metrics for HostMetrics {
     fn add(&mut self, key: MetricKey, value: u64) {
         let Some(id) = self.id(key) else { return };
         // Defining the series was the point (it exists at 0 from now on).
-        if value == 0 && matches!(key, MetricKey::Counter(..) | MetricKey::Global(..)) {
+        if value == 0
+            && matches!(
+                key,
+                MetricKey::Counter(..) | MetricKey::Global(..) | MetricKey::CasRetries
+            )
+        {
             return;
         }
         let result = match key {
-            MetricKey::Counter(..) | MetricKey::Global(..) | MetricKey::Cache(..) => {
+            MetricKey::Counter(..)
+            | MetricKey::Global(..)
+            | MetricKey::Cache(..)
+            | MetricKey::CasRetries => {
                 hostcalls::increment_metric(id, i64::try_from(value).unwrap_or(i64::MAX))
             }
             // Histograms take a sample, gauges take the value.

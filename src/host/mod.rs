@@ -605,9 +605,17 @@ fn configure(size: usize) -> Result<Configured, String> {
         }
         Err(s) => return Err(format!("sluice: cannot read plugin configuration: {s:?}")),
     };
+    let started = hostcalls::get_current_time().ok();
     let policy =
         config::compile(&raw, &|name| std::env::var(name).ok()).map_err(|e| e.to_string())?;
-    log(LogLevel::Info, &policy.summary());
+    // How long a configuration takes to compile, per VM: it grows with the tenants.
+    let took_ms = started
+        .and_then(|t| hostcalls::get_current_time().ok()?.duration_since(t).ok())
+        .map_or(0, |d| d.as_millis());
+    log(
+        LogLevel::Info,
+        &format!("{} in {took_ms} ms", policy.summary()),
+    );
     let policy = Rc::new(policy);
     #[cfg(feature = "test-trap")]
     log(
@@ -640,6 +648,8 @@ fn configure(size: usize) -> Result<Configured, String> {
         Ok(LogLevel::Debug | LogLevel::Trace)
     );
     let mut metrics = HostMetrics::new(policy.clone());
+    // Exists at 0 from the start, so that contention between workers can be read as a rate.
+    metrics.add(MetricKey::CasRetries, 0);
     if courier.is_some() {
         // Their series exist from the start: an alert sees the first event as an increase.
         for event in GlobalEvent::ALL {

@@ -1,13 +1,14 @@
 //! One HTTP stream: Envoy's callbacks in, the [`Exchange`]'s steps out.
 
 use super::metrics::NoMetrics;
-use super::store::SharedData;
+use super::store::{take_cas_retries, SharedData};
 use super::{
     call_answer, call_quota_service, log, now_ms, run_queue_actions, send_reply, Configured,
 };
 use crate::errors::{ApiError, ErrorKind};
 use crate::headers::RequestHeaders;
 use crate::lifecycle::{BodyEnv, Callout, Exchange, Next, Step};
+use crate::metrics::{MetricKey, Metrics};
 use crate::usage::Passthrough;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
@@ -414,6 +415,12 @@ impl HttpContext for SluiceHttp {
                     .finish(&c.policy, store, details, now, &mut NoMetrics)
             }
         };
+        if let Ok(mut m) = c.metrics.try_borrow_mut() {
+            let retries = take_cas_retries();
+            if retries > 0 {
+                m.add(MetricKey::CasRetries, retries);
+            }
+        }
         let Some(done) = finished else {
             return;
         };
