@@ -89,6 +89,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="sluice-hostcalls-")
     procs, gateways = [], {}
     samples = {name: [] for name in VARIANTS}
+    rps = {name: [] for name in VARIANTS}
     try:
         up_port, up_admin = run.free_port(), run.free_port()
         procs.append(run.start_envoy(tmp, "upstream", run.upstream_yaml(up_port, up_admin), up_admin))
@@ -112,6 +113,7 @@ def main():
                 if r["ok"] == 0 or r["ok"] != r["total"]:
                     raise SystemExit(f"bench: variant {name} answered {r['total'] - r['ok']} non-2xx")
                 samples[name].append(r["cpu_us_per_req"])
+                rps[name].append(r["rps"])
             print(f"bench: host calls, repetition {rep + 1}/{args.reps} done", flush=True)
         run.assert_upstream_connections_reused(up_admin)
     finally:
@@ -134,7 +136,8 @@ def main():
               f"{cpu['sluice_shaped']:.1f} us/request [{spread(samples['sluice_shaped'])}], "
               f"+{cpu['sluice_shaped'] - cpu['noop']:.1f} us over the no-op filter.", "",
               "From plain Envoy to Sluice, step by step:", "",
-              "| step | CPU us/request | added | vs plain Envoy |", "|---|---|---|---|"]
+              "| step | CPU us/request | added | vs plain Envoy | saturation req/s | vs plain Envoy |",
+              "|---|---|---|---|---|---|"]
     prev = None
     for name, what in [("plain", "plain Envoy, no filter"),
                        ("noop", "no-op Proxy-Wasm filter"),
@@ -143,10 +146,10 @@ def main():
                        ("sluice", "+ Sluice's own code in V8 = Sluice, full path")]:
         added = "" if prev is None else f"{cpu[name] - cpu[prev]:+.1f}"
         lines.append(f"| {what} | {cpu[name]:.1f} [{spread(samples[name])}] | {added} | "
-                     f"{cpu[name] / cpu['plain']:.2f}x |")
+                     f"{cpu[name] / cpu['plain']:.2f}x | {med(rps[name]):.0f} | {med(rps[name]) / med(rps['plain']):.2f} |")
         prev = name
     (out / "hostcalls.md").write_text("\n".join(lines) + "\n")
-    (out / "hostcalls.json").write_text(json.dumps({"samples": samples, "variants": VARIANTS}, indent=2))
+    (out / "hostcalls.json").write_text(json.dumps({"samples": samples, "rps": rps, "variants": VARIANTS}, indent=2))
     print("\n".join(lines))
 
 

@@ -194,7 +194,7 @@ def study_tenants(tmp, up_port, args, procs):
         gw.stop()
     lines = ["### Tenants", "",
              f"Gold tenants, one key each, 1 worker; {args.reps} interleaved saturation runs of {args.seconds} s. "
-             "Compile: Sluice's own log line per VM (the main thread's and the worker's). Update: one tenant "
+             "Compile: Sluice's own log line for each VM Envoy configured (three with 1 worker). Update: one tenant "
              "added to the LDS file, from the file's move until the new key is served.", "",
              "| tenants | configuration | ready after | compile per VM | RSS after start | CPU µs/request | "
              "saturation req/s | update takes | compile per VM on update |",
