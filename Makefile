@@ -11,8 +11,9 @@ MOCK          := target/release/sluice-mock
 QUOTA         := target/release/sluice-quota
 RELAY         := target/release/libsluice_relay.so
 # Harmless placeholder provider keys for the demo; the mock providers check them.
-DEMO_KEYS     := OPENAI_API_KEY=sk-mock-openai ANTHROPIC_API_KEY=sk-mock-anthropic \
-                 DEEPSEEK_API_KEY=sk-mock-deepseek GEMINI_API_KEY=sk-mock-gemini
+DEMO_KEYS     := OPENAI_API_KEY=sk-mock-openai OPENAI_API_KEY_B=sk-mock-openai-b \
+                 ANTHROPIC_API_KEY=sk-mock-anthropic DEEPSEEK_API_KEY=sk-mock-deepseek \
+                 GEMINI_API_KEY=sk-mock-gemini
 
 .PHONY: build wasm wasm-trap wasm-target relay envoy sdk mock quota redis setup test unit system lint fmt demo demo-cluster demo-flood key clean fairness-report bench bench-global bench-cache bench-streaming bench-scaling bench-hostcalls bench-vm wasm-oci fuzz fuzz-check
 

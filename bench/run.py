@@ -412,7 +412,7 @@ def sluice_yaml(tmp, listen, admin, upstream_port, access_log=True, limits=True,
                      ("path: .run/access.log", f"path: {tmp}/access.log")]:
         assert text.count(old) == 1, old
         text = text.replace(old, new)
-    for port in (18001, 18002, 18003, 18004):
+    for port in (18001, 18002, 18003, 18004, 18005):
         text = text.replace(f"port_value: {port}", f"port_value: {upstream_port}")
     lines = text.splitlines()
     at = lines.index(next(l for l in lines if l.strip() == "value: |")) + 1
@@ -468,8 +468,8 @@ def probe_in_sluice_config(tmp, port, admin, upstream_port, plan, quota_port=Non
     return text
 
 
-ENV = dict(os.environ, OPENAI_API_KEY="sk-bench", ANTHROPIC_API_KEY="sk-bench", DEEPSEEK_API_KEY="sk-bench",
-           GEMINI_API_KEY="sk-bench")
+ENV = dict(os.environ, OPENAI_API_KEY="sk-bench", OPENAI_API_KEY_B="sk-bench", ANTHROPIC_API_KEY="sk-bench",
+           DEEPSEEK_API_KEY="sk-bench", GEMINI_API_KEY="sk-bench")
 
 
 def start_envoy(tmp, name, yaml, admin, concurrency=1, extra_args=()):

@@ -408,6 +408,7 @@ fn exchange(c: &mut Criterion) {
             worker: 0,
             context: 7,
             nonce: 1,
+            plans: None,
         };
         let step = ex.on_request_headers(&policy, &env, &h, false);
         assert!(matches!(step.next, Next::Pause));

@@ -7,8 +7,8 @@ Usage: scripts/compose_config.py          write envoy/compose/envoy.yaml
 Tenants, models, prices and limits live in envoy/demo.yaml only. The compose config is that
 file with these changes, and nothing else (every other byte is kept):
   - the listener and the admin interface bind 0.0.0.0 (a container's ports are published);
-  - the filter loads /etc/sluice/sluice.wasm and the stream relay /etc/sluice/libsluice_relay.so
-    (both bind-mounted by envoy/docker-compose.yaml);
+  - the filter loads /etc/sluice/sluice.wasm and the stream relay (also the route's cluster
+    specifier) /etc/sluice/libsluice_relay.so (both bind-mounted by envoy/docker-compose.yaml);
   - the access log (one usage record per request) goes to /dev/stdout: `docker compose logs envoy`;
   - each provider cluster is STRICT_DNS on the compose service `mock`, same ports;
   - global limits, as in `make demo-cluster` (scripts/cluster_config.py adds both): the Sluice
@@ -89,7 +89,7 @@ def generate(demo):
         out,
         "local: { filename: target/release/libsluice_relay.so }",
         f"local: {{ filename: {RELAY_PATH} }}",
-        1, "stream relay filename")
+        2, "stream relay filename (the relay filter and the route's cluster specifier)")
     out = replace_exact(
         out,
         "              path: .run/access.log\n",

@@ -7,7 +7,7 @@
 #                                     counters and monthly budgets survive restarts;
 #                                     `rm -rf .run/redis` starts from zero)
 #   quota service    127.0.0.1:18090  (sluice-quota, stateless)
-#   mock providers   127.0.0.1:18001-18004
+#   mock providers   127.0.0.1:18001-18005
 #   gateway A        127.0.0.1:10000  admin 9901  usage records .run/access-10000.log
 #   gateway B        127.0.0.1:10001  admin 9902  usage records .run/access-10001.log
 #
@@ -31,7 +31,7 @@ done
 
 # Refuse to start over something already listening (e.g. `make demo` in another terminal).
 busy=()
-for port in "$REDIS_PORT" "$QUOTA_PORT" 18001 18002 18003 18004 "${GATEWAYS[@]%%:*}" "${GATEWAYS[@]##*:}"; do
+for port in "$REDIS_PORT" "$QUOTA_PORT" 18001 18002 18003 18004 18005 "${GATEWAYS[@]%%:*}" "${GATEWAYS[@]##*:}"; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then busy+=("$port"); fi
 done
 if (( ${#busy[@]} )); then
@@ -114,6 +114,7 @@ wait_until quota curl -sf "http://127.0.0.1:$QUOTA_PORT/healthz"
 
 start mock "$MOCK" \
   --provider openai,openai,127.0.0.1:18001,/v1,OPENAI_API_KEY \
+  --provider openai-b,openai,127.0.0.1:18005,/v1,OPENAI_API_KEY_B \
   --provider anthropic,anthropic,127.0.0.1:18002,/v1,ANTHROPIC_API_KEY \
   --provider deepseek,openai,127.0.0.1:18003,,DEEPSEEK_API_KEY \
   --provider gemini,openai,127.0.0.1:18004,/v1beta/openai,GEMINI_API_KEY

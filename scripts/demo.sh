@@ -17,6 +17,7 @@ trap cleanup INT TERM EXIT
 
 "$MOCK" \
   --provider openai,openai,127.0.0.1:18001,/v1,OPENAI_API_KEY \
+  --provider openai-b,openai,127.0.0.1:18005,/v1,OPENAI_API_KEY_B \
   --provider anthropic,anthropic,127.0.0.1:18002,/v1,ANTHROPIC_API_KEY \
   --provider deepseek,openai,127.0.0.1:18003,,DEEPSEEK_API_KEY \
   --provider gemini,openai,127.0.0.1:18004,/v1beta/openai,GEMINI_API_KEY &

@@ -50,6 +50,8 @@ pub struct Ending {
     pub global_id: Option<String>,
     /// What the response cache did, when it is on for the tenant and model.
     pub cache: Option<CacheOutcome>,
+    /// Its attempts at the model's deployments, when it had a fallback plan.
+    pub attempts: Vec<crate::fallback::Attempt>,
 }
 
 /// Times from sending a request upstream.
@@ -80,6 +82,7 @@ impl Ending {
             limits_engine: None,
             global_id: None,
             cache: None,
+            attempts: Vec::new(),
         }
     }
 }
@@ -119,6 +122,17 @@ pub fn usage_record(policy: &Policy, request_id: Option<&str>, ending: &Ending) 
         limits_engine: ending.limits_engine,
         global_id: ending.global_id.as_deref(),
         cache: ending.cache.map(CacheOutcome::as_str),
+        attempts: (!ending.attempts.is_empty()).then(|| {
+            ending
+                .attempts
+                .iter()
+                .map(|a| AttemptRecord {
+                    provider: policy.provider(a.provider).map_or("?", |p| p.name.as_str()),
+                    status: a.status,
+                    ms: a.ms,
+                })
+                .collect()
+        }),
     };
     serde_json::to_string(&record).unwrap_or_else(|_| "{}".into())
 }
@@ -163,6 +177,19 @@ pub struct UsageRecord<'a> {
     /// (the miss's price times `hit_price`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache: Option<&'static str>,
+    /// Every attempt of a request with fallback, in order (`provider` above served).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<Vec<AttemptRecord<'a>>>,
+}
+
+/// One attempt at a deployment, in the usage record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AttemptRecord<'a> {
+    pub provider: &'a str,
+    /// The provider's status; 0: no response (reset, connect failure).
+    pub status: u16,
+    /// From routing to the attempt's end.
+    pub ms: u64,
 }
 
 #[cfg(test)]

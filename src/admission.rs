@@ -7,7 +7,7 @@ use crate::accounting::cost_micro_usd;
 use crate::errors::{ApiError, ApiFlavour, ErrorKind};
 use crate::global::wire::{AdmitReply, AdmitRequest, Lease, SettleItem, Settlement};
 use crate::limits::{
-    format_reset, rfc3339, Admission, Demand, LimitKind, Limiter, Snapshot, Taken,
+    format_reset, month_index, rfc3339, Admission, Demand, LimitKind, Limiter, Snapshot, Taken,
 };
 use crate::policy::{
     LimitId, LimitMeasure, LimitScope, Limits, ModelId, OnEngineFailure, Policy, Price, ProviderId,
@@ -348,6 +348,104 @@ pub fn affordable_output(
         most = Some(most.map_or(output, |m| m.min(output)));
     }
     most
+}
+
+/// Whether a provider account's own monthly quota (its `limits`, local engine) is spent:
+/// fallback skips such an account like a failed one.
+pub fn provider_month_spent(
+    policy: &Policy,
+    store: &dyn Store,
+    provider: ProviderId,
+    now_ms: u64,
+) -> bool {
+    let Some(p) = policy.provider(provider) else {
+        return false;
+    };
+    if p.limits.monthly_tokens.is_none() && p.limits.monthly_budget_micro_usd.is_none() {
+        return false;
+    }
+    let mut out = Plan::default();
+    let of = LimitOf::Provider(&p.name);
+    push_limits(
+        &mut out,
+        policy,
+        LimitScope::Provider,
+        of,
+        &p.limits,
+        Reservation::default(),
+    );
+    let limiter = Limiter::new(store);
+    out.local.iter().any(|(id, demand)| {
+        matches!(
+            id.measure,
+            LimitMeasure::MonthlyTokens | LimitMeasure::MonthlyBudget
+        ) && limiter
+            .reading(&demand.key, demand.kind, now_ms)
+            .is_ok_and(|r| r.snapshot.remaining == 0)
+    })
+}
+
+/// A request admitted for one provider account was served by another (fallback): the
+/// first account's limits are given back in full, and the serving account's rates and
+/// monthly totals are charged what was used (concurrency is not: the request has ended).
+/// Local limits only; returns the keys that could not be settled.
+pub fn move_provider_usage(
+    policy: &Policy,
+    store: &dyn Store,
+    held: &mut Held,
+    served: ProviderId,
+    actual_tokens: u64,
+    actual_cost_micro_usd: u64,
+    now_ms: u64,
+) -> Vec<String> {
+    let limiter = Limiter::new(store);
+    let mut failures = Vec::new();
+    let (provider_items, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut held.items)
+        .into_iter()
+        .partition(|(id, _)| id.scope == LimitScope::Provider);
+    held.items = kept;
+    for (_, taken) in &provider_items {
+        if let Err(e) = limiter.settle(taken, 0, now_ms) {
+            failures.push(format!("{}: {e:?}", taken.key));
+        }
+    }
+    let Some(p) = policy.provider(served) else {
+        return failures;
+    };
+    let mut out = Plan::default();
+    let of = LimitOf::Provider(&p.name);
+    push_limits(
+        &mut out,
+        policy,
+        LimitScope::Provider,
+        of,
+        &p.limits,
+        Reservation::default(),
+    );
+    for (id, demand) in out.local {
+        if matches!(demand.kind, LimitKind::Concurrency { .. }) {
+            continue;
+        }
+        // The request counts once, at the account that served it.
+        let actual = match id.measure {
+            LimitMeasure::RequestsPerMinute => Some(1),
+            measure => actual_of(measure, actual_tokens, actual_cost_micro_usd),
+        };
+        let Some(actual) = actual else {
+            continue;
+        };
+        // Nothing was reserved here: settling a reservation of 0 charges the whole use.
+        let taken = Taken {
+            key: demand.key,
+            kind: demand.kind,
+            amount: 0,
+            month: month_index(now_ms),
+        };
+        if let Err(e) = limiter.settle(&taken, actual, now_ms) {
+            failures.push(format!("{}: {e:?}", taken.key));
+        }
+    }
+    failures
 }
 
 /// A request that no wait could admit (more tokens than a bucket holds, more than a

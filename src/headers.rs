@@ -5,8 +5,13 @@
 
 /// Headers the gateway sets for Envoy and must never accept from a client.
 pub const INTERNAL_PREFIX: &str = "x-sluice-";
-/// Route header: the Envoy route reads the upstream cluster from it (`cluster_header`).
+/// Route header: the clusters of the request's attempts, in order, comma-separated (one
+/// without fallback). The route's cluster specifier (the relay module) picks attempt n's.
 pub const CLUSTER_HEADER: &str = "x-sluice-cluster";
+/// The stream relay's attempt number, read (and removed) by Sluice's upstream filter.
+pub const ATTEMPT_HEADER: &str = "x-sluice-attempt";
+/// Envoy's own: the most retries of this request (each a fallback to its next deployment).
+pub const MAX_RETRIES_HEADER: &str = "x-envoy-max-retries";
 /// Marks a streamed request for Sluice's stream relay (the native `sluice-relay` filter after
 /// this one), naming the API whose error event ends a stream the provider broke off:
 /// `openai` or `anthropic`. The relay removes it; configurations without the relay drop it

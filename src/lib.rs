@@ -12,6 +12,7 @@ pub mod config;
 pub mod cors;
 pub mod errors;
 pub mod fairness;
+pub mod fallback;
 pub mod global;
 pub mod headers;
 pub mod lifecycle;

@@ -121,6 +121,46 @@ pub enum MetricKey {
     /// Counter: compare-and-set writes to shared data lost to another worker (each one
     /// retried): the contention between workers.
     CasRetries,
+    /// Counter: attempts that failed and sent their request on to the model's next
+    /// deployment, by model, the failing provider account and why.
+    Fallback(Option<ModelId>, ProviderId, FallbackReason),
+}
+
+/// Why an attempt handed its request to the next deployment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FallbackReason {
+    /// 429.
+    RateLimited,
+    /// 529 (Anthropic's overloaded).
+    Overloaded,
+    /// Another 5xx.
+    ServerError,
+    /// A reset or a connect failure.
+    NoResponse,
+    /// Another status the configuration names.
+    Other,
+}
+
+impl FallbackReason {
+    pub fn of(status: u16) -> Self {
+        match status {
+            0 => FallbackReason::NoResponse,
+            429 => FallbackReason::RateLimited,
+            529 => FallbackReason::Overloaded,
+            500..=599 => FallbackReason::ServerError,
+            _ => FallbackReason::Other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FallbackReason::RateLimited => "rate_limited",
+            FallbackReason::Overloaded => "overloaded",
+            FallbackReason::ServerError => "server_error",
+            FallbackReason::NoResponse => "no_response",
+            FallbackReason::Other => "other_status",
+        }
+    }
 }
 
 /// Events of the global limits engine, each its own counter.
@@ -208,6 +248,12 @@ pub fn stat_name(policy: &Policy, key: &MetricKey) -> String {
         }
         MetricKey::Global(event) => event.name().to_string(),
         MetricKey::CasRetries => CAS_RETRIES.to_string(),
+        MetricKey::Fallback(m, p, reason) => format!(
+            "sluice_fallbacks_total;model={};provider={};reason={}",
+            model(*m),
+            provider(Some(*p)),
+            reason.as_str()
+        ),
         MetricKey::Cache(t, m, outcome) => format!(
             "sluice_cache_requests_total;tenant={};model={};cache={}",
             tenant(*t),
@@ -258,6 +304,13 @@ pub fn record_ending(metrics: &mut impl Metrics, ending: &Ending) {
         reason: ending.reason.unwrap_or(NONE),
     };
     metrics.add(MetricKey::Counter(Counter::Requests, labels), 1);
+    // Every attempt followed by another was a fallback.
+    for pair in ending.attempts.windows(2) {
+        if let Some(failed) = pair.first() {
+            let reason = FallbackReason::of(failed.status);
+            metrics.add(MetricKey::Fallback(model, failed.provider, reason), 1);
+        }
+    }
     if let Some(cache) = ending.cache {
         metrics.add(MetricKey::Cache(tenant, model, cache), 1);
     }

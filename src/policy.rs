@@ -63,6 +63,8 @@ pub struct Policy {
     pub global: Option<GlobalLimits>,
     /// Where cached responses live.
     pub cache_store: crate::cache::CacheStore,
+    /// How requests move to a model's next deployment.
+    pub fallback: crate::fallback::Fallback,
 }
 
 /// The `global` section: which limits are decided by the quota service (over Redis) for
@@ -192,9 +194,9 @@ impl Policy {
     /// The first provider of `model` that speaks `api`.
     pub fn provider_for(&self, model: ModelId, api: ApiFlavour) -> Option<(ProviderId, &Provider)> {
         self.model(model)?
-            .providers
+            .deployments
             .iter()
-            .filter_map(|&id| self.provider(id).map(|p| (id, p)))
+            .filter_map(|d| self.provider(d.provider).map(|p| (d.provider, p)))
             .find(|(_, p)| p.api == api)
     }
 }
@@ -273,10 +275,24 @@ pub struct Limits {
 pub struct Model {
     pub name: String,
     pub upstream_name: String,
-    pub providers: Vec<ProviderId>,
+    /// Where it is served, in configuration order.
+    pub deployments: Vec<Deployment>,
+    /// Configured with `deployments`: a request may fall back to the next one. With
+    /// `providers`, it goes to the first that speaks its API, and only there.
+    pub fallback: bool,
     pub price: Price,
     /// The most output tokens it produces per request, when configured.
     pub max_output_tokens: Option<u64>,
+}
+
+/// One deployment of a model: a provider account and the model's name and price there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deployment {
+    pub provider: ProviderId,
+    pub upstream_name: String,
+    pub weight: u32,
+    pub rank: u32,
+    pub price: Price,
 }
 
 /// Prices in integer micro-USD per million tokens, so cost arithmetic is exact.

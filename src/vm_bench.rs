@@ -79,6 +79,7 @@ pub fn run(policy: &Policy, clock_ns: &dyn Fn() -> u64) -> Vec<(&'static str, u6
             worker: 0,
             context: 7,
             nonce: 1,
+            plans: None,
         };
         black_box(ex.on_request_headers(policy, &env, &headers(), false));
         black_box(ex.on_request_body(policy, &env, REQUEST.len(), true, || Some(REQUEST.to_vec())));

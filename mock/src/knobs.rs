@@ -52,6 +52,8 @@ pub(crate) struct Knobs {
     /// `x-mock-fault-times`: fault only the first N requests with the same `x-request-id`
     /// (a gateway's retry of one request keeps its id), then answer normally.
     pub fault_times: Option<u64>,
+    /// `x-mock-fault-on`: comma-separated provider names; the fault applies only to them.
+    pub fault_on: Option<Vec<String>>,
     pub output_tokens: Option<u64>,
     pub cached_tokens: u64,
     pub reasoning_tokens: u64,
@@ -91,6 +93,15 @@ impl Knobs {
                 .unwrap_or(DEFAULT_CHUNKS),
             fault,
             fault_times: num(h, "x-mock-fault-times"),
+            fault_on: h
+                .get("x-mock-fault-on")
+                .and_then(|v| v.to_str().ok())
+                .map(|v| {
+                    v.split(',')
+                        .map(|n| n.trim().to_string())
+                        .filter(|n| !n.is_empty())
+                        .collect()
+                }),
             output_tokens: num(h, "x-mock-output-tokens").map(|n| n.min(MAX_OUTPUT_TOKENS)),
             cached_tokens: num(h, "x-mock-cached-tokens").unwrap_or(0),
             reasoning_tokens: num(h, "x-mock-reasoning-tokens").unwrap_or(0),

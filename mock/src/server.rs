@@ -179,6 +179,15 @@ async fn handle(
         Err(_) => return Err(MockReset),
     };
     let mut knobs = Knobs::from_headers(&parts.headers);
+    // `x-mock-fault-on`: only the named providers fault (one request can reach several, a
+    // gateway falling back from one to the next).
+    if knobs
+        .fault_on
+        .as_ref()
+        .is_some_and(|names| !names.iter().any(|n| n == &state.name))
+    {
+        knobs.fault = None;
+    }
     if let (Some(_), Some(times)) = (knobs.fault, knobs.fault_times) {
         let id = parts
             .headers

@@ -1122,6 +1122,19 @@ async fn fault_times_faults_only_the_first_tries_of_one_request_id() {
 }
 
 #[tokio::test]
+async fn fault_on_faults_only_the_named_providers() {
+    let s = openai().await;
+    let on = |names| [("x-mock-fault", "429"), ("x-mock-fault-on", names)];
+    let mut statuses = Vec::new();
+    for names in ["openai", "openai-b, openai", "openai-b", ""] {
+        let r = post_openai(&s, "/v1/chat/completions", &chat_body(), &on(names)).await;
+        statuses.push(r.status().as_u16());
+    }
+    // This mock is `openai`: faulted when named, answered when another is.
+    assert_eq!(statuses, vec![429, 429, 200, 200]);
+}
+
+#[tokio::test]
 async fn faults_anthropic_shapes() {
     let s = anthropic().await;
     let body =

@@ -16,6 +16,8 @@ struct RawConfig {
     idle_timeout_ms: Option<u64>,
     #[serde(default)]
     retry: Option<RawRetry>,
+    #[serde(default)]
+    fallback_statuses: Option<Vec<u16>>,
 }
 
 #[derive(Deserialize)]
@@ -75,6 +77,9 @@ pub struct RelayConfig {
     /// Longest wait for the provider's next bytes (headers or data); 0: none.
     pub idle_timeout_ms: u64,
     pub retry: RetryPolicy,
+    /// Provider statuses that send a stream with a chain of clusters on to the next one
+    /// (default 429, 500, 502, 503, 529, as Sluice's `fallback.statuses`).
+    pub fallback_statuses: Vec<u16>,
 }
 
 /// Envoy's own default for a route is 15 s for the response to start, which a relayed
@@ -123,7 +128,16 @@ pub fn parse(json: &[u8]) -> Result<RelayConfig, String> {
             }
         }
     };
+    let fallback_statuses = raw
+        .fallback_statuses
+        .unwrap_or_else(|| vec![429, 500, 502, 503, 529]);
+    if let Some(s) = fallback_statuses.iter().find(|s| !(400..=599).contains(*s)) {
+        return Err(format!(
+            "sluice-relay configuration: fallback_statuses: {s} is not an HTTP error status"
+        ));
+    }
     Ok(RelayConfig {
+        fallback_statuses,
         timeout_ms: raw.timeout_ms.unwrap_or(0),
         idle_timeout_ms: raw.idle_timeout_ms.unwrap_or(DEFAULT_IDLE_TIMEOUT_MS),
         retry,

@@ -8,7 +8,15 @@
 //! relay owns the response instead, so a stream the provider broke off ends with an error
 //! event in the client's API and a clean end of stream, which every SDK reports as an API
 //! error (and Sluice's filter, before the relay, meters as a failed stream).
+//!
+//! Fallback (issue 18): [`CLUSTER_HEADER`] may name a chain of clusters. Attempt n goes to
+//! the chain's n-th cluster (its last once the attempts outnumber it) and carries
+//! [`ATTEMPT_HEADER`]` = n`. With a chain of several clusters, each cluster gets one
+//! attempt: a reset or connect failure before response headers, or a status in
+//! `retry.statuses`, moves to the next one at once (no back-off, no `retry-after`: that was
+//! the failing deployment's). With one cluster, `retry` alone decides, as before.
 
+use crate::chain::{self, ATTEMPT_HEADER};
 use crate::config::RelayConfig;
 use sluice::errors::{ApiError, ApiFlavour, ErrorKind};
 use sluice::headers::{CLUSTER_HEADER, RELAY_HEADER};
@@ -98,9 +106,22 @@ pub enum HeadersVerdict {
 }
 
 struct Request {
-    cluster: Vec<u8>,
+    /// The clusters in attempt order, at least one.
+    chain: Vec<Vec<u8>>,
+    /// What the provider gets, [`ATTEMPT_HEADER`] included (set for each attempt).
     headers: Vec<Header>,
     body: Vec<u8>,
+}
+
+/// What follows a provider attempt that failed before anything reached the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Next {
+    /// The next cluster of the chain, at once.
+    MoveOn,
+    /// The same cluster again, after a back-off.
+    BackOff,
+    /// No further attempt.
+    GiveUp,
 }
 
 enum Phase {
@@ -142,6 +163,8 @@ pub struct Exchange {
     flavour: ApiFlavour,
     /// Provider attempts started so far.
     attempts: u32,
+    /// Clusters in the request's chain (0 until the request is complete).
+    chain_len: u32,
     deadline_ms: Option<u64>,
     /// The wake last asked of the host, so it is not asked twice.
     armed_ms: Option<u64>,
@@ -156,6 +179,7 @@ impl Exchange {
             phase: Phase::Start,
             flavour: ApiFlavour::OpenAi,
             attempts: 0,
+            chain_len: 0,
             deadline_ms: None,
             armed_ms: None,
             jitter: seed | 1,
@@ -199,11 +223,12 @@ impl Exchange {
             return;
         }
         let mut cluster = None;
-        let mut upstream: Vec<Header> = Vec::with_capacity(headers.len() + 1);
+        let mut upstream: Vec<Header> = Vec::with_capacity(headers.len() + 2);
         for (name, value) in headers {
             if name == CLUSTER_HEADER.as_bytes() {
                 cluster = Some(value);
             } else if name == RELAY_HEADER.as_bytes()
+                || name == ATTEMPT_HEADER.as_bytes()
                 || name == b"content-length"
                 || HOP_BY_HOP.contains(&name.as_slice())
             {
@@ -212,29 +237,52 @@ impl Exchange {
                 upstream.push((name, value));
             }
         }
-        let Some(cluster) = cluster else {
+        let chain: Vec<Vec<u8>> = cluster
+            .as_deref()
+            .map(chain::names)
+            .unwrap_or_default()
+            .into_iter()
+            .map(<[u8]>::to_vec)
+            .collect();
+        if chain.is_empty() {
             let error = ApiError::new(
                 ErrorKind::Internal,
                 "The gateway relayed a request without a provider cluster.",
             );
             self.reply(host, &error, "relay_no_cluster");
             return;
-        };
+        }
+        self.chain_len = u32::try_from(chain.len()).unwrap_or(u32::MAX);
         upstream.push((
             b"content-length".to_vec(),
             body.len().to_string().into_bytes(),
         ));
+        if chain.len() > 1 {
+            // For the cluster's upstream filter, which rewrites attempts after the first.
+            upstream.push((ATTEMPT_HEADER.as_bytes().to_vec(), b"1".to_vec()));
+        }
         let request = Request {
-            cluster,
+            chain,
             headers: upstream,
             body,
         };
         self.attempt(host, request, now_ms);
     }
 
-    fn attempt(&mut self, host: &mut dyn Host, request: Request, now_ms: u64) {
+    fn attempt(&mut self, host: &mut dyn Host, mut request: Request, now_ms: u64) {
         self.attempts += 1;
-        match host.start_stream(&request.cluster, &request.headers, &request.body) {
+        let n = self.attempts.to_string().into_bytes();
+        for (_, value) in request
+            .headers
+            .iter_mut()
+            .filter(|(name, _)| name == ATTEMPT_HEADER.as_bytes())
+        {
+            value.clone_from(&n);
+        }
+        let cluster = chain::cluster_index(request.chain.len(), self.attempts)
+            .and_then(|i| request.chain.get(i))
+            .map_or(&[][..], Vec::as_slice);
+        let failure = match host.start_stream(cluster, &request.headers, &request.body) {
             Ok(stream) => {
                 self.phase = Phase::Attempting {
                     request,
@@ -242,39 +290,98 @@ impl Exchange {
                     last_activity_ms: now_ms,
                 };
                 self.arm(host);
+                return;
             }
-            Err(StartFailure::CannotCreate) if self.may_retry(ResetReason::ConnectionFailure) => {
-                self.back_off(host, request, None, now_ms);
-            }
-            Err(failure) => {
-                let (message, cause) = match failure {
-                    StartFailure::ClusterNotFound => (
-                        "The gateway has no upstream cluster for this provider.",
-                        "relay_cluster_not_found",
-                    ),
-                    StartFailure::MissingHeaders => (
-                        "The gateway could not build the provider request.",
-                        "relay_missing_headers",
-                    ),
-                    StartFailure::CannotCreate => (
-                        "The provider has no healthy upstream host.",
-                        "no_healthy_upstream",
-                    ),
-                };
-                self.reply(
-                    host,
-                    &ApiError::new(ErrorKind::UpstreamFailed, message),
-                    cause,
-                );
+            Err(failure) => failure,
+        };
+        if failure == StartFailure::CannotCreate {
+            // No healthy host: the provider got nothing, as with a connect failure.
+            let next = self.after_reset(ResetReason::ConnectionFailure);
+            if next != Next::GiveUp {
+                self.retry(host, request, next, None, now_ms);
+                return;
             }
         }
+        let (message, cause) = match failure {
+            StartFailure::ClusterNotFound => (
+                "The gateway has no upstream cluster for this provider.",
+                "relay_cluster_not_found",
+            ),
+            StartFailure::MissingHeaders => (
+                "The gateway could not build the provider request.",
+                "relay_missing_headers",
+            ),
+            StartFailure::CannotCreate => (
+                "The provider has no healthy upstream host.",
+                "no_healthy_upstream",
+            ),
+        };
+        self.reply(
+            host,
+            &ApiError::new(ErrorKind::UpstreamFailed, message),
+            cause,
+        );
     }
 
-    fn may_retry(&self, reason: ResetReason) -> bool {
+    /// A chain of several clusters gives each one attempt, in order.
+    fn walks_chain(&self) -> bool {
+        self.chain_len > 1
+    }
+
+    /// After a reset or connect failure before response headers: the next cluster of a
+    /// chain whatever the reason; the same cluster as `retry` says.
+    fn after_reset(&self, reason: ResetReason) -> Next {
+        if self.walks_chain() {
+            return if self.attempts < self.chain_len {
+                Next::MoveOn
+            } else {
+                Next::GiveUp
+            };
+        }
         let retry = &self.config.retry;
         let allowed = retry.on_reset
             || (retry.on_connect_failure && reason == ResetReason::ConnectionFailure);
-        allowed && self.attempts <= retry.num_retries
+        if allowed && self.attempts <= retry.num_retries {
+            Next::BackOff
+        } else {
+            Next::GiveUp
+        }
+    }
+
+    /// After a provider's answer before the stream: along a chain, a status of
+    /// `fallback_statuses` moves on; on one cluster, only a status in `retry.statuses` is
+    /// tried again.
+    fn after_status(&self, status: u16) -> Next {
+        let retry = &self.config.retry;
+        if self.walks_chain() {
+            if self.config.fallback_statuses.contains(&status) && self.attempts < self.chain_len {
+                Next::MoveOn
+            } else {
+                Next::GiveUp
+            }
+        } else if !retry.statuses.contains(&status) {
+            Next::GiveUp
+        } else if self.attempts <= retry.num_retries {
+            Next::BackOff
+        } else {
+            Next::GiveUp
+        }
+    }
+
+    fn retry(
+        &mut self,
+        host: &mut dyn Host,
+        request: Request,
+        next: Next,
+        retry_after_ms: Option<u64>,
+        now_ms: u64,
+    ) {
+        match next {
+            Next::MoveOn => self.attempt(host, request, now_ms),
+            Next::BackOff => self.back_off(host, request, retry_after_ms, now_ms),
+            // Callers decide to give up before taking the request out of its phase.
+            Next::GiveUp => self.phase = Phase::Done,
+        }
     }
 
     /// Waits before the next attempt: the provider's `retry-after` when it is short enough,
@@ -341,8 +448,8 @@ impl Exchange {
             self.on_stream_reset(host, stream, ResetReason::ConnectionFailure, now_ms);
             return;
         }
-        let retry = &self.config.retry;
-        if retry.statuses.contains(&status) && self.attempts <= retry.num_retries {
+        let next = self.after_status(status);
+        if next != Next::GiveUp {
             let retry_after_ms = header(headers, b"retry-after")
                 .and_then(|v| std::str::from_utf8(v).ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
@@ -351,7 +458,7 @@ impl Exchange {
             if let Phase::Attempting { request, .. } =
                 std::mem::replace(&mut self.phase, Phase::Done)
             {
-                self.back_off(host, request, retry_after_ms, now_ms);
+                self.retry(host, request, next, retry_after_ms, now_ms);
             }
             return;
         }
@@ -430,11 +537,12 @@ impl Exchange {
             Phase::Attempting { stream: s, .. } if *s == stream => {
                 // A local reply (see `is_envoy_local_reply`) leaves the stream open.
                 host.reset_stream(stream);
-                if self.may_retry(reason) {
+                let next = self.after_reset(reason);
+                if next != Next::GiveUp {
                     if let Phase::Attempting { request, .. } =
                         std::mem::replace(&mut self.phase, Phase::Done)
                     {
-                        self.back_off(host, request, None, now_ms);
+                        self.retry(host, request, next, None, now_ms);
                     }
                     return;
                 }

@@ -6,6 +6,7 @@
 //! the client) may call a hook of the same filter before it returns. Such events are
 //! queued and handled once the outer hook is done, in order.
 
+use crate::chain;
 use crate::config::{self, RelayConfig};
 use crate::exchange::{Exchange, Header, HeadersVerdict, Host, ResetReason, StartFailure};
 use crate::timer::{self, Scheduler};
@@ -13,13 +14,20 @@ use std::cell::RefCell;
 use std::ffi::c_void;
 use std::sync::Arc;
 
-type EnvoyPtr = *mut c_void;
+pub(crate) type EnvoyPtr = *mut c_void;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct EnvoyBuffer {
-    ptr: *const u8,
-    len: usize,
+    pub(crate) ptr: *const u8,
+    pub(crate) len: usize,
+}
+
+impl EnvoyBuffer {
+    pub(crate) const EMPTY: EnvoyBuffer = EnvoyBuffer {
+        ptr: std::ptr::null(),
+        len: 0,
+    };
 }
 
 #[repr(C)]
@@ -116,7 +124,7 @@ extern "C" {
     );
 }
 
-fn module_buffer(bytes: &[u8]) -> ModuleBuffer {
+pub(crate) fn module_buffer(bytes: &[u8]) -> ModuleBuffer {
     ModuleBuffer {
         ptr: bytes.as_ptr(),
         len: bytes.len(),
@@ -124,7 +132,7 @@ fn module_buffer(bytes: &[u8]) -> ModuleBuffer {
 }
 
 /// Bytes Envoy owns, valid during the current hook.
-unsafe fn envoy_bytes<'a>(ptr: *const u8, len: usize) -> &'a [u8] {
+pub(crate) unsafe fn envoy_bytes<'a>(ptr: *const u8, len: usize) -> &'a [u8] {
     if ptr.is_null() || len == 0 {
         &[]
     } else {
@@ -159,7 +167,7 @@ fn as_abi(headers: &[Header]) -> Vec<HttpHeader> {
         .collect()
 }
 
-fn log_error(message: &str) {
+pub(crate) fn log_error(message: &str) {
     unsafe { envoy_dynamic_module_callback_log(LOG_ERROR, module_buffer(message.as_bytes())) }
 }
 
@@ -424,21 +432,32 @@ unsafe fn request_headers(envoy: EnvoyPtr) -> Vec<Header> {
     copy_headers(raw.as_ptr(), count)
 }
 
-unsafe fn relay_marker(envoy: EnvoyPtr) -> Option<Vec<u8>> {
-    let key = sluice::headers::RELAY_HEADER.as_bytes();
-    let mut value = EnvoyBuffer {
-        ptr: std::ptr::null(),
-        len: 0,
-    };
+/// A request header's first value, valid during the current hook.
+unsafe fn request_header<'a>(envoy: EnvoyPtr, name: &str) -> Option<&'a [u8]> {
+    let mut value = EnvoyBuffer::EMPTY;
     let found = envoy_dynamic_module_callback_http_get_header(
         envoy,
         REQUEST_HEADERS,
-        module_buffer(key),
+        module_buffer(name.as_bytes()),
         &mut value,
         0,
         std::ptr::null_mut(),
     );
-    (found && !value.ptr.is_null()).then(|| envoy_bytes(value.ptr, value.len).to_vec())
+    (found && !value.ptr.is_null()).then(|| envoy_bytes(value.ptr, value.len))
+}
+
+/// A chain of clusters goes to the dynamic metadata, where the route's cluster specifier
+/// still finds it on the router's retries (the route removes the header).
+unsafe fn keep_chain(envoy: EnvoyPtr) {
+    let header = request_header(envoy, sluice::headers::CLUSTER_HEADER);
+    if let Some(chain) = header.and_then(chain::route_metadata) {
+        envoy_dynamic_module_callback_http_set_dynamic_metadata_string(
+            envoy,
+            module_buffer(chain::METADATA_NAMESPACE.as_bytes()),
+            module_buffer(chain::METADATA_KEY.as_bytes()),
+            module_buffer(chain),
+        );
+    }
 }
 
 #[no_mangle]
@@ -450,7 +469,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     let Some(f) = filter(module) else {
         return CONTINUE;
     };
-    let marker = relay_marker(envoy);
+    keep_chain(envoy);
+    let marker = request_header(envoy, sluice::headers::RELAY_HEADER).map(<[u8]>::to_vec);
     let mut verdict = HeadersVerdict::Pass;
     f.with(
         envoy,

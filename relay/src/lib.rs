@@ -7,9 +7,12 @@
 //! `exchange` decides (plain Rust, tested natively); `host` translates Envoy's ABI;
 //! `timer` wakes filters after a delay, which the ABI has no call for.
 
+pub mod chain;
 pub mod config;
 pub mod exchange;
 #[cfg(not(test))]
 mod host;
+#[cfg(not(test))]
+mod specifier;
 #[cfg(not(test))]
 mod timer;

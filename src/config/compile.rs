@@ -3,16 +3,17 @@
 //! kept clean.
 
 use super::{
-    ConfigError, RawApi, RawCache, RawCacheStore, RawConfig, RawGlobal, RawKey, RawLimits,
-    RawModel, RawPrice, RawProvider,
+    ConfigError, RawApi, RawCache, RawCacheStore, RawConfig, RawFallback, RawGlobal, RawKey,
+    RawLimits, RawModel, RawPrice, RawProvider,
 };
 use crate::auth::{KeyDigest, KeyIndex};
 use crate::cache::{CacheRule, CacheStore};
 use crate::errors::ApiFlavour;
+use crate::fallback::Fallback;
 use crate::policy::{
-    Credential, GlobalLimits, KeyId, LimitMeasure, Limits, MeasureSet, Model, ModelCatalog,
-    ModelId, OnEngineFailure, Policy, Price, Provider, ProviderId, QueueSpec, Queueing, Tenant,
-    TenantId,
+    Credential, Deployment, GlobalLimits, KeyId, LimitMeasure, Limits, MeasureSet, Model,
+    ModelCatalog, ModelId, OnEngineFailure, Policy, Price, Provider, ProviderId, QueueSpec,
+    Queueing, Tenant, TenantId,
 };
 use crate::routing::Pattern;
 use crate::shared::keys;
@@ -160,6 +161,7 @@ pub(super) fn policy(
         check_global_rates(global, &tenants, &providers)?;
     }
     let cache_store = compile_cache_store(&raw.cache_store, global.is_some(), &tenants)?;
+    let fallback = compile_fallback(&raw.fallback)?;
     Ok(Policy {
         max_body_bytes: raw.max_body_bytes,
         default_max_output_tokens: raw.default_max_output_tokens,
@@ -170,6 +172,7 @@ pub(super) fn policy(
         allow_sets,
         global,
         cache_store,
+        fallback,
     })
 }
 
@@ -529,25 +532,18 @@ fn compile_models(
                 "a model name cannot be a pattern; put patterns in `aliases`",
             ));
         }
-        let empty = "at least one provider is required";
-        let providers = each(&format!("{at}.providers"), &m.providers, empty, |j, p| {
-            provider_ids.get(p.as_str()).copied().ok_or_else(|| {
-                ConfigError::at(
-                    format!("{at}.providers[{j}]"),
-                    format!("unknown provider `{p}`"),
-                )
-            })
-        })?;
         let upstream = m.upstream_model.clone().unwrap_or_else(|| m.name.clone());
         check_model_name(&format!("{at}.upstream_model"), &upstream)?;
         let price = compile_price(&format!("{at}.price"), &m.price)?;
         if let Some(max) = m.max_output_tokens {
             within(format!("{at}.max_output_tokens"), max, 10_000_000, "")?;
         }
+        let (deployments, fallback) = compile_deployments(&at, m, provider_ids, &upstream, price)?;
         catalog.models.push(Model {
             name: m.name.clone(),
             upstream_name: upstream,
-            providers,
+            deployments,
+            fallback,
             price,
             max_output_tokens: m.max_output_tokens,
         });
@@ -586,6 +582,138 @@ fn compile_models(
         }
     }
     Ok(catalog)
+}
+
+/// A model's `providers` (one deployment each, no fallback) or `deployments`: exactly one
+/// of them, every provider known, none twice.
+fn compile_deployments(
+    at: &str,
+    m: &RawModel,
+    provider_ids: &HashMap<&str, ProviderId>,
+    upstream: &str,
+    price: Price,
+) -> Result<(Vec<Deployment>, bool), ConfigError> {
+    let provider = |here: String, name: &str| {
+        provider_ids
+            .get(name)
+            .copied()
+            .ok_or_else(|| ConfigError::at(here, format!("unknown provider `{name}`")))
+    };
+    let unique = |here: String, list: &[ProviderId], id: ProviderId| {
+        require(
+            !list.contains(&id),
+            here,
+            "lists a provider twice (accounts of one provider are providers of their own)",
+        )
+    };
+    match (m.providers.is_empty(), m.deployments.is_empty()) {
+        (false, false) => Err(ConfigError::at(
+            format!("{at}.deployments"),
+            "give either `providers` or `deployments`, not both",
+        )),
+        (true, true) => Err(ConfigError::at(
+            format!("{at}.providers"),
+            "at least one provider is required (`providers` or `deployments`)",
+        )),
+        (false, true) => {
+            let mut seen = Vec::new();
+            let mut out = Vec::new();
+            for (j, name) in m.providers.iter().enumerate() {
+                let id = provider(format!("{at}.providers[{j}]"), name)?;
+                unique(format!("{at}.providers[{j}]"), &seen, id)?;
+                seen.push(id);
+                out.push(Deployment {
+                    provider: id,
+                    upstream_name: upstream.to_string(),
+                    weight: 1,
+                    rank: u32::try_from(j).unwrap_or(u32::MAX),
+                    price,
+                });
+            }
+            Ok((out, false))
+        }
+        (true, false) => {
+            let mut seen = Vec::new();
+            let mut out = Vec::new();
+            for (j, d) in m.deployments.iter().enumerate() {
+                let here = format!("{at}.deployments[{j}]");
+                let id = provider(format!("{here}.provider"), &d.provider)?;
+                unique(format!("{here}.provider"), &seen, id)?;
+                seen.push(id);
+                let name = d
+                    .upstream_model
+                    .clone()
+                    .unwrap_or_else(|| upstream.to_string());
+                check_model_name(&format!("{here}.upstream_model"), &name)?;
+                within(format!("{here}.weight"), u64::from(d.weight), 1_000_000, "")?;
+                require(
+                    d.rank <= 100,
+                    format!("{here}.rank"),
+                    "must be between 0 and 100",
+                )?;
+                let price = match &d.price {
+                    Some(p) => compile_price(&format!("{here}.price"), p)?,
+                    None => price,
+                };
+                out.push(Deployment {
+                    provider: id,
+                    upstream_name: name,
+                    weight: d.weight,
+                    rank: d.rank,
+                    price,
+                });
+            }
+            Ok((out, true))
+        }
+    }
+}
+
+/// The `fallback` section.
+fn compile_fallback(f: &RawFallback) -> Result<Fallback, ConfigError> {
+    require(
+        (1..=10).contains(&f.max_attempts),
+        "fallback.max_attempts",
+        "must be between 1 and 10",
+    )?;
+    for (i, s) in f.statuses.iter().enumerate() {
+        require(
+            (400..=599).contains(s),
+            format!("fallback.statuses[{i}]"),
+            "must be an HTTP error status (400-599)",
+        )?;
+    }
+    within(
+        "fallback.failures_to_cool_down",
+        u64::from(f.failures_to_cool_down),
+        1000,
+        "",
+    )?;
+    within(
+        "fallback.cooldown_ms",
+        f.cooldown_ms,
+        86_400_000,
+        " (a day)",
+    )?;
+    within(
+        "fallback.retry_after_max_ms",
+        f.retry_after_max_ms,
+        86_400_000,
+        " (a day)",
+    )?;
+    require(
+        f.retries <= 5,
+        "fallback.retries",
+        "must be between 0 and 5",
+    )?;
+    Ok(Fallback {
+        retries: f.retries,
+        max_attempts: f.max_attempts,
+        statuses: f.statuses.clone(),
+        failures_to_cool_down: f.failures_to_cool_down,
+        cooldown_ms: f.cooldown_ms,
+        retry_after_max_ms: f.retry_after_max_ms,
+        deployment_header: f.deployment_header,
+    })
 }
 
 fn compile_limits(at: &str, l: &RawLimits) -> Result<Limits, ConfigError> {

@@ -36,6 +36,73 @@ pub struct RawConfig {
     /// Where the response cache lives (tiers and tenants turn it on with their `cache`).
     #[serde(default)]
     pub cache_store: RawCacheStore,
+    /// How a request moves to a model's next deployment (`deployments` of a model).
+    #[serde(default)]
+    pub fallback: RawFallback,
+}
+
+/// The `fallback` section.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFallback {
+    /// Most attempts per request, the first included (default 3).
+    #[serde(default = "default_fallback_attempts")]
+    pub max_attempts: u32,
+    /// Provider statuses that send a request to the next deployment (default 429, 500,
+    /// 502, 503, 529); must match the route's `retriable_status_codes`.
+    #[serde(default = "default_fallback_statuses")]
+    pub statuses: Vec<u16>,
+    /// Failures in a row (those statuses, resets, connect failures) after which a
+    /// deployment is skipped for `cooldown_ms` (default 3).
+    #[serde(default = "default_fallback_failures")]
+    pub failures_to_cool_down: u32,
+    /// How long a failing deployment is skipped (default 30 s).
+    #[serde(default = "default_fallback_cooldown_ms")]
+    pub cooldown_ms: u64,
+    /// Longest `retry-after` honoured as a skip (default 10 minutes).
+    #[serde(default = "default_fallback_retry_after_max_ms")]
+    pub retry_after_max_ms: u64,
+    /// Adds `x-sluice-deployment` (the provider that served) to responses, for debugging.
+    #[serde(default)]
+    pub deployment_header: bool,
+    /// Attempts at the last deployment after the chain is used up (one deployment: retries
+    /// of it), on the same statuses (default 0).
+    #[serde(default)]
+    pub retries: u32,
+}
+
+impl Default for RawFallback {
+    fn default() -> Self {
+        RawFallback {
+            max_attempts: default_fallback_attempts(),
+            statuses: default_fallback_statuses(),
+            failures_to_cool_down: default_fallback_failures(),
+            cooldown_ms: default_fallback_cooldown_ms(),
+            retry_after_max_ms: default_fallback_retry_after_max_ms(),
+            deployment_header: false,
+            retries: 0,
+        }
+    }
+}
+
+fn default_fallback_attempts() -> u32 {
+    3
+}
+
+fn default_fallback_statuses() -> Vec<u16> {
+    vec![429, 500, 502, 503, 529]
+}
+
+fn default_fallback_failures() -> u32 {
+    3
+}
+
+fn default_fallback_cooldown_ms() -> u64 {
+    30_000
+}
+
+fn default_fallback_retry_after_max_ms() -> u64 {
+    600_000
 }
 
 /// The `cache_store` section.
@@ -247,7 +314,14 @@ pub struct RawModel {
     #[serde(default)]
     pub aliases: Vec<String>,
     /// Providers serving this model; a request goes to the first that speaks its API.
+    /// Give either this or `deployments`.
+    #[serde(default)]
     pub providers: Vec<String>,
+    /// Where the model is served, for fallback: a request tries the deployments that speak
+    /// its API, lowest `rank` first, spread by `weight` within a rank. Give either this or
+    /// `providers`.
+    #[serde(default)]
+    pub deployments: Vec<RawDeployment>,
     /// Name the provider knows the model by; defaults to `name`.
     #[serde(default)]
     pub upstream_model: Option<String>,
@@ -256,6 +330,25 @@ pub struct RawModel {
     #[serde(default)]
     pub max_output_tokens: Option<u64>,
     pub price: RawPrice,
+}
+
+/// One deployment of a model: a provider account and how the model is named there.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDeployment {
+    pub provider: String,
+    /// Name the provider knows the model by; defaults to the model's `upstream_model`.
+    #[serde(default)]
+    pub upstream_model: Option<String>,
+    /// Share of the rank's requests sent here first (default 1).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Tried only when every deployment of a lower rank is unavailable (default 0).
+    #[serde(default)]
+    pub rank: u32,
+    /// This deployment's prices; defaults to the model's.
+    #[serde(default)]
+    pub price: Option<RawPrice>,
 }
 
 /// USD per million tokens.

@@ -29,7 +29,8 @@ impl HostMetrics {
             MetricKey::Counter(..)
             | MetricKey::Global(..)
             | MetricKey::Cache(..)
-            | MetricKey::CasRetries => MetricType::Counter,
+            | MetricKey::CasRetries
+            | MetricKey::Fallback(..) => MetricType::Counter,
             MetricKey::Histogram(..) | MetricKey::QueueWait(..) => MetricType::Histogram,
             MetricKey::QueueWaiting(..) | MetricKey::QueueInFlight(..) => MetricType::Gauge,
         };
@@ -66,7 +67,8 @@ impl Metrics for HostMetrics {
             MetricKey::Counter(..)
             | MetricKey::Global(..)
             | MetricKey::Cache(..)
-            | MetricKey::CasRetries => {
+            | MetricKey::CasRetries
+            | MetricKey::Fallback(..) => {
                 hostcalls::increment_metric(id, i64::try_from(value).unwrap_or(i64::MAX))
             }
             // Histograms take a sample, gauges take the value.

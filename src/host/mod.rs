@@ -5,8 +5,10 @@
 //! header values), so every host call here goes through `hostcalls` and handles errors.
 
 mod metrics;
+mod plans;
 mod store;
 mod stream;
+mod upstream;
 
 use crate::cache::waiters::CacheWaiters;
 use crate::cache::CacheStore;
@@ -32,7 +34,11 @@ use stream::SluiceHttp;
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
-        Box::new(SluiceRoot { context_id, configured: None })
+        Box::new(SluiceRoot {
+            context_id,
+            configured: None,
+            upstream: false,
+        })
     });
 }}
 
@@ -91,6 +97,8 @@ struct Configured {
     /// (rather than at the next tick), and whether a wake is already on its way.
     wake_queue: Option<u32>,
     wake_pending: Rc<Cell<bool>>,
+    /// This worker's fallback plans, as this configuration registers them.
+    plans: plans::HostPlans,
 }
 
 impl Configured {
@@ -171,13 +179,14 @@ impl Configured {
     }
 
     /// The environment of a stream's callback run from the root context.
-    fn env_for(&self, context: u32) -> BodyEnv<'static> {
+    fn env_for(&self, context: u32) -> BodyEnv<'_> {
         BodyEnv {
             store: &SharedData,
             now_ms: now_ms(),
             worker: self.worker(),
             context,
             nonce: self.nonce,
+            plans: Some(&self.plans),
         }
     }
 
@@ -193,7 +202,13 @@ impl Configured {
 struct SluiceRoot {
     context_id: u32,
     configured: Option<Configured>,
+    /// The plugin is Sluice's upstream filter (root id [`UPSTREAM_ROOT_ID`]): its streams
+    /// are attempts, rewritten by the plans the downstream filter of this VM registered.
+    upstream: bool,
 }
+
+/// The root id of Sluice in a provider cluster's upstream filter chain.
+const UPSTREAM_ROOT_ID: &str = "sluice_upstream";
 
 impl SluiceRoot {
     /// Sends admission calls while the courier has admissions waiting and room for a call.
@@ -528,6 +543,15 @@ fn call_answer(num_headers: usize, body_size: usize) -> Result<Vec<u8>, String> 
 
 impl RootContext for SluiceRoot {
     fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
+        let root_id = hostcalls::get_property(vec!["plugin_root_id"])
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        if root_id == UPSTREAM_ROOT_ID.as_bytes() {
+            // Its plans, and the policy of each, come from the downstream filter.
+            self.upstream = true;
+            return true;
+        }
         match configure(plugin_configuration_size) {
             Ok(configured) => {
                 self.configured = Some(configured);
@@ -585,6 +609,9 @@ impl RootContext for SluiceRoot {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        if self.upstream {
+            return Some(Box::new(upstream::UpstreamAttempt::new()));
+        }
         Some(Box::new(SluiceHttp::new(
             context_id,
             self.configured.clone(),
@@ -658,6 +685,9 @@ fn configure(size: usize) -> Result<Configured, String> {
     }
     Ok(Configured {
         metrics: Rc::new(RefCell::new(metrics)),
+        plans: plans::HostPlans {
+            policy: policy.clone(),
+        },
         policy,
         queue: queue.map(|q| Rc::new(RefCell::new(q))),
         debug,

@@ -72,13 +72,17 @@ impl SluiceHttp {
         }
     }
 
-    fn body_env(&self) -> BodyEnv<'static> {
+    fn body_env(&self) -> BodyEnv<'_> {
         BodyEnv {
             store: &SharedData,
             now_ms: now_ms(),
             worker: self.configured.as_ref().map_or(0, Configured::worker),
             context: self.context_id,
             nonce: self.configured.as_ref().map_or(0, |c| c.nonce),
+            plans: self
+                .configured
+                .as_ref()
+                .map(|c| &c.plans as &dyn crate::fallback::Plans),
         }
     }
 
@@ -402,6 +406,8 @@ impl HttpContext for SluiceHttp {
         if let Some(Ok(mut waiters)) = c.cache_waiters.as_ref().map(|w| w.try_borrow_mut()) {
             waiters.forget(self.context_id);
         }
+        // The attempts its upstream filter recorded, before the ending is decided.
+        self.exchange.borrow_mut().collect_attempts(&c.plans);
         let (store, details, now) = (&SharedData, details.as_deref(), now_ms());
         // Never lose the record or the settlement: count without metrics if must be.
         let finished = match c.metrics.try_borrow_mut() {

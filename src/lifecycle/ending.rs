@@ -69,12 +69,19 @@ impl Claims {
 
 /// How the request that ended in `stage` ended; `None` if it had finished already.
 /// `client_left`: Envoy says the downstream went away.
+/// `served`: the deployment that answered, when a fallback plan says (else the one the
+/// request was routed to); its prices apply.
 pub(super) fn decide(
     stage: Stage,
     flavour: ApiFlavour,
     client_left: bool,
     policy: &Policy,
+    served: Option<usize>,
 ) -> Option<(Ending, Claims)> {
+    let routed = match stage.known() {
+        Known::Routed(_, route) => Some(route.deployment),
+        _ => None,
+    };
     let unused = MeterResult::default();
     let (ending, claims) = match stage {
         Stage::Finished => return None,
@@ -197,7 +204,12 @@ pub(super) fn decide(
             (ending, upstream.admitted.claims(place))
         }
     };
-    let price = ending.model.and_then(|m| policy.model(m)).map(|m| m.price);
+    let price = ending.model.and_then(|m| policy.model(m)).map(|m| {
+        served
+            .or(routed)
+            .and_then(|d| m.deployments.get(d))
+            .map_or(m.price, |d| d.price)
+    });
     let cost = price.map_or(0, |p| cost_micro_usd(&ending.usage.usage, &p));
     let cost = crate::cache::charge(cost, charged_ppm(policy, &ending));
     let held = &claims.held;

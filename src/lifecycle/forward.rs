@@ -12,8 +12,9 @@ use crate::body::{
 use crate::cache::request::{assess, Ask, Directive, Identity};
 use crate::cache::CacheOutcome;
 use crate::errors::{ApiError, ApiFlavour, ErrorKind};
-use crate::headers::{CLUSTER_HEADER, RELAY_HEADER};
-use crate::policy::Policy;
+use crate::fallback;
+use crate::headers::{CLUSTER_HEADER, MAX_RETRIES_HEADER, RELAY_HEADER};
+use crate::policy::{Policy, ProviderId};
 use crate::routing::{upstream_path, Api};
 use crate::usage::TokenUsage;
 
@@ -26,12 +27,22 @@ pub(super) struct Forwarding {
     pub(super) step: Step,
     /// What the response cache does, when it is on for the tenant and model.
     pub(super) cache: Option<Ask>,
+    /// Its plan waits in the worker's registry for later attempts (`Plans::take` at
+    /// its end).
+    pub(super) registered: bool,
 }
 
 /// Why the request is refused, and what was known by then.
 pub(super) struct Refused {
     pub(super) error: ApiError,
     pub(super) known: Known,
+}
+
+/// Who the request is, for its later attempts: its id (the key of its plan) and the
+/// `:authority` it came with.
+pub(super) struct Origin<'a> {
+    pub(super) request_id: Option<&'a str>,
+    pub(super) authority: &'a str,
 }
 
 pub(super) fn route(
@@ -41,6 +52,7 @@ pub(super) fn route(
     query: &str,
     directive: Directive,
     raw: &[u8],
+    origin: &Origin<'_>,
 ) -> Result<Forwarding, Box<Refused>> {
     // Each refusal carries what was known when it was made.
     let refused = |known| move |error| Box::new(Refused { error, known });
@@ -66,17 +78,42 @@ pub(super) fn route(
         return Err(refused(error));
     }
     let api = caller.api;
-    let (provider_id, provider) = policy
-        .provider_for(model_id, api.flavour())
+    // The deployments it may try, in order (one unless the model has fallback): skipping
+    // accounts that failed lately or whose own month is spent.
+    let available = |p: ProviderId| {
+        policy
+            .provider(p)
+            .is_some_and(|provider| fallback::health(env.store, provider).available(env.now_ms))
+            && !admission::provider_month_spent(policy, env.store, p, env.now_ms)
+    };
+    let random = env.nonce ^ u64::from(env.context).rotate_left(32) ^ env.now_ms;
+    let max_attempts = match (env.plans, origin.request_id) {
+        (Some(_), Some(_)) => policy.fallback.max_attempts,
+        _ => 1,
+    };
+    let mut chain = fallback::chain(
+        model,
+        &policy.providers,
+        api.flavour(),
+        max_attempts,
+        random,
+        &available,
+    );
+    let first_deployment = chain.first().copied().unwrap_or(0);
+    let (deployment, provider_id, provider) = chain
+        .first()
+        .and_then(|&i| model.deployments.get(i))
+        .and_then(|d| policy.provider(d.provider).map(|p| (d, d.provider, p)))
         .ok_or_else(|| not_served(&model.name, api))
         .map_err(refused)?;
 
     // The upstream edits first: a body that cannot be rewritten is bad input, refused
     // before any limit is touched.
     let mut body: Option<Vec<u8>> = None;
-    if fields.model != model.upstream_name {
-        let rewritten = replace_model(raw, &model.upstream_name)
-            .or_else(|| replace_model_reserialized(raw, &model.upstream_name))
+    let upstream_name = deployment.upstream_name.as_str();
+    if fields.model != upstream_name {
+        let rewritten = replace_model(raw, upstream_name)
+            .or_else(|| replace_model_reserialized(raw, upstream_name))
             .ok_or_else(unrewritable_body)
             .map_err(refused)?;
         body = Some(rewritten);
@@ -117,8 +154,6 @@ pub(super) fn route(
     if let Some(authority) = &provider.authority {
         step.set.push((":authority".into(), authority.clone()));
     }
-    step.set
-        .push((CLUSTER_HEADER.into(), provider.cluster.clone()));
     if fields.stream {
         let flavour = api.flavour().as_str();
         step.set.push((RELAY_HEADER.into(), flavour.into()));
@@ -139,7 +174,7 @@ pub(super) fn route(
                 field,
                 asked,
                 model_max,
-                &model.upstream_name,
+                upstream_name,
             )));
         }
     }
@@ -166,7 +201,7 @@ pub(super) fn route(
             env.store,
             parties,
             prompt_estimate,
-            &model.price,
+            &deployment.price,
             env.now_ms,
         );
         // Nothing affordable: the budget's own refusal says so.
@@ -197,7 +232,7 @@ pub(super) fn route(
     };
     let reservation = Reservation {
         tokens: expected.total(),
-        cost_micro_usd: cost_micro_usd(&expected, &model.price),
+        cost_micro_usd: cost_micro_usd(&expected, &deployment.price),
     };
     // The cache key comes from the client's body, before the upstream edits.
     let rule = policy
@@ -215,11 +250,43 @@ pub(super) fn route(
     let flavour = api.flavour();
     let decision = admission::admit(policy, env.store, parties, reservation, flavour, env.now_ms)
         .map_err(refused)?;
+    // The cluster of each attempt, in order (Envoy's route picks attempt n's), and no more
+    // retries than deployments to try.
+    let registered = chain.len() > 1
+        && match (env.plans, origin.request_id) {
+            (Some(plans), Some(id)) => plans.register(
+                id,
+                fallback::Plan {
+                    model: model_id,
+                    api,
+                    query: query.to_string(),
+                    authority: origin.authority.to_string(),
+                    chain: chain.clone(),
+                    started_ms: env.now_ms,
+                    attempts: Vec::new(),
+                },
+            ),
+            _ => false,
+        };
+    if !registered {
+        chain.truncate(1);
+    }
+    let clusters: Vec<&str> = chain
+        .iter()
+        .filter_map(|&i| model.deployments.get(i))
+        .filter_map(|d| policy.provider(d.provider))
+        .map(|p| p.cluster.as_str())
+        .collect();
+    step.set.push((CLUSTER_HEADER.into(), clusters.join(",")));
+    let retries = clusters.len().saturating_sub(1) + policy.fallback.retries as usize;
+    step.set
+        .push((MAX_RETRIES_HEADER.into(), retries.to_string()));
     Ok(Forwarding {
         caller,
         route: Route {
             model: model_id,
             provider: provider_id,
+            deployment: first_deployment,
             stream: fields.stream,
             injected_usage,
             prompt_estimate,
@@ -232,6 +299,7 @@ pub(super) fn route(
         decision,
         step,
         cache,
+        registered,
     })
 }
 

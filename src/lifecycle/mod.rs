@@ -120,6 +120,8 @@ pub struct BodyEnv<'a> {
     /// Random per VM: with the context id, names an admission at the quota service
     /// uniquely across workers, Envoy replicas and restarts.
     pub nonce: u64,
+    /// The worker's registry of fallback plans; `None`: one attempt per request.
+    pub plans: Option<&'a dyn crate::fallback::Plans>,
 }
 
 /// One request, from its headers to the end of its stream.
@@ -131,7 +133,18 @@ pub struct Exchange {
     request_id: Option<String>,
     /// The page's origin, when some tenant allows it: responses carry CORS headers.
     cors: Option<String>,
+    /// The client's `:authority`, for a fallback deployment that keeps it.
+    authority: Option<String>,
+    /// Its fallback plan, when it has later attempts to make.
+    plan: Option<PlanState>,
     stage: Stage,
+}
+
+/// A request's fallback plan: kept by the worker while attempts run, then its record.
+#[derive(Debug)]
+enum PlanState {
+    Registered,
+    Collected(crate::fallback::Plan),
 }
 
 impl std::fmt::Debug for Exchange {
@@ -334,6 +347,7 @@ impl Exchange {
             .get_str("x-request-id")
             .filter(|id| id.len() <= 128)
             .map(str::to_string);
+        self.authority = headers.get_str(":authority").map(str::to_string);
         let full_path = headers.get_str(":path").unwrap_or("");
         let (path, query) = split_path(full_path);
         let endpoint = Endpoint::from_path(path);
@@ -518,7 +532,12 @@ impl Exchange {
             );
             return self.refuse(Step::default(), err, Known::Request(caller));
         };
-        let forwarding = match forward::route(policy, env, caller, &query, directive, &raw) {
+        let origin = forward::Origin {
+            request_id: self.request_id.as_deref(),
+            authority: self.authority.as_deref().unwrap_or(""),
+        };
+        let forwarding = match forward::route(policy, env, caller, &query, directive, &raw, &origin)
+        {
             Ok(forwarding) => forwarding,
             Err(refused) => return self.refuse(Step::default(), refused.error, refused.known),
         };
@@ -528,7 +547,9 @@ impl Exchange {
             decision,
             mut step,
             cache,
+            registered,
         } = forwarding;
+        self.plan = registered.then_some(PlanState::Registered);
         step.routed = true;
         match decision {
             Decision::Admitted(admission::Admitted { held, headers }) => {
@@ -1038,6 +1059,14 @@ impl Exchange {
         }
     }
 
+    /// Takes the request's fallback plan, with the attempts its upstream filter recorded,
+    /// from the worker's registry: call once, before [`Exchange::finish`].
+    pub fn collect_attempts(&mut self, plans: &dyn crate::fallback::Plans) {
+        if let (Some(PlanState::Registered), Some(id)) = (&self.plan, &self.request_id) {
+            self.plan = plans.take(id).map(PlanState::Collected);
+        }
+    }
+
     /// The end of the stream, whatever ended it. Emits metrics and returns the usage
     /// record exactly once; later calls return `None`. `details` is Envoy's
     /// `response.code_details` (tells a client disconnect from an upstream failure).
@@ -1058,7 +1087,28 @@ impl Exchange {
             }
             _ => None,
         };
-        let (ending, mut claims) = ending::decide(stage, self.flavour, client_left, policy)?;
+        let plan = match self.plan.take() {
+            Some(PlanState::Collected(plan)) => Some(plan),
+            _ => None,
+        };
+        let served = plan.as_ref().and_then(|p| p.served().copied());
+        let (mut ending, mut claims) = ending::decide(
+            stage,
+            self.flavour,
+            client_left,
+            policy,
+            served.map(|a| a.deployment),
+        )?;
+        // Served by another deployment than the first: its account, its limits.
+        let moved_to = served
+            .map(|a| a.provider)
+            .filter(|&p| ending.provider.is_some_and(|routed| routed != p));
+        if let Some(plan) = plan {
+            ending.attempts = plan.attempts;
+        }
+        if let Some(p) = moved_to {
+            ending.provider = Some(p);
+        }
         // Only a complete 200 whose usage the provider reported is stored.
         let storable = ending.outcome == Outcome::Success
             && ending.status == 200
@@ -1076,7 +1126,20 @@ impl Exchange {
             ending.usage.usage.total(),
             ending::charged_ppm(policy, &ending),
         );
-        let given_back = claims.give_back(policy, store, tokens, ending.cost_micro_usd, now_ms);
+        let mut moved_failures = Vec::new();
+        if let Some(p) = moved_to {
+            moved_failures = admission::move_provider_usage(
+                policy,
+                store,
+                &mut claims.held,
+                p,
+                tokens,
+                ending.cost_micro_usd,
+                now_ms,
+            );
+        }
+        let mut given_back = claims.give_back(policy, store, tokens, ending.cost_micro_usd, now_ms);
+        given_back.failures.extend(moved_failures);
         crate::metrics::record_ending(metrics, &ending);
         let record = crate::accounting::usage_record(policy, self.request_id.as_deref(), &ending);
         Some(Completion {

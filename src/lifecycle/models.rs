@@ -62,9 +62,9 @@ fn model_object(
 
 fn openai_model(policy: &Policy, m: &Model) -> serde_json::Value {
     let owner = m
-        .providers
+        .deployments
         .first()
-        .and_then(|&p| policy.provider(p))
+        .and_then(|d| policy.provider(d.provider))
         .map(|p| p.name.as_str())
         .unwrap_or("sluice");
     json!({"id": m.name, "object": "model", "created": 0, "owned_by": owner})

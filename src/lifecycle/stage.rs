@@ -35,6 +35,8 @@ pub struct SentCredentials {
 pub struct Route {
     pub model: ModelId,
     pub provider: ProviderId,
+    /// Index of the model's deployment it was routed to (its first attempt).
+    pub deployment: usize,
     pub stream: bool,
     /// The gateway added `stream_options.include_usage` and strips the usage chunk.
     pub injected_usage: bool,

@@ -14,6 +14,7 @@
 //! | `sluice:p:{provider}:{measure}` | `R`, `C` or `M` | limits (a provider account) |
 //! | `sluice:q:{provider}` | `Q` | fairness (the provider's queue) |
 //! | `sluice:workers` | `W` | fairness (the last worker id handed out) |
+//! | `sluice:h:{provider}` | `H` | fallback (a provider account skipped until, failures in a row) |
 //! | `sluice:cache:{slot}` | `E` or `F` | the local response cache (`cache/local.rs`) |
 //!
 //! `{measure}` is `conc`, `rpm`, `tpm`, `mtok` or `musd` ([`LimitMeasure`]).
@@ -49,6 +50,8 @@ pub(crate) mod tag {
     pub const QUEUE: u8 = b'Q';
     /// The worker-id counter.
     pub const WORKERS: u8 = b'W';
+    /// A provider account's health (fallback).
+    pub const HEALTH: u8 = b'H';
 }
 
 /// The key of the worker-id counter.
@@ -136,6 +139,11 @@ pub fn cache_entry(tenant: &str, key: &str) -> String {
 /// The Redis key of one of a tenant's cache bookkeeping values (`index`, `sizes`, `bytes`).
 pub fn cache_tenant(tenant: &str, what: &str) -> String {
     format!("sluice:{{t:{tenant}}}:cache:{what}")
+}
+
+/// The key of a provider account's health (fallback).
+pub fn health(provider: &str) -> String {
+    format!("sluice:h:{provider}")
 }
 
 /// The key of a provider's fair queue.

@@ -763,12 +763,14 @@ def validate(envoy_env):
     if text.count(anchor) != 1:
         fail(f"{rel(GENERATED)}: expected one `{anchor}` to point at $SLUICE_WASM")
     relay_anchor = "filename: /etc/sluice/libsluice_relay.so }"
-    if text.count(relay_anchor) != 1:
-        fail(f"{rel(GENERATED)}: expected one `{relay_anchor}` to point at $SLUICE_RELAY")
+    # The relay module is both the stream relay filter and the route's cluster specifier.
+    if text.count(relay_anchor) != 2:
+        fail(f"{rel(GENERATED)}: expected two `{relay_anchor}` (the stream relay and the "
+             f"route's cluster specifier) to point at $SLUICE_RELAY")
     text = text.replace(relay_anchor, f"filename: {Path(relay).resolve()} }}")
     # The provider keys come from the compose file's envoy environment only: on_configure
     # (which validate mode runs) refuses a provider whose api_key_env is unset.
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    env = {k: v for k, v in os.environ.items() if "_API_KEY" not in k}
     env.update({k: v for k, v in envoy_env.items() if v is not None})
     with tempfile.TemporaryDirectory(prefix="sluice-compose-validate-") as tmp:
         config = Path(tmp) / "envoy.yaml"

@@ -153,7 +153,9 @@ fn demo_config_holds_only_key_digests() {
     for needle in [
         "FAIL_CLOSED",
         "allow_on_headers_stop_iteration: true",
-        "cluster_header: x-sluice-cluster",
+        "specifier_name: chain",
+        "refresh_cluster_on_retry: true",
+        "root_id: sluice_upstream",
     ] {
         assert!(
             yaml.contains(needle),

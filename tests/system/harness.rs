@@ -16,6 +16,7 @@ pub const INITECH: &str = "sk-sluice-demo-initech";
 
 /// Provider keys for the tests: distinct from the demo ones so a leak is attributable.
 pub const OPENAI_KEY: &str = "sk-test-provider-openai";
+pub const OPENAI_KEY_B: &str = "sk-test-second-account";
 pub const ANTHROPIC_KEY: &str = "sk-test-provider-anthropic";
 pub const DEEPSEEK_KEY: &str = "sk-test-provider-deepseek";
 pub const GEMINI_KEY: &str = "sk-test-provider-gemini";
@@ -85,6 +86,8 @@ pub fn python_bin() -> PathBuf {
 
 pub struct Mocks {
     pub openai: MockServer,
+    /// A second OpenAI account (`openai-b` in the demo, its own key).
+    pub openai_b: MockServer,
     pub anthropic: MockServer,
     pub deepseek: MockServer,
     pub gemini: MockServer,
@@ -103,6 +106,14 @@ impl Mocks {
             openai: sluice_mock::start(spec("openai", ProviderKind::OpenAi, OPENAI_KEY, "/v1"))
                 .await
                 .unwrap(),
+            openai_b: sluice_mock::start(spec(
+                "openai-b",
+                ProviderKind::OpenAi,
+                OPENAI_KEY_B,
+                "/v1",
+            ))
+            .await
+            .unwrap(),
             anthropic: sluice_mock::start(spec(
                 "anthropic",
                 ProviderKind::Anthropic,
@@ -184,6 +195,35 @@ pub fn split_listeners(bootstrap: &str, lds_path: &Path) -> (String, String) {
         .chain(&lines[end..])
         .map(|l| l.to_string())
         .collect();
+    // The clusters' upstream filter names the listener's vm_config by a YAML alias, whose
+    // anchor moves to the LDS file: write the anchored block out in its place.
+    if let Some(at) = lines[start..end]
+        .iter()
+        .position(|l| l.trim_start() == "vm_config: &sluice_vm")
+    {
+        let at = start + at;
+        let indent = |l: &str| l.len() - l.trim_start().len();
+        let base = indent(lines[at]);
+        let block: Vec<&str> = lines[at + 1..end]
+            .iter()
+            .take_while(|l| l.trim().is_empty() || indent(l) > base)
+            .copied()
+            .collect();
+        boot =
+            boot.into_iter()
+                .flat_map(|line| {
+                    if line.trim_start() != "vm_config: *sluice_vm" {
+                        return vec![line];
+                    }
+                    let pad = indent(&line);
+                    let mut out = vec![format!("{}vm_config:", " ".repeat(pad))];
+                    out.extend(block.iter().filter(|l| !l.trim().is_empty()).map(|l| {
+                        format!("{}{}", " ".repeat(pad + indent(l) - base), l.trim_start())
+                    }));
+                    out
+                })
+                .collect();
+    }
     // Dynamic resources need a node identity.
     boot.push(format!(
         "node:\n  id: sluice-test\n  cluster: sluice-test\ndynamic_resources:\n  lds_config:\n    resource_api_version: V3\n    path_config_source:\n      path: {}",
@@ -460,12 +500,12 @@ pub fn render_demo_config(mocks: &Mocks, dir: &Path, edit: Option<ConfigEdit>) -
             format!("port_value: {}", mocks.gemini.addr().port()),
         ),
         (
-            "filename: target/wasm32-wasip1/release/sluice.wasm".to_string(),
-            format!("filename: {}", wasm.display()),
+            "port_value: 18005".to_string(),
+            format!("port_value: {}", mocks.openai_b.addr().port()),
         ),
         (
-            "filename: target/release/libsluice_relay.so".to_string(),
-            format!("filename: {}", relay_path().display()),
+            "filename: target/wasm32-wasip1/release/sluice.wasm".to_string(),
+            format!("filename: {}", wasm.display()),
         ),
         // Histograms reach /stats/prometheus at each flush: flush often in tests.
         (
@@ -485,6 +525,10 @@ pub fn render_demo_config(mocks: &Mocks, dir: &Path, edit: Option<ConfigEdit>) -
         );
         yaml = yaml.replacen(&from, &to, 1);
     }
+    // The relay module is both a filter and the route's cluster specifier.
+    let relay = "filename: target/release/libsluice_relay.so";
+    assert!(yaml.contains(relay), "envoy/demo.yaml should load {relay}");
+    yaml = yaml.replace(relay, &format!("filename: {}", relay_path().display()));
     if let Some(edit) = edit {
         yaml = edit_plugin_config(&yaml, edit);
     }
@@ -525,6 +569,7 @@ pub fn plugin_config_block(yaml: &str) -> (String, usize, usize, usize) {
 pub fn provider_env() -> Vec<(&'static str, &'static str)> {
     vec![
         ("OPENAI_API_KEY", OPENAI_KEY),
+        ("OPENAI_API_KEY_B", OPENAI_KEY_B),
         ("ANTHROPIC_API_KEY", ANTHROPIC_KEY),
         ("DEEPSEEK_API_KEY", DEEPSEEK_KEY),
         ("GEMINI_API_KEY", GEMINI_KEY),

@@ -12,6 +12,7 @@ mod config;
 mod conventions;
 mod deploy;
 mod fairness;
+mod fallback;
 mod global;
 mod hardening;
 mod production;

@@ -144,8 +144,8 @@ async fn mixed_traffic_is_counted_exactly() {
         ),
         ("Anthropic SSE", anthropic(true).header("x-mock-chunks", "5"), 200),
         (
-            "upstream 429",
-            c.post(&chat_url).bearer_auth(ACME).header("x-mock-fault", "429").json(&chat("gpt-4.1", "fail")),
+            "upstream 429 (a model without fallback: passed on as it is)",
+            c.post(&chat_url).bearer_auth(ACME).header("x-mock-fault", "429").json(&chat("gpt-4.1-mini", "fail")),
             429,
         ),
         (

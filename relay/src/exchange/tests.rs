@@ -17,6 +17,8 @@ struct FakeHost {
     calls: Vec<Call>,
     next_stream: u64,
     refuse: Option<StartFailure>,
+    /// Clusters whose starts fail with `CannotCreate` (no healthy host).
+    unhealthy: Vec<Vec<u8>>,
 }
 
 impl Host for FakeHost {
@@ -33,6 +35,9 @@ impl Host for FakeHost {
         ));
         if let Some(f) = self.refuse {
             return Err(f);
+        }
+        if self.unhealthy.iter().any(|c| c == cluster) {
+            return Err(StartFailure::CannotCreate);
         }
         self.next_stream += 1;
         Ok(self.next_stream)
@@ -145,6 +150,7 @@ fn the_provider_gets_sluices_request_without_internal_or_hop_headers() {
         .iter()
         .map(|(n, _)| String::from_utf8_lossy(n).into_owned())
         .collect();
+    // None of Sluice's headers: the attempt's number only goes with a chain.
     assert!(
         !names.iter().any(|n| n.starts_with("x-sluice-")),
         "{names:?}"
@@ -487,4 +493,236 @@ fn a_client_that_leaves_during_a_back_off_gets_no_further_attempt() {
     ex.on_downstream_gone(&mut host);
     ex.on_timer(&mut host, 1_000);
     assert!(host.take().is_empty());
+}
+
+// ---- Fallback across a chain of clusters (issue 18) ----
+
+/// An exchange that took a relayed request for `chain` and made its first attempt.
+fn started_on(cfg: &Arc<RelayConfig>, chain: &str, host: FakeHost) -> (Exchange, FakeHost) {
+    let mut ex = Exchange::new(cfg.clone(), 7);
+    let mut host = host;
+    ex.on_request_headers(Some(b"openai"), 0);
+    let headers = request_headers()
+        .into_iter()
+        .map(|(n, v)| {
+            if n == b"x-sluice-cluster" {
+                (n, chain.as_bytes().to_vec())
+            } else {
+                (n, v)
+            }
+        })
+        .collect();
+    ex.on_request_complete(&mut host, headers, b"{}".to_vec(), 0);
+    (ex, host)
+}
+
+/// The clusters and attempt numbers of the starts among `calls`.
+fn starts(calls: &[Call]) -> Vec<(String, String)> {
+    calls
+        .iter()
+        .filter_map(|c| match c {
+            Call::Start(cluster, headers, _) => {
+                let attempt: Vec<_> = headers
+                    .iter()
+                    .filter(|(n, _)| n == b"x-sluice-attempt")
+                    .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+                    .collect();
+                Some((
+                    String::from_utf8_lossy(cluster).into_owned(),
+                    attempt.join("|"),
+                ))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn pair(cluster: &str, attempt: &str) -> (String, String) {
+    (cluster.into(), attempt.into())
+}
+
+const STATUSES: &str = r#"{"retry":{"num_retries":1,"statuses":[429,503],"base_interval_ms":500,"retry_after_max_ms":60000}}"#;
+
+#[test]
+fn each_attempt_goes_to_the_next_cluster_of_the_chain_at_once() {
+    let (mut ex, mut host) = started_on(&config(STATUSES), "a, b,c", FakeHost::default());
+    assert_eq!(starts(&host.take()), vec![pair("a", "1")]);
+    // A 429 with a short retry-after: that was a's; b is tried at once.
+    let limited = vec![h(":status", "429"), h("retry-after", "2"), h("date", "x")];
+    ex.on_stream_headers(&mut host, 1, &limited, false, 100);
+    let calls = host.take();
+    assert_eq!(calls[0], Call::Reset(1));
+    assert_eq!(starts(&calls), vec![pair("b", "2")]);
+    assert!(
+        !calls
+            .iter()
+            .any(|c| matches!(c, Call::Wake(at) if *at < 240_000)),
+        "no back-off: {calls:?}"
+    );
+    // More attempts than `retry.num_retries` allows: the chain's length decides.
+    ex.on_stream_headers(
+        &mut host,
+        2,
+        &[h(":status", "503"), h("date", "x")],
+        false,
+        110,
+    );
+    assert_eq!(starts(&host.take()), vec![pair("c", "3")]);
+    ex.on_stream_headers(&mut host, 3, &ok_headers(), false, 120);
+    ex.on_stream_data(&mut host, 3, &[b"data: [DONE]\n\n"], true, 121);
+    let calls = host.take();
+    assert!(
+        matches!(&calls[0], Call::Headers(h, false) if h[0].1 == b"200"),
+        "{calls:?}"
+    );
+    assert!(!calls.iter().any(|c| matches!(c, Call::Note(..))));
+}
+
+#[test]
+fn the_chain_gives_each_cluster_one_attempt_and_the_last_answer_passes() {
+    let cfg = config(r#"{"retry":{"num_retries":5,"statuses":[503]}}"#);
+    let (mut ex, mut host) = started_on(&cfg, "a,b", FakeHost::default());
+    host.take();
+    let busy = vec![h(":status", "503"), h("date", "x")];
+    ex.on_stream_headers(&mut host, 1, &busy, false, 10);
+    assert_eq!(starts(&host.take()), vec![pair("b", "2")]);
+    ex.on_stream_headers(&mut host, 2, &busy, false, 20);
+    let calls = host.take();
+    assert!(starts(&calls).is_empty(), "{calls:?}");
+    assert!(matches!(&calls[0], Call::Headers(h, false) if h[0].1 == b"503"));
+}
+
+#[test]
+fn a_reset_before_headers_moves_on_without_on_reset_or_any_retry_policy() {
+    for reason in [ResetReason::RemoteReset, ResetReason::ConnectionFailure] {
+        let cfg = config(r#"{"retry":{"num_retries":0,"on_connect_failure":false}}"#);
+        let (mut ex, mut host) = started_on(&cfg, "a,b", FakeHost::default());
+        host.take();
+        ex.on_stream_reset(&mut host, 1, reason, 10);
+        let calls = host.take();
+        assert_eq!(calls[0], Call::Reset(1));
+        assert_eq!(starts(&calls), vec![pair("b", "2")], "{reason:?}");
+    }
+    let (mut ex, mut host) = started_on(&config("{}"), "a,b", FakeHost::default());
+    host.take();
+    ex.on_stream_reset(&mut host, 1, ResetReason::RemoteReset, 10);
+    assert_eq!(starts(&host.take()), vec![pair("b", "2")]);
+    // The last cluster fails too: answered, with both attempts noted.
+    ex.on_stream_reset(&mut host, 2, ResetReason::ConnectionTermination, 20);
+    let calls = host.take();
+    assert_eq!(
+        calls[1],
+        Call::Note(
+            "upstream_reset_before_response_started{connection_termination}".into(),
+            2
+        )
+    );
+    assert!(matches!(&calls[2], Call::Headers(h, false) if h[0].1 == b"503"));
+}
+
+#[test]
+fn on_reset_still_governs_retrying_a_single_cluster() {
+    let (mut ex, mut host) = started_on(
+        &config(r#"{"retry":{"num_retries":2}}"#),
+        "a",
+        FakeHost::default(),
+    );
+    host.take();
+    ex.on_stream_reset(&mut host, 1, ResetReason::RemoteReset, 10);
+    let calls = host.take();
+    assert!(starts(&calls).is_empty(), "{calls:?}");
+    assert!(matches!(&calls[2], Call::Headers(h, false) if h[0].1 == b"503"));
+    // A connect failure on one cluster backs off, then tries the same cluster again.
+    let (mut ex, mut host) = started_on(
+        &config(r#"{"retry":{"num_retries":2,"base_interval_ms":100}}"#),
+        "a",
+        FakeHost::default(),
+    );
+    host.take();
+    ex.on_stream_reset(&mut host, 1, ResetReason::ConnectionFailure, 10);
+    let calls = host.take();
+    let [Call::Reset(1), Call::Wake(at)] = calls.as_slice() else {
+        panic!("{calls:?}")
+    };
+    ex.on_timer(&mut host, *at);
+    assert_eq!(starts(&host.take()), vec![pair("a", "")]);
+}
+
+#[test]
+fn a_status_outside_fallback_statuses_passes_even_with_a_chain() {
+    let (mut ex, mut host) = started_on(
+        &config(r#"{"fallback_statuses":[503]}"#),
+        "a,b",
+        FakeHost::default(),
+    );
+    host.take();
+    ex.on_stream_headers(
+        &mut host,
+        1,
+        &[h(":status", "429"), h("date", "x")],
+        false,
+        10,
+    );
+    let calls = host.take();
+    assert!(starts(&calls).is_empty(), "{calls:?}");
+    assert!(matches!(&calls[0], Call::Headers(h, false) if h[0].1 == b"429"));
+}
+
+#[test]
+fn nothing_moves_on_once_the_response_started() {
+    let (mut ex, mut host) = started_on(&config(STATUSES), "a,b", FakeHost::default());
+    ex.on_stream_headers(&mut host, 1, &ok_headers(), false, 5);
+    ex.on_stream_data(&mut host, 1, &[b"data: a\n\n"], false, 6);
+    host.take();
+    ex.on_stream_reset(&mut host, 1, ResetReason::RemoteReset, 7);
+    let calls = host.take();
+    assert!(starts(&calls).is_empty(), "{calls:?}");
+    assert_eq!(
+        calls[0],
+        Call::Note(
+            "upstream_reset_after_response_started{remote_reset}".into(),
+            1
+        )
+    );
+}
+
+#[test]
+fn a_cluster_without_a_healthy_host_is_passed_over() {
+    let host = FakeHost {
+        unhealthy: vec![b"a".to_vec()],
+        ..FakeHost::default()
+    };
+    let (mut ex, mut host) = started_on(&config("{}"), "a,b", host);
+    assert_eq!(starts(&host.take()), vec![pair("a", "1"), pair("b", "2")]);
+    ex.on_stream_headers(&mut host, 1, &ok_headers(), true, 5);
+    assert!(matches!(&host.take()[0], Call::Headers(h, true) if h[0].1 == b"200"));
+    // Every cluster unhealthy: answered after one attempt each.
+    let host = FakeHost {
+        unhealthy: vec![b"a".to_vec(), b"b".to_vec()],
+        ..FakeHost::default()
+    };
+    let (_, mut host) = started_on(&config("{}"), "a,b", host);
+    let calls = host.take();
+    assert_eq!(starts(&calls).len(), 2);
+    assert!(calls.contains(&Call::Note("no_healthy_upstream".into(), 2)));
+}
+
+#[test]
+fn the_attempt_header_is_the_relays_own() {
+    let mut ex = Exchange::new(config(STATUSES), 1);
+    let mut host = FakeHost::default();
+    ex.on_request_headers(Some(b"openai"), 0);
+    let mut headers = request_headers();
+    headers.push(h("x-sluice-attempt", "9"));
+    ex.on_request_complete(&mut host, headers, Vec::new(), 0);
+    assert_eq!(
+        starts(&host.take()),
+        vec![pair("openai", "")],
+        "a client's header is dropped; one cluster carries none"
+    );
+    // A chain with no name in it is no cluster.
+    let (_, mut host) = started_on(&config("{}"), " , ", FakeHost::default());
+    let calls = host.take();
+    assert!(starts(&calls).is_empty());
+    assert!(matches!(&calls[1], Call::Headers(h, false) if h[0].1 == b"500"));
 }

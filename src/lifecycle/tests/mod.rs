@@ -5,6 +5,7 @@
 mod cache;
 mod clients;
 mod ending;
+mod fallback;
 mod global;
 mod queue;
 
@@ -23,6 +24,7 @@ pub(super) fn test_env(store: &MemoryStore) -> BodyEnv<'_> {
         worker: 0,
         context: 1,
         nonce: 7,
+        plans: None,
     }
 }
 

@@ -49,6 +49,7 @@ fn queued_at(
         worker: 1,
         context,
         nonce: 7,
+        plans: None,
     };
     let step = ex.on_request_body(p, &env, body.len(), true, || Some(body.as_bytes().to_vec()));
     (ex, step)
