@@ -385,15 +385,73 @@ pub fn provider_month_spent(
     })
 }
 
+/// Takes a fallback attempt's provider account's own local limits (its rates, month and
+/// concurrency) for `reservation`, as admission took the first account's: what was taken,
+/// to settle at the end, or nothing when there is no room (the attempt goes anyway; the
+/// provider's own answer decides).
+pub fn reserve_provider(
+    policy: &Policy,
+    store: &dyn Store,
+    provider: ProviderId,
+    reservation: Reservation,
+    now_ms: u64,
+) -> Vec<(LimitId, Taken)> {
+    let Some(p) = policy.provider(provider) else {
+        return Vec::new();
+    };
+    let mut out = Plan::default();
+    let of = LimitOf::Provider(&p.name);
+    push_limits(
+        &mut out,
+        policy,
+        LimitScope::Provider,
+        of,
+        &p.limits,
+        reservation,
+    );
+    let demands: Vec<Demand> = out.local.iter().map(|(_, d)| d.clone()).collect();
+    match Limiter::new(store).admit(&demands, now_ms) {
+        Admission::Admitted { taken, .. } => {
+            out.local.into_iter().map(|(id, _)| id).zip(taken).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Settles a fallback attempt's reservation ([`reserve_provider`]) to what the request
+/// used there: all of it for the attempt that served, nothing for one that failed.
+pub fn settle_items(
+    store: &dyn Store,
+    items: &[(LimitId, Taken)],
+    actual_tokens: u64,
+    actual_cost_micro_usd: u64,
+    now_ms: u64,
+) -> Vec<String> {
+    let limiter = Limiter::new(store);
+    let mut failures = Vec::new();
+    for (id, taken) in items {
+        let Some(actual) = actual_of(id.measure, actual_tokens, actual_cost_micro_usd) else {
+            continue;
+        };
+        if let Err(e) = limiter.settle(taken, actual, now_ms) {
+            failures.push(format!("{}: {e:?}", taken.key));
+        }
+    }
+    failures
+}
+
 /// A request admitted for one provider account was served by another (fallback): the
-/// first account's limits are given back in full, and the serving account's rates and
-/// monthly totals are charged what was used (concurrency is not: the request has ended).
+/// first account's limits are given back in full. The serving account's rates and monthly
+/// totals are charged what was used (concurrency is not: the request has ended), unless
+/// `reserved`: its attempt took them, and they are settled with that attempt.
 /// Local limits only; returns the keys that could not be settled.
+#[allow(clippy::too_many_arguments)]
 pub fn move_provider_usage(
     policy: &Policy,
     store: &dyn Store,
     held: &mut Held,
     served: ProviderId,
+    reserved: bool,
     actual_tokens: u64,
     actual_cost_micro_usd: u64,
     now_ms: u64,
@@ -409,7 +467,7 @@ pub fn move_provider_usage(
             failures.push(format!("{}: {e:?}", taken.key));
         }
     }
-    let Some(p) = policy.provider(served) else {
+    let Some(p) = policy.provider(served).filter(|_| !reserved) else {
         return failures;
     };
     let mut out = Plan::default();

@@ -270,6 +270,11 @@ pub struct Plan {
     pub chain: Vec<usize>,
     /// When it was routed (ms since the epoch): attempts are timed from here.
     pub started_ms: u64,
+    /// What admission reserved (for the first deployment): a later attempt's account
+    /// reserves as much.
+    pub reservation: crate::admission::Reservation,
+    /// Provider limits taken for attempts at later deployments, by deployment.
+    pub held: Vec<(usize, Vec<(crate::policy::LimitId, crate::limits::Taken)>)>,
     /// The attempts so far, as the upstream filter saw them end.
     pub attempts: Vec<Attempt>,
 }
@@ -287,6 +292,27 @@ pub struct Attempt {
 }
 
 impl Plan {
+    /// Attempt `n` goes to another account than the first: it takes that account's own
+    /// limits (once per deployment), as admission took the first's.
+    pub fn reserve(&mut self, policy: &Policy, store: &dyn Store, n: u32, now_ms: u64) {
+        let Some(d) = self.deployment_for(n) else {
+            return;
+        };
+        if self.chain.first() == Some(&d) || self.held.iter().any(|(h, _)| *h == d) {
+            return;
+        }
+        let Some(provider) = policy
+            .model(self.model)
+            .and_then(|m| m.deployments.get(d))
+            .map(|d| d.provider)
+        else {
+            return;
+        };
+        let items =
+            crate::admission::reserve_provider(policy, store, provider, self.reservation, now_ms);
+        self.held.push((d, items));
+    }
+
     /// Records how attempt `n` ended (its deployment's provider, its time).
     pub fn record(&mut self, policy: &Policy, n: u32, status: u16, now_ms: u64) {
         let Some(deployment) = self.deployment_for(n) else {

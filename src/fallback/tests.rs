@@ -249,6 +249,8 @@ fn plan(chain: Vec<usize>) -> Plan {
         authority: "gateway.local".into(),
         chain,
         started_ms: 0,
+        reservation: Default::default(),
+        held: Vec::new(),
         attempts: Vec::new(),
     }
 }

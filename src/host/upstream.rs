@@ -170,6 +170,11 @@ impl HttpContext for UpstreamAttempt {
         for name in &edits.remove {
             let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
         }
+        // The attempt's account takes its own limits, as admission took the first's.
+        let now = now_ms();
+        with_plan(&id, |plan, policy| {
+            plan.reserve(policy, &SharedData, n, now)
+        });
         for (name, value) in &edits.set {
             if let Err(s) = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value))
             {

@@ -263,6 +263,8 @@ pub(super) fn route(
                     authority: origin.authority.to_string(),
                     chain: chain.clone(),
                     started_ms: env.now_ms,
+                    reservation,
+                    held: Vec::new(),
                     attempts: Vec::new(),
                 },
             ),

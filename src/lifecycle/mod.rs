@@ -1103,8 +1103,10 @@ impl Exchange {
         let moved_to = served
             .map(|a| a.provider)
             .filter(|&p| ending.provider.is_some_and(|routed| routed != p));
+        let mut held_by_attempts = Vec::new();
         if let Some(plan) = plan {
             ending.attempts = plan.attempts;
+            held_by_attempts = plan.held;
         }
         if let Some(p) = moved_to {
             ending.provider = Some(p);
@@ -1127,16 +1129,30 @@ impl Exchange {
             ending::charged_ppm(policy, &ending),
         );
         let mut moved_failures = Vec::new();
+        // Later attempts' accounts: the serving one keeps what was used, the others
+        // get theirs back.
+        let mut reserved = false;
+        for (deployment, items) in &held_by_attempts {
+            let serving = served.is_some_and(|a| a.deployment == *deployment);
+            reserved |= serving && !items.is_empty();
+            let (t, c) = if serving {
+                (tokens, ending.cost_micro_usd)
+            } else {
+                (0, 0)
+            };
+            moved_failures.extend(admission::settle_items(store, items, t, c, now_ms));
+        }
         if let Some(p) = moved_to {
-            moved_failures = admission::move_provider_usage(
+            moved_failures.extend(admission::move_provider_usage(
                 policy,
                 store,
                 &mut claims.held,
                 p,
+                reserved,
                 tokens,
                 ending.cost_micro_usd,
                 now_ms,
-            );
+            ));
         }
         let mut given_back = claims.give_back(policy, store, tokens, ending.cost_micro_usd, now_ms);
         given_back.failures.extend(moved_failures);

@@ -14,6 +14,7 @@ fn options(ranks: Option<(u32, u32)>, weights: (u32, u32)) -> GatewayOptions {
     GatewayOptions {
         concurrency: 2,
         plugin_config: Some(Box::new(move |v: &mut Value| {
+            v["fallback"] = json!({"deployment_header": true});
             let gold = v["tiers"]["gold"].as_object_mut().unwrap();
             gold.remove("cache");
             gold.insert(
@@ -58,9 +59,13 @@ async fn last_record(gw: &Gateway, lines: usize) -> Value {
 async fn a_rate_limited_account_is_skipped_until_its_retry_after() {
     let gw = Gateway::start_with(options(Some((0, 1)), (1, 1))).await;
     let fault = [("x-mock-fault", "429"), ("x-mock-fault-on", "openai")];
-    let (status, _, body) = gw.chat_with(ACME, &chat("first"), &fault).await;
+    let (status, headers, body) = gw.chat_with(ACME, &chat("first"), &fault).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["model"], "gpt-4.1");
+    assert_eq!(
+        headers["x-sluice-deployment"], "openai-b",
+        "the debugging header"
+    );
     let (a, b) = (gw.mocks.openai.requests(), gw.mocks.openai_b.requests());
     assert_eq!((a.len(), b.len()), (1, 1));
     assert_eq!(a[0].status, 429);
@@ -151,6 +156,10 @@ async fn a_failing_provider_falls_back_to_another_with_the_request_rewritten_for
     ];
     let (status, _, body) = gw.chat_with(ACME, &chat("to deepseek"), &fault).await;
     assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["model"], "deepseek-chat",
+        "the response names the model that served"
+    );
     let d = gw.mocks.deepseek.requests();
     assert_eq!(d.len(), 1);
     // DeepSeek's path, name for the model, and key.

@@ -109,14 +109,37 @@ fn a_cooling_account_is_left_out_of_the_chain() {
 }
 
 #[test]
+fn an_account_whose_month_is_spent_is_left_out_of_the_chain() {
+    let p = fallback_policy();
+    let (store, plans) = (MemoryStore::new(), PlanTable::default());
+    // openai-a's own monthly quota (1,000,000 tokens) is used up.
+    let key = crate::shared::keys::limit(
+        crate::shared::keys::LimitOf::Provider("openai-a"),
+        crate::policy::LimitMeasure::MonthlyTokens,
+    );
+    let taken = crate::limits::Taken {
+        key,
+        kind: crate::limits::LimitKind::Monthly { limit: 1_000_000 },
+        amount: 0,
+        month: crate::limits::month_index(0),
+    };
+    Limiter::new(&store).settle(&taken, 1_000_000, 0).unwrap();
+    let (_, b) = routed(&p, &store, &plans, "req-6");
+    assert_eq!(set(&b, CLUSTER_HEADER), Some("openai_b,deepseek"));
+}
+
+#[test]
 fn a_request_served_by_a_later_deployment_is_its_account_s() {
     let p = fallback_policy();
     let (store, plans) = (MemoryStore::new(), PlanTable::default());
     let (mut ex, _) = routed(&p, &store, &plans, "req-3");
-    // Attempt 1 (openai-a) answered 429, attempt 2 (openai-b) served.
+    // Attempt 1 (openai-a) answered 429, attempt 2 (openai-b) served; the upstream filter
+    // reserved openai-b's limits for attempt 2 as admission reserved openai-a's.
     assert!(plans
         .with("req-3", |plan, _| {
             plan.record(&p, 1, 429, 5);
+            plan.reserve(&p, &store, 2, 6);
+            plan.reserve(&p, &store, 2, 7);
             plan.record(&p, 2, 200, 9);
         })
         .is_some());
@@ -127,6 +150,16 @@ fn a_request_served_by_a_later_deployment_is_its_account_s() {
     ex.on_response_body(CHAT_JSON.as_bytes(), true, 12);
     ex.collect_attempts(&plans);
     assert!(plans.is_empty(), "the plan is taken back");
+    let reserved = crate::shared::keys::limit(
+        crate::shared::keys::LimitOf::Provider("openai-b"),
+        crate::policy::LimitMeasure::MonthlyTokens,
+    );
+    let kind = crate::limits::LimitKind::Monthly { limit: 1_000_000 };
+    let before = Limiter::new(&store)
+        .reading(&reserved, kind, 20)
+        .unwrap()
+        .used;
+    assert!(before > 0, "the attempt's reservation is held: {before}");
     let mut m = FakeMetrics::default();
     let done = ex
         .finish(&p, &store, Some("via_upstream"), 20, &mut m)
@@ -146,7 +179,7 @@ fn a_request_served_by_a_later_deployment_is_its_account_s() {
     // openai-b's prices: 12 input (2 cached at the input price) + 5 output, 1 USD/Mtok each.
     assert_eq!(record["cost_micro_usd"], 17);
     // openai-a got its reservation back; openai-b was charged what was used.
-    let month = |name: &str| {
+    let month = |name: &str| -> u64 {
         let key = crate::shared::keys::limit(
             crate::shared::keys::LimitOf::Provider(name),
             crate::policy::LimitMeasure::MonthlyTokens,
@@ -155,7 +188,11 @@ fn a_request_served_by_a_later_deployment_is_its_account_s() {
         Limiter::new(&store).reading(&key, kind, 20).unwrap().used
     };
     assert_eq!(month("openai-a"), 0);
-    assert_eq!(month("openai-b"), 17);
+    assert_eq!(
+        month("openai-b"),
+        17,
+        "reserved once, settled to what was used"
+    );
     let rpm = |name: &str| {
         let key = crate::shared::keys::limit(
             crate::shared::keys::LimitOf::Provider(name),
