@@ -27,14 +27,31 @@ Run from the repository root:
    outbound|PORT||HOST of the route's destination, or a CLUSTER ADD of the same
    EnvoyFilter); the gateway pods run the proxy image with the .so (annotation
    sidecar.istio.io/proxyImage) and Dockerfile.proxy builds it FROM Istio's proxyv2.
+   Sluice's fallback.retries equals the routes' retries (Sluice's x-envoy-max-retries
+   overrides them), and the relay's fallback_statuses Sluice's fallback.statuses.
+   Fallback across deployments (when a model has `deployments`, or the patches exist): an
+   HTTP_ROUTE INSERT_FIRST patch on the Gateway's route configuration matching only chains
+   (x-sluice-cluster contains ","), whose cluster comes from Sluice's cluster specifier (the
+   relay's .so, wrapped in a udpa TypedStruct, which istiod can parse) with the routes'
+   timeout, the retry policy fallback needs (connect-failure, reset, retriable statuses ==
+   fallback.statuses, enough retries, refresh_cluster_on_retry, no
+   rate_limited_retry_back_off) and the header removal; an EXTENSION_CONFIG with Sluice's
+   upstream filter (root id sluice_upstream, FAIL_CLOSED) whose vm_config is the Sluice
+   filter's, also after the istio-agent's rewrite of remote code; and, for every cluster a
+   deployment reaches (Istio's names, DestinationRule subsets included), CLUSTER MERGE
+   patches that give it that filter over ECDS then upstream_codec, only on provider
+   clusters, repeating the HttpProtocolOptions istiod derives from the DestinationRule
+   (the merge replaces that entry whole).
 2. Transplants each EnvoyFilter's Wasm config into a minimal Envoy bootstrap (the listener,
    access log, router and stats patches applied; routes translated from the
    VirtualService; the quota service's cluster added as Istio would generate it; the wasm
    code switched to `local: {filename: $SLUICE_WASM}`, the relay's .so to $SLUICE_RELAY, the
-   EnvoyFilter's added clusters included) and runs `$SLUICE_ENVOY --mode validate`.
-   Validation loads the VM and runs Sluice's configure step, and loads the relay with its
-   configuration, so this proves both accept the embedded JSON. As controls, the same
-   bootstrap with one unknown field added to the Sluice JSON, or to the relay's, must FAIL
+   EnvoyFilter's added clusters included; the provider clusters as istiod builds them, after
+   the CLUSTER MERGE patches, with the upstream filter inline; the route for chains first)
+   and runs `$SLUICE_ENVOY --mode validate`. Validation loads the VM and runs Sluice's
+   configure step, and loads the relay with its configuration, so this proves both accept
+   the embedded JSON. As controls, the same bootstrap with one unknown field added to the
+   Sluice JSON, to the relay's, or to the cluster specifier's TypedStruct must FAIL
    validation.
 3. Runs scripts/wasm_oci.py into a temporary directory and verifies the OCI layout:
    index -> manifest -> config and layer digests and sizes match the blob files, the layer
@@ -43,7 +60,13 @@ Run from the repository root:
 
 Options: --live also runs the gateway configuration in a real Envoy against the mock
 providers (needs target/release/sluice-mock or $SLUICE_MOCK: `make mock`; streamed requests
-go through the relay, to the clusters named as Istio names them), and, when the
+go through the relay, to the clusters named as Istio names them; both ECDS resources, the
+Sluice filter and its upstream filter, come from files as the istio-agent would hand them;
+fallback with the mock's fault knobs: a 429 from one account served by the other and
+remembered, every first-rank account failing with 503 served by the next rank, for a
+request and a stream, with each attempt rewritten for its deployment and the usage
+record's attempts; and, as a control, an upstream filter with another vm_config finds no
+plan and sends no credentials), and, when the
 configuration has a `global` section, against a real quota service and Redis (needs
 target/release/sluice-quota or $SLUICE_QUOTA, and redis-server on PATH or
 $SLUICE_REDIS_SERVER: `make quota redis`); --dir DIR checks
@@ -89,7 +112,7 @@ RELAY_HEADER = "x-sluice-relay"
 RELAY_TYPE = "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
 RELAY_SO = "libsluice_relay.so"
 # The relay's configuration (relay/src/config.rs): field -> accepted JSON type.
-RELAY_FIELDS = {"timeout_ms": "u64", "idle_timeout_ms": "u64", "retry": "object"}
+RELAY_FIELDS = {"timeout_ms": "u64", "idle_timeout_ms": "u64", "retry": "object", "fallback_statuses": "statuses"}
 RELAY_RETRY_FIELDS = {"num_retries": "u32", "on_reset": "bool", "on_connect_failure": "bool", "statuses": "statuses",
                       "base_interval_ms": "u64", "max_interval_ms": "u64", "retry_after_max_ms": "u64"}
 RELAY_DEFAULT_IDLE_TIMEOUT_MS = 300_000
@@ -104,6 +127,20 @@ PROXY_IMAGE_ANNOTATION = "sidecar.istio.io/proxyImage"
 SHA256_PLACEHOLDER = "REPLACE_WITH_MANIFEST_DIGEST"
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+# Fallback across deployments (README "Fallback across deployments and accounts"): Sluice's
+# defaults (src/config), the relay's (relay/src/config.rs), and what the gateway needs.
+DEFAULT_FALLBACK_STATUSES = (429, 500, 502, 503, 529)
+DEFAULT_FALLBACK_MAX_ATTEMPTS = 3
+DEFAULT_FALLBACK_RETRIES = 0
+UPSTREAM_ROOT_ID = "sluice_upstream"
+UPSTREAM_CODEC = "envoy.filters.http.upstream_codec"
+UPSTREAM_CODEC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"
+HTTP_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+HTTP_OPTIONS_TYPE = "type.googleapis.com/" + HTTP_OPTIONS_KEY
+SPECIFIER_TYPE = ("type.googleapis.com/envoy.extensions.router.cluster_specifiers.dynamic_modules.v3."
+                  "DynamicModuleClusterSpecifier")
+# istiod resolves these (pilot/pkg/model/config.go links udpa's), not the specifier's type.
+TYPED_STRUCT_TYPE = "type.googleapis.com/udpa.type.v1.TypedStruct"
 
 KNOWN_KINDS = {
     ("v1", "Namespace"), ("v1", "Secret"), ("v1", "ServiceAccount"), ("v1", "Service"),
@@ -259,9 +296,14 @@ def parse_relay_config(text: str) -> tuple[dict | None, str]:
                  "max_interval_ms": 250, "retry_after_max_ms": 0}
     timeout = raw.get("timeout_ms")
     idle = raw.get("idle_timeout_ms")
+    fallback_statuses = raw.get("fallback_statuses")
+    if fallback_statuses is None:
+        fallback_statuses = list(DEFAULT_FALLBACK_STATUSES)
+    if any(not 400 <= s <= 599 for s in fallback_statuses):
+        return None, "fallback_statuses: every status must be an HTTP error status (400-599)"
     return {"timeout_ms": timeout or 0,
             "idle_timeout_ms": RELAY_DEFAULT_IDLE_TIMEOUT_MS if idle is None else idle,
-            "retry": retry}, ""
+            "retry": retry, "fallback_statuses": fallback_statuses}, ""
 
 
 def check_relay_patch(ef, sluice_name: str, sluice_http) -> dict | None:
@@ -316,18 +358,26 @@ def check_envoyfilter(ef) -> dict | None:
     w = ef["__where"]
     C.ok(bool(dig(ef, "spec", "workloadSelector", "labels")), f"{w}: has a workloadSelector",
          "without one it applies to every proxy in the namespace")
-    ext = [p for p in patches(ef, "EXTENSION_CONFIG")]
+    exts = patches(ef, "EXTENSION_CONFIG")
     http = [p for p in patches(ef, "HTTP_FILTER") if dig(p, "patch", "operation") == "INSERT_BEFORE"]
-    if not C.ok(len(ext) == 1, f"{w}: exactly one EXTENSION_CONFIG patch", f"found {len(ext)}"):
-        return None
     if not C.ok(len(http) == 1, f"{w}: exactly one HTTP_FILTER INSERT_BEFORE patch", f"found {len(http)}"):
         return None
-    ext, http = ext[0], http[0]
-    C.ok(dig(ext, "patch", "operation") == "ADD", f"{w}: EXTENSION_CONFIG operation is ADD")
+    http = http[0]
+    name = dig(http, "patch", "value", "name")
+    ext_names = [dig(p, "patch", "value", "name") for p in exts]
+    C.ok(len(set(ext_names)) == len(ext_names) and all(ext_names),
+         f"{w}: every EXTENSION_CONFIG patch has a name of its own ({', '.join(map(str, ext_names))})")
+    ext = [p for p in exts if dig(p, "patch", "value", "name") == name]
+    if not C.ok(len(ext) == 1, f"{w}: exactly one EXTENSION_CONFIG patch is the HTTP filter's ECDS resource ({name})",
+                f"found {len(ext)}"):
+        return None
+    ext = ext[0]
+    C.ok(all(dig(p, "patch", "operation") == "ADD" for p in exts), f"{w}: EXTENSION_CONFIG operations are ADD")
     context = dig(ext, "match", "context")
     C.ok(context in ("GATEWAY", "SIDECAR_INBOUND"), f"{w}: EXTENSION_CONFIG context is GATEWAY or SIDECAR_INBOUND ({context})")
+    C.ok(all(dig(p, "match", "context") == context for p in exts),
+         f"{w}: every EXTENSION_CONFIG patch has the context {context}")
     C.ok(dig(http, "match", "context") == context, f"{w}: HTTP_FILTER context equals the EXTENSION_CONFIG's ({context})")
-    name = dig(ext, "patch", "value", "name")
     C.ok(bool(name), f"{w}: the extension config has a name")
     C.ok(dig(http, "match", "listener", "filterChain", "filter", "name") == HCM_NAME,
          f"{w}: HTTP_FILTER patch targets the HTTP connection manager")
@@ -395,6 +445,11 @@ def check_envoyfilter(ef) -> dict | None:
     relay = check_relay_patch(ef, name, http)
     if relay is None:
         return None
+    fb = sluice.get("fallback") or {}
+    statuses = sorted(fb.get("statuses") or DEFAULT_FALLBACK_STATUSES)
+    C.ok(sorted(relay["config"]["fallback_statuses"]) == statuses,
+         f"{w}: the relay's fallback_statuses == Sluice's fallback.statuses ({statuses}): a stream moves along its "
+         "chain on the same statuses as the router's attempts")
     added = added_clusters(ef, context)
     if context != "GATEWAY":
         # No VirtualService: the relay calls the provider's `cluster` by name, so it must be
@@ -418,8 +473,17 @@ def check_envoyfilter(ef) -> dict | None:
     C.ok(isinstance(limit, int) and limit > max_body,
          f"{w}: listener per_connection_buffer_limit_bytes ({limit}) > Sluice max_body_bytes ({max_body})",
          "Envoy, not Sluice, would answer large bodies")
+    fallback = {"statuses": statuses,
+                "max_attempts": fb.get("max_attempts", DEFAULT_FALLBACK_MAX_ATTEMPTS),
+                "retries": fb.get("retries", DEFAULT_FALLBACK_RETRIES)}
+    if context != "GATEWAY":
+        # Sluice sets x-envoy-max-retries (fallback.retries for a model without deployments)
+        # on every request it forwards, which overrides the inbound route's retries.
+        C.ok(fallback["retries"] == ISTIO_INBOUND["num_retries"],
+             f"{w}: Sluice's fallback.retries ({fallback['retries']}) == Istio's inbound route retries "
+             f"({ISTIO_INBOUND['num_retries']}), which Sluice's x-envoy-max-retries overrides")
     return {"ef": ef, "context": context, "name": name, "ext": ext, "http": http, "sluice": sluice,
-            "relay": relay, "added_clusters": added,
+            "relay": relay, "added_clusters": added, "fallback": fallback, "exts": exts,
             "env_keys": list(env_keys), "selector": dig(ef, "spec", "workloadSelector", "labels", default={})}
 
 
@@ -513,6 +577,14 @@ def check_gateway_setup(docs, f) -> dict:
             se_hosts[h] = se
             se_ports[h] = {p.get("number"): p for p in dig(se, "spec", "ports", default=[])}
     drs = {dig(d, "spec", "host"): d for d in by_kind(docs, "DestinationRule", ns)}
+    # The gateway's clusters for these hosts, named as istiod names them: one per host and
+    # port, and one per DestinationRule subset (outbound|PORT|SUBSET|HOST).
+    for host, ports in se_ports.items():
+        dr = drs.get(host)
+        subsets = [s.get("name") for s in dig(dr, "spec", "subsets", default=[]) or []] if dr else []
+        for port in ports:
+            for subset in [""] + subsets:
+                out["clusters"][f"outbound|{port}|{subset}|{host}"] = istio_cluster(host, port, subset, dr)
     vss = [v for v in by_kind(docs, "VirtualService", ns) if gw_name in (dig(v, "spec", "gateways", default=[]) or [])]
     if not C.ok(len(vss) == 1, f"one VirtualService in {ns} is bound to Gateway {gw_name}", f"found {len(vss)}"):
         return out
@@ -526,7 +598,7 @@ def check_gateway_setup(docs, f) -> dict:
     for p in providers:
         by_cluster.setdefault(p.get("cluster"), []).append(p)
     http_routes = dig(vs, "spec", "http", default=[])
-    routed: dict[str, tuple[str, int]] = {}
+    routed: dict[str, tuple[str, int, str]] = {}
     for i, r in enumerate(http_routes):
         rn = r.get("name", f"http[{i}]")
         matches = r.get("match")
@@ -538,45 +610,49 @@ def check_gateway_setup(docs, f) -> dict:
             C.ok(set(m) == {"headers"} and set(m["headers"]) == {ROUTING_HEADER} and set(hm) == {"exact"},
                  f"{w}: route {rn} matches only on {ROUTING_HEADER} (exact)")
             values.append(hm.get("exact"))
+            C.ok("," not in str(hm.get("exact")), f"{w}: route {rn} matches one cluster, not a chain")
         dests = r.get("route", [])
         if not C.ok(len(dests) == 1, f"{w}: route {rn} has one destination"):
             continue
         host = dig(dests[0], "destination", "host")
         port = dig(dests[0], "destination", "port", "number")
+        subset = dig(dests[0], "destination", "subset", default="") or ""
         removed = dig(r, "headers", "request", "remove", default=[]) or []
         C.ok(ROUTING_HEADER in removed and RELAY_HEADER in removed,
              f"{w}: route {rn} removes {ROUTING_HEADER} and {RELAY_HEADER} before forwarding", f"removes {removed}")
         for v in values:
             C.ok(v not in routed, f"{w}: {ROUTING_HEADER} value {v!r} is routed once")
-            routed[v] = (host, port)
-        out["routes"].append({"name": rn, "values": values, "host": host, "port": port, "remove": removed,
-                              "timeout": r.get("timeout"), "retries": r.get("retries")})
+            routed[v] = (host, port, subset)
+        out["routes"].append({"name": rn, "values": values, "host": host, "port": port, "subset": subset,
+                              "remove": removed, "timeout": r.get("timeout"), "retries": r.get("retries")})
         # The destination exists and TLS is originated with the right SNI.
         C.ok(host in se_hosts, f"{w}: route {rn} -> {host} is a ServiceEntry host")
         C.ok(port in se_ports.get(host, {}), f"{w}: route {rn} -> port {port} is a port of that ServiceEntry")
         dr = drs.get(host)
         if C.ok(dr is not None, f"a DestinationRule exists for {host}"):
-            pl = [s for s in dig(dr, "spec", "trafficPolicy", "portLevelSettings", default=[])
-                  if dig(s, "port", "number") == port]
-            tls = dig(pl, 0, "tls") or dig(dr, "spec", "trafficPolicy", "tls", default={})
-            C.ok(tls.get("mode") == "SIMPLE", f"{dr['__where']}: TLS origination (mode SIMPLE) on port {port}")
-            C.ok(tls.get("sni") == host, f"{dr['__where']}: sni equals the host ({tls.get('sni')} == {host})")
-            C.ok(tls.get("subjectAltNames", [host]) == [host], f"{dr['__where']}: subjectAltNames is [{host}]")
+            if subset:
+                C.ok(f"outbound|{port}|{subset}|{host}" in out["clusters"],
+                     f"{w}: route {rn} -> subset {subset} is a subset of {dr['__where']}")
+            tls = traffic_policy(dr, port, subset).get("tls", {})
+            where = f"{dr['__where']}{' subset ' + subset if subset else ''}"
+            C.ok(tls.get("mode") == "SIMPLE", f"{where}: TLS origination (mode SIMPLE) on port {port}")
+            C.ok(tls.get("sni") == host, f"{where}: sni equals the host ({tls.get('sni')} == {host})")
+            C.ok(tls.get("subjectAltNames", [host]) == [host], f"{where}: subjectAltNames is [{host}]")
             C.ok(dig(dr, "spec", "exportTo") == ["."], f"{dr['__where']}: exportTo [\".\"]")
             C.ok(bool(dig(dr, "spec", "trafficPolicy", "connectionPool")) and bool(dig(dr, "spec", "trafficPolicy", "outlierDetection")),
                  f"{dr['__where']}: has connectionPool and outlierDetection")
-            out["clusters"][(host, port)] = tls
     C.ok(set(routed) == set(by_cluster),
          f"{w}: the {ROUTING_HEADER} values routed == the providers' cluster values in the Sluice config",
          f"routed {sorted(map(str, routed))} vs providers' clusters {sorted(map(str, by_cluster))}")
     for cl, ps in by_cluster.items():
         if cl in routed:
+            host, port, subset = routed[cl]
             for p in ps:
-                C.ok(p.get("authority") == routed[cl][0],
-                     f"provider {p.get('name')}: authority {p.get('authority')} == the host cluster {cl!r} routes to ({routed[cl][0]})")
+                C.ok(p.get("authority") == host,
+                     f"provider {p.get('name')}: authority {p.get('authority')} == the host cluster {cl!r} routes to ({host})")
             # The relay calls the cluster by this name: it must be the one istiod generates
             # for the route's destination.
-            istio_name = f"outbound|{routed[cl][1]}||{routed[cl][0]}"
+            istio_name = f"outbound|{port}|{subset}|{host}"
             C.ok(cl == istio_name,
                  f"provider {', '.join(str(p.get('name')) for p in ps)}: cluster {cl!r} is Istio's cluster for the "
                  f"route's destination ({istio_name}), which the stream relay calls by name",
@@ -587,7 +663,55 @@ def check_gateway_setup(docs, f) -> dict:
          f"{w}: the last route is a catch-all directResponse (nothing unrouted is forwarded)")
     C.ok(all(r.get("match") for r in http_routes[:-1]), f"{w}: only the last route is a catch-all")
     out["fallback"] = last.get("directResponse")
+    out["gateway"] = f"{ns}/{gw_name}"
+    out["gateway_ports"] = [dig(s, "port", "number") for g in gws for s in dig(g, "spec", "servers", default=[])]
+    out["fallback_wiring"] = check_fallback(f, out)
     return out
+
+
+def traffic_policy(dr, port: int, subset: str = "") -> dict:
+    """The traffic policy istiod applies to a DestinationRule's cluster for `port` (and
+    `subset`): the rule's, its port-level settings over it, then the subset's likewise
+    (pilot/pkg/networking/core/cluster_traffic_policy.go, MergeTrafficPolicy), field by
+    field at the top level (enough for these manifests)."""
+    def for_port(policy: dict) -> dict:
+        merged = {k: v for k, v in (policy or {}).items() if k != "portLevelSettings"}
+        for pl in (policy or {}).get("portLevelSettings", []) or []:
+            if dig(pl, "port", "number") == port:
+                merged.update({k: v for k, v in pl.items() if k != "port"})
+        return merged
+    policy = for_port(dig(dr, "spec", "trafficPolicy", default={}))
+    if subset:
+        ss = next((s for s in dig(dr, "spec", "subsets", default=[]) or [] if s.get("name") == subset), {})
+        policy.update(for_port(ss.get("trafficPolicy", {})))
+    return policy
+
+
+def istio_http_options(policy: dict) -> dict | None:
+    """The HttpProtocolOptions istiod puts in a cluster for this traffic policy (HTTP/1.1 port):
+    connectionPool's idle timeout, requests per connection and connection duration
+    (cluster_traffic_policy.go applyConnectionPool), and explicit HTTP/1.1, which istiod
+    fills in when it sets any (cluster_builder.go, clusterWrapper.build)."""
+    pool = policy.get("connectionPool") or {}
+    common = {}
+    idle = dig(pool, "http", "idleTimeout") or dig(pool, "tcp", "idleTimeout")
+    if idle:
+        common["idle_timeout"] = idle
+    if dig(pool, "http", "maxRequestsPerConnection"):
+        common["max_requests_per_connection"] = dig(pool, "http", "maxRequestsPerConnection")
+    if dig(pool, "tcp", "maxConnectionDuration"):
+        common["max_connection_duration"] = dig(pool, "tcp", "maxConnectionDuration")
+    if not common:
+        return None
+    return {"@type": HTTP_OPTIONS_TYPE, "common_http_protocol_options": common,
+            "explicit_http_config": {"http_protocol_options": {}}}
+
+
+def istio_cluster(host: str, port: int, subset: str, dr) -> dict:
+    """What the check needs of a cluster istiod generates for a ServiceEntry host and port."""
+    policy = traffic_policy(dr, port, subset) if dr else {}
+    return {"name": f"outbound|{port}|{subset}|{host}", "host": host, "port": port, "subset": subset,
+            "tls": policy.get("tls", {}), "http_options": istio_http_options(policy)}
 
 
 def duration_ms(value) -> int | None:
@@ -596,6 +720,199 @@ def duration_ms(value) -> int | None:
     if not m:
         return None
     return round(float(m.group(1)) * {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}[m.group(2)])
+
+
+def istio_cluster_match(cp, name: str) -> bool:
+    """Whether a CLUSTER patch's match selects the cluster `name`, as istiod decides
+    (pilot/pkg/networking/core/envoyfilter/cluster_patch.go, clusterMatch)."""
+    m = dig(cp, "match", "cluster")
+    if m is None:
+        return True
+    if m.get("name"):
+        return m["name"] == name
+    parts = name.split("|")
+    if len(parts) != 4:
+        return False
+    _, port, subset, host = parts
+    if m.get("subset") and m["subset"] != subset:
+        return False
+    if m.get("service") and m["service"] != host:
+        return False
+    return not m.get("portNumber") or int(m["portNumber"]) == int(port or 0)
+
+
+def istio_merged_http_options(f, cluster: dict):
+    """The cluster's HttpProtocolOptions after the EnvoyFilter's CLUSTER MERGE patches:
+    istiod's merge replaces a typed_extension_protocol_options entry whole (pkg/proto/merge,
+    mergeMap), it does not merge into it."""
+    opts = copy.deepcopy(cluster["http_options"])
+    for cp in patches(f["ef"], "CLUSTER"):
+        if dig(cp, "patch", "operation") in ("MERGE", "MERGE_AND_REPLACE_LIST") and istio_cluster_match(cp, cluster["name"]):
+            value = dig(cp, "patch", "value", "typed_extension_protocol_options", HTTP_OPTIONS_KEY)
+            if value is not None:
+                opts = copy.deepcopy(value)
+    return opts
+
+
+def agent_rewrite(vm: dict) -> dict:
+    """vm_config as the istio-agent hands it to Envoy: remote code rewritten to the file its
+    cache keeps (pkg/wasm/convert.go rewriteVMConfig; pkg/wasm/cache.go getModulePath:
+    <dir>/<sha256 of the URL without tag or digest>/<checksum>.wasm, whatever the ECDS
+    resource's name)."""
+    vm = copy.deepcopy(vm)
+    remote = dig(vm, "code", "remote")
+    if remote:
+        uri = str(dig(remote, "http_uri", "uri", default=""))
+        name = "oci://" + re.sub(r"[:@][^/]*$", "", uri[len("oci://"):]) if uri.startswith("oci://") else uri
+        checksum = remote.get("sha256", "")
+        vm["code"] = {"local": {"filename": "/var/lib/istio/data/%s/%s.wasm" % (
+            hashlib.sha256(name.encode()).hexdigest()[:12] + "...",
+            "<digest>" if checksum == SHA256_PLACEHOLDER else checksum)}}
+    return vm
+
+
+def check_fallback(f, route_info) -> dict | None:
+    """Fallback across a model's deployments in the gateway: the route for chains of
+    clusters (Sluice's cluster specifier, the retry policy), and Sluice's upstream filter,
+    over ECDS with the very vm_config of the Sluice filter, in every cluster a deployment
+    reaches (as istiod would build them, after its merge)."""
+    ef = f["ef"]
+    w = ef["__where"]
+    sluice = f["sluice"]
+    fb = f["fallback"]
+    providers = {p.get("name"): p for p in sluice.get("providers", [])}
+    models = [m for m in sluice.get("models", []) if m.get("deployments")]
+    targets: dict[str, list[str]] = {}
+    for m in models:
+        for d in m["deployments"]:
+            p = providers.get(d.get("provider"), {})
+            targets.setdefault(p.get("cluster"), [])
+            if p.get("name") not in targets[p.get("cluster")]:
+                targets[p.get("cluster")].append(p.get("name"))
+    route_patches = patches(ef, "HTTP_ROUTE")
+    upstream_exts = {dig(p, "patch", "value", "name"): p for p in f["exts"] if p is not f["ext"]}
+    merges = [p for p in patches(ef, "CLUSTER") if dig(p, "patch", "operation") in ("MERGE", "MERGE_AND_REPLACE_LIST")]
+    if not models and not route_patches and not upstream_exts and not merges:
+        print(f"        note: no model has deployments: {w} needs no fallback wiring")
+        return None
+    print(f"        models with deployments: {', '.join(m['name'] for m in models) or 'none'}; "
+          f"their clusters: {', '.join(map(str, targets)) or 'none'}")
+    out = {"route": None, "targets": targets, "upstream": upstream_exts}
+
+    # The route for chains.
+    if C.ok(len(route_patches) == 1, f"{w}: one HTTP_ROUTE patch adds the route for chains of clusters (fallback)",
+            f"found {len(route_patches)}; a chain matches none of the VirtualService's exact routes"):
+        rp = route_patches[0]
+        rc = dig(rp, "match", "routeConfiguration", default={})
+        C.ok(dig(rp, "match", "context") == "GATEWAY" and dig(rp, "patch", "operation") == "INSERT_FIRST",
+             f"{w}: the route is inserted first (INSERT_FIRST, context GATEWAY), before the VirtualService's routes")
+        C.ok(rc.get("gateway") == route_info.get("gateway") and rc.get("portNumber") in route_info.get("gateway_ports", []),
+             f"{w}: the route patch matches the gateway's route configuration ({rc.get('gateway')} port {rc.get('portNumber')})",
+             f"the Gateway is {route_info.get('gateway')}, ports {route_info.get('gateway_ports')}")
+        C.ok(not dig(rc, "vhost", "route"), f"{w}: the route patch has no route match (it is inserted whatever routes exist)")
+        v = dig(rp, "patch", "value", default={})
+        match = v.get("match", {})
+        hdrs = match.get("headers", [])
+        C.ok(match.get("prefix") == "/" and len(hdrs) == 1 and hdrs[0].get("name") == ROUTING_HEADER
+             and hdrs[0].get("string_match") == {"contains": ","} and set(match) == {"prefix", "headers"},
+             f"{w}: the route matches exactly the requests whose {ROUTING_HEADER} is a chain (contains \",\"); "
+             "one cluster goes on to the VirtualService's routes", json.dumps(match))
+        action = v.get("route", {})
+        C.ok(not any(k in action for k in ("cluster", "cluster_header", "weighted_clusters", "cluster_specifier_plugin")),
+             f"{w}: the route's cluster comes only from the inline cluster specifier")
+        tc = dig(action, "inline_cluster_specifier_plugin", "extension", "typed_config", default={})
+        C.ok(tc.get("@type") == TYPED_STRUCT_TYPE and tc.get("type_url") == SPECIFIER_TYPE,
+             f"{w}: the cluster specifier is Sluice's DynamicModuleClusterSpecifier wrapped in a udpa TypedStruct",
+             "istiod's Envoy API has no DynamicModuleClusterSpecifier: under its own @type istiod refuses the "
+             f"EnvoyFilter (referenced type unknown); found @type {tc.get('@type')}, type_url {tc.get('type_url')}")
+        val = tc.get("value", {}) or {}
+        so = dig(val, "dynamic_module_config", "module", "local", "filename")
+        C.ok(so == f["relay"]["filename"], f"{w}: the specifier loads the relay's .so ({so}), the module of the proxy image",
+             f"the relay loads {f['relay']['filename']}")
+        C.ok(val.get("specifier_name") == "chain" and set(val) <= {"dynamic_module_config", "specifier_name", "specifier_config"},
+             f"{w}: specifier_name is chain (the module's specifier), no other field")
+        timeouts = {duration_ms(r["timeout"]) if r["timeout"] else 0 for r in route_info["routes"]}
+        C.ok(len(timeouts) == 1 and duration_ms(action.get("timeout")) in timeouts,
+             f"{w}: the route's timeout ({action.get('timeout')}) == the VirtualService routes' ({sorted(timeouts)} ms)")
+        rp_ = action.get("retry_policy", {}) or {}
+        on = {x.strip() for x in str(rp_.get("retry_on", "")).split(",") if x.strip()}
+        C.ok({"connect-failure", "reset", "retriable-status-codes"} <= on,
+             f"{w}: retry_on has connect-failure, reset and retriable-status-codes ({rp_.get('retry_on')})")
+        C.ok(sorted(rp_.get("retriable_status_codes", [])) == fb["statuses"],
+             f"{w}: retriable_status_codes == Sluice's fallback.statuses ({fb['statuses']})",
+             f"found {rp_.get('retriable_status_codes')}")
+        need = fb["max_attempts"] - 1 + fb["retries"]
+        C.ok(int(rp_.get("num_retries", 1)) >= need,
+             f"{w}: num_retries ({rp_.get('num_retries')}) >= fallback.max_attempts - 1 + fallback.retries ({need}), "
+             "the most x-envoy-max-retries Sluice sets")
+        C.ok(rp_.get("refresh_cluster_on_retry") is True, f"{w}: refresh_cluster_on_retry: true (each retry asks the specifier)")
+        C.ok("rate_limited_retry_back_off" not in rp_,
+             f"{w}: no rate_limited_retry_back_off (it would wait out the failing account's retry-after)")
+        removed = v.get("request_headers_to_remove", []) or []
+        C.ok(ROUTING_HEADER in removed and RELAY_HEADER in removed,
+             f"{w}: the route removes {ROUTING_HEADER} and {RELAY_HEADER} before forwarding", f"removes {removed}")
+        out["route"] = rp
+
+    # The upstream filter's ECDS resources: the Sluice filter's vm_config, exactly.
+    down = dig(f["ext"], "patch", "value", "typed_config", "config", default={})
+    for n, ep in upstream_exts.items():
+        tc = dig(ep, "patch", "value", "typed_config", default={})
+        cfg = tc.get("config", {})
+        C.ok(tc.get("@type") == WASM_TYPE and cfg.get("root_id") == UPSTREAM_ROOT_ID,
+             f"{w}: EXTENSION_CONFIG {n} is Sluice's upstream filter (Wasm, root_id {UPSTREAM_ROOT_ID})")
+        C.ok(cfg.get("failure_policy") == "FAIL_CLOSED" and cfg.get("fail_open") in (None, False),
+             f"{w}: {n}: failure_policy FAIL_CLOSED")
+        C.ok(cfg.get("allow_on_headers_stop_iteration") is True, f"{w}: {n}: allow_on_headers_stop_iteration: true")
+        same = cfg.get("vm_config") == down.get("vm_config")
+        C.ok(same, f"{w}: {n}: vm_config identical to the Sluice filter's (vm_id, runtime, code, environment): "
+                   "one VM per worker holds both, and the requests' plans",
+             f"{json.dumps(cfg.get('vm_config'), sort_keys=True)}\n  vs {json.dumps(down.get('vm_config'), sort_keys=True)}")
+        up_vm, down_vm = agent_rewrite(cfg.get("vm_config") or {}), agent_rewrite(down.get("vm_config") or {})
+        C.ok(same and up_vm == down_vm,
+             f"{w}: {n}: ... and still identical after the istio-agent rewrote both to local code "
+             f"({dig(up_vm, 'code', 'local', 'filename') or 'no remote code'})")
+
+    # Every cluster a deployment reaches carries the upstream filter, over ECDS.
+    clusters = route_info.get("clusters", {})
+    for cp in merges:
+        hit = [n for n in clusters if istio_cluster_match(cp, n)]
+        quota = route_info.get("quota") or {}
+        C.ok(dig(cp, "match", "context") == "GATEWAY" and bool(dig(cp, "match", "cluster")) and hit
+             and not (quota and istio_cluster_match(cp, quota["name"])),
+             f"{w}: CLUSTER MERGE {json.dumps(dig(cp, 'match', 'cluster'))} selects provider clusters only: {', '.join(hit)}",
+             "a patch without a cluster match would put Sluice's upstream filter in every cluster (the quota service's too)")
+    for cl, names in targets.items():
+        c = clusters.get(cl)
+        if not C.ok(c is not None, f"deployments of {', '.join(map(str, names))}: cluster {cl} is one istiod generates"):
+            continue
+        opts = istio_merged_http_options(f, c) or {}
+        filters = opts.get("http_filters", []) or []
+        last = filters[-1] if filters else {}
+        C.ok(last.get("name") == UPSTREAM_CODEC and dig(last, "typed_config", "@type") == UPSTREAM_CODEC_TYPE,
+             f"{cl}: the upstream filter chain ends with {UPSTREAM_CODEC}", json.dumps(filters)[:300])
+        sl = [x for x in filters[:-1] if x.get("name") in upstream_exts]
+        if not C.ok(len(sl) == 1 and len(filters) == 2,
+                    f"{cl}: carries Sluice's upstream filter ({', '.join(upstream_exts) or 'none defined'}), then the codec",
+                    f"filters {[x.get('name') for x in filters]}: a fallback attempt there would find no plan"):
+            continue
+        cd = sl[0].get("config_discovery", {})
+        C.ok("typed_config" not in sl[0] and dig(cd, "config_source", "ads") == {} and cd.get("type_urls") == [WASM_TYPE]
+             and dig(cd, "config_source", "initial_fetch_timeout") == "0s",
+             f"{cl}: the upstream filter comes over ECDS (config_discovery ads, initial_fetch_timeout 0s), "
+             "where the istio-agent rewrites its remote code (it does not in CDS)")
+        istio = c["http_options"] or {}
+        common = istio.get("common_http_protocol_options", {})
+        kept = all(dig(opts, "common_http_protocol_options", k) == v for k, v in common.items())
+        proto = [k for k in ("explicit_http_config", "auto_config", "use_downstream_protocol_config") if k in opts]
+        C.ok(kept and len(proto) == 1 and (not istio or opts.get(proto[0]) == istio.get(proto[0])),
+             f"{cl}: the merged HttpProtocolOptions repeat istiod's ({json.dumps(common)}, "
+             f"{proto[0] if proto else 'no protocol'}), which the merge replaces",
+             f"istiod's {json.dumps(istio)} vs merged {json.dumps({k: v for k, v in opts.items() if k != 'http_filters'})}")
+    if models:
+        C.ok(out["route"] is not None and bool(upstream_exts),
+             f"{w}: models with deployments ({', '.join(m['name'] for m in models)}) have the route for chains "
+             "and the upstream filter")
+    return out
 
 
 def check_relay_matches_routes(f, routes) -> None:
@@ -633,6 +950,9 @@ def check_relay_matches_routes(f, routes) -> None:
     on_connect = on_reset or any(x in ("connect-failure", "reset-before-request") for x in retry_on)
     r = cfg["retry"]
     C.ok(r["num_retries"] == attempts, f"{w}: the relay's retry.num_retries ({r['num_retries']}) == the routes' attempts ({attempts})")
+    C.ok(f["fallback"]["retries"] == attempts,
+         f"{w}: Sluice's fallback.retries ({f['fallback']['retries']}) == the routes' attempts ({attempts}): Sluice sets "
+         "x-envoy-max-retries on every request it forwards (fallback.retries for one cluster), which overrides them")
     if attempts:
         C.ok(r["on_reset"] == on_reset,
              f"{w}: the relay's retry.on_reset ({r['on_reset']}) follows the routes' retryOn ({policy.get('retryOn')})")
@@ -794,14 +1114,15 @@ def duration(s: str | None, default: str) -> str:
     return s if s else default
 
 
-def envoy_routes(route_info) -> list[dict]:
+def envoy_routes(f, route_info, relay: Path) -> list[dict]:
     if route_info is None:
         # Sidecar inbound: every request goes to the local container.
         return [{"match": {"prefix": "/"}, "route": {"cluster": "inbound-local", "timeout": "600s"}}]
     routes = []
     for r in route_info["routes"]:
         for v in r["values"]:
-            route = {"cluster": f"outbound|{r['port']}||{r['host']}", "timeout": duration(r["timeout"], "0s")}
+            route = {"cluster": f"outbound|{r['port']}|{r.get('subset', '')}|{r['host']}",
+                     "timeout": duration(r["timeout"], "0s")}
             if r.get("retries"):
                 route["retry_policy"] = {"retry_on": r["retries"].get("retryOn", "connect-failure"),
                                          "num_retries": r["retries"].get("attempts", 1)}
@@ -815,42 +1136,77 @@ def envoy_routes(route_info) -> list[dict]:
         routes.append({"match": {"prefix": "/"},
                        "direct_response": {"status": fb.get("status"),
                                            "body": {"inline_string": dig(fb, "body", "string", default="")}}})
+    # HTTP_ROUTE INSERT_FIRST patches (the route for chains), each put at the head as istiod
+    # does (rc_patch.go, patchHTTPRoutes), with the specifier's .so switched to this build's.
+    for p in patches(f["ef"], "HTTP_ROUTE"):
+        if dig(p, "patch", "operation") == "INSERT_FIRST":
+            value = copy.deepcopy(dig(p, "patch", "value"))
+            module = dig(value, "route", "inline_cluster_specifier_plugin", "extension", "typed_config", "value",
+                         "dynamic_module_config", "module", "local")
+            if isinstance(module, dict):
+                module["filename"] = str(relay)
+            routes.insert(0, value)
     return routes
 
 
-def envoy_clusters(route_info) -> list[dict]:
+def envoy_clusters(f, route_info, upstream) -> list[dict]:
+    """The clusters istiod would give the gateway (the DestinationRules' TLS and
+    HttpProtocolOptions), after the EnvoyFilter's CLUSTER MERGE patches. Sluice's upstream
+    filter (config_discovery) is made inline by `upstream(name, filter)`, or left to ECDS."""
     if route_info is None:
         return [{"name": "inbound-local", "type": "STATIC", "connect_timeout": "1s",
                  "load_assignment": {"cluster_name": "inbound-local", "endpoints": [{"lb_endpoints": [
                      {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 8000}}}}]}]}}]
     clusters = []
-    for (host, port), tls in route_info["clusters"].items():
-        name = f"outbound|{port}||{host}"
-        validation = {"match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": s}}
-                                                        for s in tls.get("subjectAltNames", [host])]}
-        ca = tls.get("caCertificates")
-        if ca and Path(ca).is_file():  # the path is the proxy image's; use it if this machine has it
-            validation["trusted_ca"] = {"filename": ca}
-        clusters.append({
+    for name, c in route_info["clusters"].items():
+        host, port, tls = c["host"], c["port"], c["tls"]
+        cluster = {
             "name": name, "type": "LOGICAL_DNS", "connect_timeout": "5s", "dns_lookup_family": "V4_PREFERRED",
             "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
                 {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}]}]},
-            "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+        }
+        if tls:
+            validation = {"match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": s}}
+                                                            for s in tls.get("subjectAltNames", [host])]}
+            ca = tls.get("caCertificates")
+            if ca and Path(ca).is_file():  # the path is the proxy image's; use it if this machine has it
+                validation["trusted_ca"] = {"filename": ca}
+            cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                "sni": tls.get("sni"), "common_tls_context": {"validation_context": validation}}},
-        })
+                "sni": tls.get("sni"), "common_tls_context": {"validation_context": validation}}}
+        opts = istio_merged_http_options(f, c)
+        if opts:
+            opts = copy.deepcopy(opts)
+            opts["http_filters"] = [upstream(x) if "config_discovery" in x else x for x in opts.get("http_filters", [])]
+            if not opts["http_filters"]:
+                del opts["http_filters"]
+            cluster["typed_extension_protocol_options"] = {HTTP_OPTIONS_KEY: opts}
+        clusters.append(cluster)
     if route_info.get("quota"):
         clusters.append(quota_cluster(route_info["quota"]))
     return clusters
 
 
+def upstream_filter_config(f, name: str, wasm: Path) -> dict:
+    """The typed_config of the EXTENSION_CONFIG `name` (Sluice's upstream filter), with its
+    code local as the istio-agent hands it to Envoy."""
+    ep = next(p for p in f["exts"] if dig(p, "patch", "value", "name") == name)
+    tc = copy.deepcopy(dig(ep, "patch", "value", "typed_config"))
+    tc["config"]["vm_config"]["code"] = {"local": {"filename": str(wasm)}}
+    return tc
+
+
 def transplant(f, route_info, wasm: Path, relay: Path, sluice_override: dict | None = None,
-               relay_override: str | None = None) -> dict:
+               relay_override: str | None = None, upstream=None) -> dict:
     ef = f["ef"]
     wasm_filter = copy.deepcopy(dig(f["ext"], "patch", "value", "typed_config"))
     wasm_filter["config"]["vm_config"]["code"] = {"local": {"filename": str(wasm)}}
     if sluice_override is not None:
         wasm_filter["config"]["configuration"]["value"] = json.dumps(sluice_override)
+    if upstream is None:
+        # Sluice's upstream filter inline, as ECDS would give it (for --mode validate).
+        def upstream(x):
+            return {"name": x["name"], "typed_config": upstream_filter_config(f, x["name"], wasm)}
     # The stream relay, from the proxy image's path to this build's .so.
     relay_filter = copy.deepcopy(dig(f["relay"]["patch"], "patch", "value"))
     relay_filter["typed_config"]["dynamic_module_config"]["module"]["local"]["filename"] = str(relay)
@@ -861,7 +1217,8 @@ def transplant(f, route_info, wasm: Path, relay: Path, sluice_override: dict | N
         if dig(p, "patch", "operation") == "MERGE" and dig(p, "match", "listener", "filterChain", "filter", "subFilter", "name") == ROUTER_NAME:
             router["typed_config"].update(dig(p, "patch", "value", "typed_config", default={}))
     hcm = {"@type": HCM_TYPE, "stat_prefix": "sluice_check", "codec_type": "AUTO",
-           "route_config": {"name": "check", "virtual_hosts": [{"name": "any", "domains": ["*"], "routes": envoy_routes(route_info)}]},
+           "route_config": {"name": "check", "virtual_hosts": [{"name": "any", "domains": ["*"],
+                                                                 "routes": envoy_routes(f, route_info, relay)}]},
            "http_filters": [{"name": f["name"], "typed_config": wasm_filter}, router]}
     # Filters put at the head of the chain (the gzip decompressor), in patch order.
     firsts = [copy.deepcopy(dig(p, "patch", "value")) for p in patches(ef, "HTTP_FILTER")
@@ -885,7 +1242,7 @@ def transplant(f, route_info, wasm: Path, relay: Path, sluice_override: dict | N
     for p in patches(ef, "LISTENER"):
         if dig(p, "patch", "operation") == "MERGE":
             listener.update(dig(p, "patch", "value", default={}))
-    clusters = envoy_clusters(route_info) + [copy.deepcopy(c) for c in f["added_clusters"].values()]
+    clusters = envoy_clusters(f, route_info, upstream) + [copy.deepcopy(c) for c in f["added_clusters"].values()]
     bootstrap = {"node": {"id": "check-istio", "cluster": "check-istio"},
                  "static_resources": {"listeners": [listener], "clusters": clusters}}
     for p in patches(ef, "BOOTSTRAP"):
@@ -914,9 +1271,12 @@ def check_envoy_validate(envoy: str, wasm: Path, relay: Path, f, route_info, wor
     label = dig(f["ef"], "metadata", "name")
     bootstrap = transplant(f, route_info, wasm, relay)
     ok, log = run_validate(envoy, bootstrap, f["env_keys"], workdir, label)
+    upstream = sum(1 for c in dig(bootstrap, "static_resources", "clusters")
+                   for x in dig(c, "typed_extension_protocol_options", HTTP_OPTIONS_KEY, "http_filters", default=[]) or []
+                   if dig(x, "typed_config", "config", "root_id") == UPSTREAM_ROOT_ID)
     C.ok(ok, f"{w}: transplanted into an Envoy bootstrap, `envoy --mode validate` accepts it "
              f"(Sluice configured with the embedded JSON, the relay loaded with its configuration, "
-             f"{len(dig(bootstrap, 'static_resources', 'clusters'))} clusters, "
+             f"{len(dig(bootstrap, 'static_resources', 'clusters'))} clusters ({upstream} with Sluice's upstream filter), "
              f"{len(dig(bootstrap, 'static_resources', 'listeners', 0, 'filter_chains', 0, 'filters', 0, 'typed_config', 'route_config', 'virtual_hosts', 0, 'routes'))} routes)",
          next((l.split("wasm log ", 1)[-1] for l in log.splitlines() if "invalid sluice configuration" in l), "see the log")
          + "\n" + "\n".join("        | " + l for l in log.strip().splitlines()[-25:]))
@@ -936,6 +1296,19 @@ def check_envoy_validate(envoy: str, wasm: Path, relay: Path, f, route_info, wor
     C.ok(not ok_broken and "idle_timout_ms" in log_broken,
          f"{w}: control - with an unknown field in the relay's JSON, validation fails naming it",
          "validation passed or did not name the field: it may not load the relay\n" + log_broken[-2000:])
+    # And the cluster specifier's, wrapped in a TypedStruct: Envoy unwraps and checks it.
+    if ((route_info or {}).get("fallback_wiring") or {}).get("route"):
+        broken = transplant(f, route_info, wasm, relay)
+        vhost = dig(broken, "static_resources", "listeners", 0, "filter_chains", 0, "filters", 0, "typed_config",
+                    "route_config", "virtual_hosts", 0)
+        for r in vhost["routes"]:
+            value = dig(r, "route", "inline_cluster_specifier_plugin", "extension", "typed_config", "value")
+            if isinstance(value, dict):
+                value["specifier_nam"] = "chain"
+        ok_broken, log_broken = run_validate(envoy, broken, f["env_keys"], workdir, label + "-broken-specifier")
+        C.ok(not ok_broken and "specifier_nam" in log_broken,
+             f"{w}: control - with an unknown field in the cluster specifier's TypedStruct, validation fails naming it",
+             "validation passed or did not name the field: Envoy may not read the TypedStruct\n" + log_broken[-2000:])
 
 
 # ---------------------------------------------------------------------------------------
@@ -1026,8 +1399,11 @@ def check_oci(wasm: Path, workdir: Path) -> None:
 # ---------------------------------------------------------------------------------------
 
 LIVE_KEY = "sk-sluice-istio-live-check"
-MOCK_KEYS = {"OPENAI_API_KEY": "sk-mock-openai", "ANTHROPIC_API_KEY": "sk-mock-anthropic",
-             "DEEPSEEK_API_KEY": "sk-mock-deepseek", "GEMINI_API_KEY": "sk-mock-gemini"}
+
+
+def mock_key(env_name: str) -> str:
+    """The live run's provider key for a key variable: OPENAI_API_KEY_B -> sk-mock-openai-b."""
+    return "sk-mock-" + env_name.lower().replace("_api_key", "").replace("_", "-")
 
 
 def free_port() -> int:
@@ -1061,23 +1437,47 @@ def wait_for(pred, seconds: float) -> bool:
     return False
 
 
+def write_ecds(path: Path, name: str, typed_config: dict, version: str) -> None:
+    doc = {"version_info": version, "resources": [{
+        "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+        "name": name, "typed_config": typed_config}]}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+    os.replace(tmp, path)  # atomic: Envoy watches the directory for moves
+
+
 def ecds_file(path: Path, f, wasm: Path, sluice: dict, version: str) -> None:
     """Writes the ECDS resource the istio-agent hands Envoy: the EnvoyFilter's Wasm config
     with the remote code rewritten to a local file (as pkg/wasm/convert.go does)."""
     tc = copy.deepcopy(dig(f["ext"], "patch", "value", "typed_config"))
     tc["config"]["vm_config"]["code"] = {"local": {"filename": str(wasm)}}
     tc["config"]["configuration"]["value"] = json.dumps(sluice)
-    doc = {"version_info": version, "resources": [{
-        "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
-        "name": f["name"], "typed_config": tc}]}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
-    os.replace(tmp, path)  # atomic: Envoy watches the directory for moves
+    write_ecds(path, f["name"], tc, version)
+
+
+def upstream_ecds_files(ecds_dir: Path, f, wasm: Path, version: str, vm_override: dict | None = None) -> None:
+    """The upstream filter's ECDS resources, rewritten to the same local file as Sluice's
+    (the agent's cache gives both the same path)."""
+    for p in f["exts"]:
+        if p is f["ext"]:
+            continue
+        name = dig(p, "patch", "value", "name")
+        tc = upstream_filter_config(f, name, wasm)
+        if vm_override:
+            tc["config"]["vm_config"].update(vm_override)
+        write_ecds(ecds_dir / f"{name}.yaml", name, tc, version)
 
 
 def live_bootstrap(f, route_info, ecds: Path, relay: Path, mock_ports: dict, port: int, admin: int, log: Path,
                    quota_port: int | None = None) -> dict:
-    b = transplant(f, route_info, Path("/unused"), relay)
+    def upstream(x):
+        # Sluice's upstream filter from ECDS, as the cluster patch asks for it, from a file.
+        cd = copy.deepcopy(x["config_discovery"])
+        cd["config_source"].pop("ads")
+        cd["config_source"]["path_config_source"] = {"path": str(ecds.parent / f"{x['name']}.yaml"),
+                                                     "watched_directory": {"path": str(ecds.parent)}}
+        return {"name": x["name"], "config_discovery": cd}
+    b = transplant(f, route_info, Path("/unused"), relay, upstream=upstream)
     b["admin"] = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}}
     lst = b["static_resources"]["listeners"][0]
     lst["address"]["socket_address"]["port_value"] = port
@@ -1091,19 +1491,168 @@ def live_bootstrap(f, route_info, ecds: Path, relay: Path, mock_ports: dict, por
     hcm["http_filters"][at] = {"name": f["name"], "config_discovery": cd}
     for al in hcm.get("access_log", []):
         al["typed_config"]["path"] = str(log)
-    # Provider clusters point at the mock providers, in plain HTTP.
+    # Provider clusters point at the mock providers, in plain HTTP; their upstream filters
+    # (HttpProtocolOptions) stay.
     clusters = []
     for c in b["static_resources"]["clusters"]:
         if route_info.get("quota") and c["name"] == route_info["quota"]["name"]:
             # The quota service started by live_check, on loopback.
             clusters.append(quota_cluster(route_info["quota"], "127.0.0.1", quota_port))
             continue
-        host = c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["address"]
-        clusters.append({"name": c["name"], "type": "STATIC", "connect_timeout": "1s", "load_assignment": {
+        live = {"name": c["name"], "type": "STATIC", "connect_timeout": "1s", "load_assignment": {
             "cluster_name": c["name"], "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-                "socket_address": {"address": "127.0.0.1", "port_value": mock_ports[host]}}}}]}]}})
+                # A cluster no provider names gets a port nothing listens on.
+                "socket_address": {"address": "127.0.0.1", "port_value": mock_ports.get(c["name"], 9)}}}}]}]}}
+        if "typed_extension_protocol_options" in c:
+            live["typed_extension_protocol_options"] = c["typed_extension_protocol_options"]
+        clusters.append(live)
     b["static_resources"]["clusters"] = clusters
     return b
+
+
+def live_fallback(gw, admin, workdir, f, sluice, model, provider_of, mock_requests, clear, mock_ports, wasm, ecds) -> None:
+    """Fallback with the mock providers' fault knobs, through the gateway of the manifests."""
+    import time
+    name = model["name"]
+    by_name = {p["name"]: p for p in sluice["providers"]}
+    cluster = {n: p["cluster"] for n, p in by_name.items()}
+    deps = model["deployments"]
+    ranks = sorted({d.get("rank", 0) for d in deps})
+    first = [d["provider"] for d in deps if d.get("rank", 0) == ranks[0]]
+    nxt = [d for d in deps if len(ranks) > 1 and d.get("rank", 0) == ranks[1]]
+
+    def records():
+        time.sleep(0.6)  # the access log is flushed every 200 ms
+        out = []
+        path = workdir / "access.log"
+        for line in (path.read_text().splitlines() if path.exists() else []):
+            try:
+                rec = json.loads(line).get("sluice")
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("model") == name:
+                out.append(rec)
+        return out
+
+    def ask(content, extra, stream=False):
+        body = {"model": name, "max_tokens": 16, "messages": [{"role": "user", "content": content}]}
+        if stream:
+            body["stream"] = True
+        hdrs = {"authorization": f"Bearer {LIVE_KEY}", "content-type": "application/json", **extra}
+        try:
+            return http("POST", gw + "/v1/chat/completions", hdrs, json.dumps(body).encode())
+        except Exception as e:  # noqa: BLE001
+            return repr(e), {}, b""
+
+    def provider_keys(r) -> set:
+        return set(re.findall(r"sk-mock-[a-z0-9-]+", json.dumps(r.get("headers"))))
+
+    def clean(n):
+        """Every request the mock of provider n saw carried its own key only, never the
+        tenant's or another account's, and no x-sluice-* header."""
+        own = mock_key(by_name[n]["api_key_env"])
+        for r in mock_requests(cluster[n]):
+            blob = json.dumps(r.get("headers"))
+            if provider_keys(r) != {own} or LIVE_KEY in blob or "x-sluice-" in blob:
+                return False
+        return True
+
+    def clear_all():
+        for c in mock_ports:
+            clear(c)
+
+    # A 429 from one account of the first rank: the other serves; and within the 429's
+    # retry-after (the mock's: 1 s) the next request skips the first one.
+    if len(first) >= 2:
+        a, b = first[0], first[1]
+        ga = gb = []
+        st = None
+        for i in range(4):  # the first rank is shared by weight: until a is tried first
+            clear_all()
+            st, _, resp = ask(f"rate limited {i} {time.time()}", {"x-mock-fault": "429", "x-mock-fault-on": a})
+            ga, gb = mock_requests(cluster[a]), mock_requests(cluster[b])
+            if ga or st != 200:
+                break
+        C.ok(st == 200 and len(ga) == 1 and ga[0].get("status") == 429 and len(gb) == 1 and gb[0].get("status") == 200,
+             f"live: {name}: {a} answers 429 -> the same request is served by {b} (its second account)",
+             f"status {st}: {a} saw {[r.get('status') for r in ga]}, {b} saw {[r.get('status') for r in gb]}: {resp[:300]!r}")
+        C.ok(clean(a) and clean(b), f"live: {a} and {b} each saw their own key only (never the other's or the tenant's)")
+        rec = (records() or [{}])[-1]
+        att = [(x.get("provider"), x.get("status")) for x in rec.get("attempts") or []]
+        C.ok(rec.get("provider") == b and att == [(a, 429), (b, 200)],
+             f"live: the usage record says {b} served, attempts {att}", json.dumps(rec)[:600])
+        st, _, _ = ask(f"next {time.time()}", {})
+        C.ok(st == 200 and len(mock_requests(cluster[a])) == 1 and len(mock_requests(cluster[b])) == 2,
+             f"live: within {a}'s retry-after, the next request goes straight to {b}",
+             f"status {st}; {a} saw {len(mock_requests(cluster[a]))}, {b} {len(mock_requests(cluster[b]))}")
+        time.sleep(1.2)  # a's retry-after passes
+
+    # Every account of the first rank fails (503): the next rank serves, under its own model
+    # name, path, host and key; the router's attempts, then the relay's for a stream.
+    if nxt:
+        served = [d["provider"] for d in nxt]
+        for stream in (False, True):
+            what = "a stream (the relay's attempts)" if stream else "a request (the router's attempts)"
+            clear_all()
+            n0 = len(records())
+            st, _, resp = ask(f"all down {stream} {time.time()}",
+                              {"x-mock-fault": "503", "x-mock-fault-on": ",".join(first), "x-mock-chunks": "3"}, stream)
+            tried = {n: mock_requests(cluster[n]) for n in first}
+            got = [(n, r) for n in served for r in mock_requests(cluster[n])]
+            ok = st == 200 and (not stream or resp.rstrip().endswith(b"data: [DONE]"))
+            C.ok(ok and all(len(v) == 1 and v[0].get("status") == 503 for v in tried.values()) and len(got) == 1,
+                 f"live: {name}: {what} with 503 from {', '.join(first)} -> each tried once, then served by "
+                 f"{got[0][0] if got else served}",
+                 f"status {st}; tried {({n: [r.get('status') for r in v] for n, v in tried.items()})}, "
+                 f"next rank saw {len(got)}: {resp[-300:]!r}")
+            if got:
+                n, r = got[0]
+                d = next(x for x in nxt if x["provider"] == n)
+                want = d.get("upstream_model") or model.get("upstream_model") or name
+                h = {k: v for k, v in r.get("headers", [])}
+                try:
+                    sent = json.loads(r.get("body") or "{}").get("model")
+                except ValueError:
+                    sent = None
+                checks = {"model": sent == want, "host": h.get("host") == by_name[n].get("authority"),
+                          "path": r.get("path", "").startswith(by_name[n]["path_prefix"] + "/chat/completions"),
+                          "keys": clean(n) and all(clean(x) for x in first)}
+                C.ok(all(checks.values()),
+                     f"live: ... {n} got the request rewritten for it by the upstream filter: model {sent}, Host "
+                     f"{h.get('host')}, path {r.get('path')}, its own key; no account saw another's key",
+                     f"failed: {[k for k, v in checks.items() if not v]}: {json.dumps(r)[:600]}")
+            recs = records()[n0:]
+            rec = recs[-1] if recs else {}
+            att = [(x.get("provider"), x.get("status")) for x in rec.get("attempts") or []]
+            C.ok(rec.get("provider") in served and sorted(att[:-1]) == sorted((n, 503) for n in first)
+                 and att[-1:] == [(rec.get("provider"), 200)],
+                 f"live: ... the usage record names {rec.get('provider')} and its attempts {att}", json.dumps(rec)[:600])
+    log = (workdir / "envoy.log").read_text()
+    C.ok("without its plan" not in log,
+         "live: every fallback attempt found its plan (the upstream filter ran in the Sluice filter's VM)",
+         "\n".join(l for l in log.splitlines() if "without its plan" in l)[:600])
+    stats = http("GET", f"http://127.0.0.1:{admin}/stats/prometheus")[2].decode()
+    C.ok(f'sluice_fallbacks_total{{model="{name}"' in stats, f"live: sluice_fallbacks_total counts {name}'s fallbacks")
+
+    # Control: the upstream filter's vm_config differs (another vm_id, so another VM): a
+    # fallback attempt finds no plan and goes without credentials, never with another
+    # account's key. This is why its vm_config must be the Sluice filter's.
+    if nxt and first:
+        upstream_ecds_files(ecds.parent, f, wasm, "2", {"vm_id": "sluice-control"})
+        time.sleep(2)
+        clear_all()
+        st, _, _ = ask(f"control {time.time()}", {"x-mock-fault": "503", "x-mock-fault-on": ",".join(first)})
+        later = [(n, r) for n in {*first, *(d["provider"] for d in nxt)} for r in mock_requests(cluster[n])]
+        bare = [n for n, r in later if "authorization" not in {k for k, _ in r.get("headers", [])}
+                and "x-api-key" not in {k for k, _ in r.get("headers", [])}]
+        log = (workdir / "envoy.log").read_text()
+        C.ok(st != 200 and bare and "without its plan" in log
+             and all(provider_keys(r) <= {mock_key(by_name[n]["api_key_env"])} for n, r in later),
+             f"live: control - with another vm_config in the upstream filter, the fallback attempt finds no plan and "
+             f"reaches {', '.join(bare) or 'nobody'} without credentials (status {st}), never with another account's key",
+             f"status {st}; requests: {[(n, r.get('status')) for n, r in later]}")
+        upstream_ecds_files(ecds.parent, f, wasm, "3")
+        time.sleep(1)
 
 
 def live_check(envoy: str, wasm: Path, relay: Path, f, route_info, workdir: Path, mock: str) -> None:
@@ -1111,20 +1660,22 @@ def live_check(envoy: str, wasm: Path, relay: Path, f, route_info, workdir: Path
     import time
     sluice = copy.deepcopy(f["sluice"])
     providers = sluice["providers"]
-    host_of = {r["values"][0]: r["host"] for r in route_info["routes"]}
-    kinds = {p["cluster"]: p["api"] for p in providers}
-    prefixes = {p["cluster"]: p["path_prefix"] for p in providers}
-    keyenv = {p["cluster"]: p["api_key_env"] for p in providers}
+    # One mock provider per cluster, named after the Sluice provider that names the cluster
+    # (x-mock-fault-on takes those names), with that provider's key.
+    provider_of: dict[str, dict] = {}
+    for p in providers:
+        provider_of.setdefault(p["cluster"], p)
+    host_of = {c: route_info["clusters"][c]["host"] for c in provider_of}
     cluster_of = {p["name"]: p["cluster"] for p in providers}
-    mock_ports = {host_of[c]: free_port() for c in host_of}
+    mock_ports = {c: free_port() for c in provider_of}
     # A test tenant with a known key, in the first tier that allows every model.
     tier = next(t for t, v in sluice["tiers"].items() if v.get("models") == ["*"])
     sluice["tenants"].append({"id": "live-check", "tier": tier,
                               "keys": [{"id": "k", "sha256": hashlib.sha256(LIVE_KEY.encode()).hexdigest()}]})
-    env = dict(os.environ, **MOCK_KEYS)
+    env = dict(os.environ, **{k: mock_key(k) for k in f["env_keys"]})
     args = []
-    for c, host in host_of.items():
-        args += ["--provider", f"{c},{kinds[c]},127.0.0.1:{mock_ports[host]},{prefixes[c]},{keyenv[c]}"]
+    for c, p in provider_of.items():
+        args += ["--provider", f"{p['name']},{p['api']},127.0.0.1:{mock_ports[c]},{p['path_prefix']},{p['api_key_env']}"]
     procs = []
     try:
         procs.append(subprocess.Popen([mock] + args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -1152,6 +1703,7 @@ def live_check(envoy: str, wasm: Path, relay: Path, f, route_info, workdir: Path
         ecds = workdir / "ecds" / "sluice.yaml"
         ecds.parent.mkdir()
         ecds_file(ecds, f, wasm, sluice, "1")
+        upstream_ecds_files(ecds.parent, f, wasm, "1")
         def start_gateway(name, access_log, concurrency):
             """An Envoy on the live bootstrap, its log in workdir/<name>.log; returns its ports."""
             port, admin = free_port(), free_port()
@@ -1172,11 +1724,11 @@ def live_check(envoy: str, wasm: Path, relay: Path, f, route_info, workdir: Path
                     (workdir / "envoy.log").read_text()[-3000:]):
             return
 
-        def mock_requests(host):
-            return json.loads(http("GET", f"http://127.0.0.1:{mock_ports[host]}/__mock/requests")[2])
+        def mock_requests(cluster):
+            return json.loads(http("GET", f"http://127.0.0.1:{mock_ports[cluster]}/__mock/requests")[2])
 
-        def clear(host):
-            http("DELETE", f"http://127.0.0.1:{mock_ports[host]}/__mock/requests")
+        def clear(cluster):
+            http("DELETE", f"http://127.0.0.1:{mock_ports[cluster]}/__mock/requests")
 
         cases = [("openai", "/v1/chat/completions", "gpt-4.1-mini", {}),
                  ("deepseek", "/v1/chat/completions", "deepseek-chat", {}),
@@ -1185,14 +1737,14 @@ def live_check(envoy: str, wasm: Path, relay: Path, f, route_info, workdir: Path
         for name, path, model, extra in cases:
             cluster = cluster_of[name]
             host = host_of[cluster]
-            clear(host)
+            clear(cluster)
             body = {"model": model, "max_tokens": 16, "messages": [{"role": "user", "content": "hello"}]}
             # The client names some public host and tries to pick a cluster itself.
             spoof = cluster_of["anthropic"] if name != "anthropic" else cluster_of["openai"]
             hdrs = {"host": "llm.example.com", "authorization": f"Bearer {LIVE_KEY}", "content-type": "application/json",
                     ROUTING_HEADER: spoof, **extra}
             st, _, resp = http("POST", gw + path, hdrs, json.dumps(body).encode())
-            got = mock_requests(host)
+            got = mock_requests(cluster)
             seen = got[-1] if got else {}
             h = {k: v for k, v in seen.get("headers", [])}
             C.ok(st == 200 and len(got) == 1,
@@ -1204,11 +1756,12 @@ def live_check(envoy: str, wasm: Path, relay: Path, f, route_info, workdir: Path
                 C.ok(LIVE_KEY not in json.dumps(seen), f"live: {name} never saw the tenant key")
                 C.ok(not any(k.startswith("x-envoy-") for k in h), f"live: {name} saw no x-envoy-* headers (router patch)",
                      str([k for k in h if k.startswith("x-envoy-")]))
-        openai_host = host_of[cluster_of["openai"]]
-        clear(openai_host)
+        openai = cluster_of["openai"]
+        openai_host = host_of[openai]
+        clear(openai)
         st, hd, _ = http("POST", gw + "/v1/chat/completions", {"authorization": "Bearer sk-wrong", "content-type": "application/json"},
                          b'{"model":"gpt-4.1-mini","messages":[]}')
-        C.ok(st == 401 and not mock_requests(openai_host), "live: an unknown key gets 401 and reaches no provider")
+        C.ok(st == 401 and not mock_requests(openai), "live: an unknown key gets 401 and reaches no provider")
 
         # Streams go through the stream relay, which calls the cluster x-sluice-cluster names
         # (Istio's outbound|443||host) itself: a complete stream arrives complete, and a
@@ -1217,12 +1770,12 @@ def live_check(envoy: str, wasm: Path, relay: Path, f, route_info, workdir: Path
         stream_body = json.dumps({"model": "gpt-4.1-mini", "stream": True,
                                   "messages": [{"role": "user", "content": "hello"}]}).encode()
         stream_hdrs = {"authorization": f"Bearer {LIVE_KEY}", "content-type": "application/json", "x-mock-chunks": "3"}
-        clear(openai_host)
+        clear(openai)
         try:
             st, _, resp = http("POST", gw + "/v1/chat/completions", stream_hdrs, stream_body)
         except Exception as e:  # noqa: BLE001 - a reset stream is what this looks for
             st, resp = repr(e), b""
-        got = mock_requests(openai_host)
+        got = mock_requests(openai)
         h = {k: v for k, v in (got[-1].get("headers", []) if got else [])}
         C.ok(st == 200 and resp.rstrip().endswith(b"data: [DONE]") and len(got) == 1,
              "live: a streamed request through the relay -> 200, complete ([DONE]), one request at the openai mock",
@@ -1250,6 +1803,12 @@ def live_check(envoy: str, wasm: Path, relay: Path, f, route_info, workdir: Path
                  logged[-1000:])
         stats = http("GET", f"http://127.0.0.1:{admin}/stats/prometheus")[2].decode()
         C.ok('sluice_requests_total{tenant="live-check"' in stats, "live: Prometheus stats carry tenant labels (BOOTSTRAP stats_tags patch)")
+
+        # Fallback across a model's deployments: the route for chains, Sluice's cluster
+        # specifier and upstream filter (over ECDS, sharing the Sluice filter's VM).
+        model = next((m for m in sluice["models"] if len(m.get("deployments") or []) > 1), None)
+        if (route_info.get("fallback_wiring") or {}).get("route") and model:
+            live_fallback(gw, admin, workdir, f, sluice, model, provider_of, mock_requests, clear, mock_ports, wasm, ecds)
 
         # A bad configuration update is rejected and the working filter stays.
         broken = copy.deepcopy(sluice)

@@ -174,6 +174,12 @@ async fn a_failing_provider_falls_back_to_another_with_the_request_rewritten_for
         assert_eq!(r.json().unwrap()["model"], "gpt-4.1");
         assert_eq!(auth(&r), format!("Bearer {OPENAI_KEY}"));
     }
+    // No account's key reached another provider, either way.
+    for key in [OPENAI_KEY, OPENAI_KEY_B] {
+        assert_never_sent(&gw.mocks.deepseek.requests(), key);
+    }
+    assert_never_sent(&gw.mocks.openai.requests(), DEEPSEEK_KEY);
+    assert_never_sent(&gw.mocks.openai_b.requests(), DEEPSEEK_KEY);
     let record = last_record(&gw, 1).await;
     assert_eq!(record["provider"], "deepseek");
     assert_eq!(record["attempts"].as_array().unwrap().len(), 3);
