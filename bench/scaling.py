@@ -207,16 +207,20 @@ def study_tenants(tmp, up_port, args, procs):
     return rows, lines
 
 
+def gateway_yaml(kind, tmp, port, admin, up_port):
+    """Plain Envoy routing to the upstream, or Sluice's demo configuration pointed at it."""
+    if kind == "plain":
+        return B.envoy_yaml(port, admin, "", B.cluster("upstream", up_port),
+                            "route: {cluster: upstream, timeout: 60s}")
+    return B.sluice_yaml(tmp, port, admin, up_port)
+
+
 def study_workers(tmp, up_port, args, procs):
     gws, admins = {}, {}
     for workers in (1, 2, 4):
         for kind in ("plain", "sluice"):
             port, admin = B.free_port(), B.free_port()
-            if kind == "plain":
-                text = B.envoy_yaml(port, admin, "", B.cluster("upstream", up_port),
-                                    "route: {cluster: upstream, timeout: 60s}")
-            else:
-                text = B.sluice_yaml(tmp, port, admin, up_port)
+            text = gateway_yaml(kind, tmp, port, admin, up_port)
             name = f"{kind}{workers}"
             gw = B.start_envoy(tmp, name, text, admin, concurrency=workers)
             procs.append(gw)
@@ -407,11 +411,7 @@ def study_bodies(tmp, args, procs):
         gws = {}
         for kind in ("plain", "sluice"):
             port, admin = B.free_port(), B.free_port()
-            if kind == "plain":
-                text = B.envoy_yaml(port, admin, "", B.cluster("upstream", up_port),
-                                    "route: {cluster: upstream, timeout: 60s}")
-            else:
-                text = B.sluice_yaml(tmp, port, admin, up_port)
+            text = gateway_yaml(kind, tmp, port, admin, up_port)
             gw = B.start_envoy(tmp, f"bodies-{kind}{n}", text, admin)
             gws[kind] = (gw, f"http://127.0.0.1:{port}/v1/chat/completions", {}, {"body": chat_request(n)})
         res, _ = B.measure_interleaved(gws, AUTH, args.seconds, args.reps, {})

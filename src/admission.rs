@@ -10,8 +10,8 @@ use crate::limits::{
     format_reset, month_index, rfc3339, Admission, Demand, LimitKind, Limiter, Snapshot, Taken,
 };
 use crate::policy::{
-    LimitId, LimitMeasure, LimitScope, Limits, ModelId, OnEngineFailure, Policy, Price, ProviderId,
-    TenantId,
+    LimitId, LimitMeasure, LimitScope, Limits, ModelId, OnEngineFailure, Policy, Price, Provider,
+    ProviderId, TenantId,
 };
 use crate::shared::keys::{self, LimitOf};
 use crate::shared::Store;
@@ -350,6 +350,21 @@ pub fn affordable_output(
     most
 }
 
+/// A provider account's own limits, by engine, for `reservation`.
+fn provider_limits(policy: &Policy, provider: &Provider, reservation: Reservation) -> Plan {
+    let mut out = Plan::default();
+    let of = LimitOf::Provider(&provider.name);
+    push_limits(
+        &mut out,
+        policy,
+        LimitScope::Provider,
+        of,
+        &provider.limits,
+        reservation,
+    );
+    out
+}
+
 /// Whether a provider account's own monthly quota (its `limits`, local engine) is spent:
 /// fallback skips such an account like a failed one.
 pub fn provider_month_spent(
@@ -364,16 +379,7 @@ pub fn provider_month_spent(
     if p.limits.monthly_tokens.is_none() && p.limits.monthly_budget_micro_usd.is_none() {
         return false;
     }
-    let mut out = Plan::default();
-    let of = LimitOf::Provider(&p.name);
-    push_limits(
-        &mut out,
-        policy,
-        LimitScope::Provider,
-        of,
-        &p.limits,
-        Reservation::default(),
-    );
+    let out = provider_limits(policy, p, Reservation::default());
     let limiter = Limiter::new(store);
     out.local.iter().any(|(id, demand)| {
         matches!(
@@ -399,16 +405,7 @@ pub fn reserve_provider(
     let Some(p) = policy.provider(provider) else {
         return Vec::new();
     };
-    let mut out = Plan::default();
-    let of = LimitOf::Provider(&p.name);
-    push_limits(
-        &mut out,
-        policy,
-        LimitScope::Provider,
-        of,
-        &p.limits,
-        reservation,
-    );
+    let out = provider_limits(policy, p, reservation);
     let demands: Vec<Demand> = out.local.iter().map(|(_, d)| d.clone()).collect();
     match Limiter::new(store).admit(&demands, now_ms) {
         Admission::Admitted { taken, .. } => {
@@ -418,8 +415,9 @@ pub fn reserve_provider(
     }
 }
 
-/// Settles a fallback attempt's reservation ([`reserve_provider`]) to what the request
-/// used there: all of it for the attempt that served, nothing for one that failed.
+/// Settles local limits taken for a request to what it used: admission's at the end
+/// ([`settle`]), or a fallback attempt's ([`reserve_provider`]: all of the use for the
+/// attempt that served, nothing for one that failed).
 pub fn settle_items(
     store: &dyn Store,
     items: &[(LimitId, Taken)],
@@ -470,16 +468,7 @@ pub fn move_provider_usage(
     let Some(p) = policy.provider(served).filter(|_| !reserved) else {
         return failures;
     };
-    let mut out = Plan::default();
-    let of = LimitOf::Provider(&p.name);
-    push_limits(
-        &mut out,
-        policy,
-        LimitScope::Provider,
-        of,
-        &p.limits,
-        Reservation::default(),
-    );
+    let out = provider_limits(policy, p, Reservation::default());
     for (id, demand) in out.local {
         if matches!(demand.kind, LimitKind::Concurrency { .. }) {
             continue;
@@ -916,16 +905,13 @@ pub fn settle(
     actual_cost_micro_usd: u64,
     now_ms: u64,
 ) -> Settled {
-    let limiter = Limiter::new(store);
-    let mut failures = Vec::new();
-    for (id, taken) in &held.items {
-        let Some(actual) = actual_of(id.measure, actual_tokens, actual_cost_micro_usd) else {
-            continue;
-        };
-        if let Err(e) = limiter.settle(taken, actual, now_ms) {
-            failures.push(format!("{}: {e:?}", taken.key));
-        }
-    }
+    let failures = settle_items(
+        store,
+        &held.items,
+        actual_tokens,
+        actual_cost_micro_usd,
+        now_ms,
+    );
     let global = held.global.as_ref().map(|g| Settlement {
         id: g.id.clone(),
         month: g.month,

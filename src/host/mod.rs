@@ -46,6 +46,14 @@ fn log(level: LogLevel, message: &str) {
     let _ = hostcalls::log(level, message);
 }
 
+/// A header's value as text (absent, unreadable or not UTF-8: `None`).
+fn header_text(map: MapType, name: &str) -> Option<String> {
+    hostcalls::get_map_value_bytes(map, name)
+        .ok()
+        .flatten()
+        .and_then(|v| String::from_utf8(v).ok())
+}
+
 /// Host wall clock in milliseconds (0 if unavailable; deltas are clamped by callers).
 fn now_ms() -> u64 {
     hostcalls::get_current_time()

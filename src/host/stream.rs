@@ -3,7 +3,8 @@
 use super::metrics::NoMetrics;
 use super::store::{take_cas_retries, SharedData};
 use super::{
-    call_answer, call_quota_service, log, now_ms, run_queue_actions, send_reply, Configured,
+    call_answer, call_quota_service, header_text, log, now_ms, run_queue_actions, send_reply,
+    Configured,
 };
 use crate::errors::{ApiError, ErrorKind};
 use crate::headers::RequestHeaders;
@@ -314,12 +315,7 @@ impl HttpContext for SluiceHttp {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let header = |name: &str| {
-            hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
-                .ok()
-                .flatten()
-                .and_then(|v| String::from_utf8(v).ok())
-        };
+        let header = |name: &str| header_text(MapType::HttpResponseHeaders, name);
         let status = header(":status")
             .and_then(|s| s.parse::<u16>().ok())
             .unwrap_or(0);

@@ -10,7 +10,7 @@
 
 use super::plans::with_plan;
 use super::store::SharedData;
-use super::{log, now_ms};
+use super::{header_text, log, now_ms};
 use crate::body::{replace_model, replace_model_reserialized};
 use crate::fallback::{self, AttemptEnd};
 use crate::headers::ATTEMPT_HEADER;
@@ -47,10 +47,7 @@ impl UpstreamAttempt {
     }
 
     fn header(name: &str) -> Option<String> {
-        hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
-            .ok()
-            .flatten()
-            .and_then(|v| String::from_utf8(v).ok())
+        header_text(MapType::HttpRequestHeaders, name)
     }
 
     /// Records the attempt's end in its plan and its account's health.
@@ -235,12 +232,7 @@ impl HttpContext for UpstreamAttempt {
         if !self.planned {
             return Action::Continue;
         }
-        let header = |name: &str| {
-            hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
-                .ok()
-                .flatten()
-                .and_then(|v| String::from_utf8(v).ok())
-        };
+        let header = |name: &str| header_text(MapType::HttpResponseHeaders, name);
         let status = header(":status")
             .and_then(|s| s.parse::<u16>().ok())
             .unwrap_or(0);

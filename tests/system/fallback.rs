@@ -22,13 +22,7 @@ fn options(ranks: Option<(u32, u32)>, weights: (u32, u32)) -> GatewayOptions {
                 json!({"requests_per_minute": 100000, "tokens_per_minute": 100000000,
                        "concurrent_requests": 64, "monthly_tokens": 100000000}),
             );
-            let model = v["models"]
-                .as_array_mut()
-                .unwrap()
-                .iter_mut()
-                .find(|m| m["name"] == "gpt-4.1")
-                .unwrap();
-            let deployments = model["deployments"].as_array_mut().unwrap();
+            let deployments = gpt_4_1_deployments(v);
             deployments[0]["weight"] = weights.0.into();
             deployments[1]["weight"] = weights.1.into();
             let (a, b) = ranks.unwrap_or((0, 0));
@@ -40,12 +34,39 @@ fn options(ranks: Option<(u32, u32)>, weights: (u32, u32)) -> GatewayOptions {
     }
 }
 
+/// The demo's gpt-4.1 deployments (openai, openai-b, deepseek) in a plugin configuration.
+fn gpt_4_1_deployments(v: &mut Value) -> &mut Vec<Value> {
+    v["models"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|m| m["name"] == "gpt-4.1")
+        .unwrap()["deployments"]
+        .as_array_mut()
+        .unwrap()
+}
+
 fn chat(content: &str) -> Value {
     json!({"model": "gpt-4.1", "max_tokens": 16, "messages": [{"role": "user", "content": content}]})
 }
 
 fn auth(r: &sluice_mock::RecordedRequest) -> String {
     r.header("authorization").unwrap_or("").to_string()
+}
+
+/// A streamed gpt-4.1 chat request of acme's, with extra headers.
+async fn stream(gw: &Gateway, extra: &[(&str, &str)]) -> reqwest::Response {
+    let mut req = gw
+        .client
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(ACME);
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    req.json(&json!({"model": "gpt-4.1", "stream": true, "messages": [{"role": "user", "content": "s"}]}))
+        .send()
+        .await
+        .unwrap()
 }
 
 /// The usage record of the access log's last line.
@@ -225,17 +246,12 @@ async fn a_reset_before_the_response_falls_back_and_one_after_it_does_not() {
 
     // A stream openai resets after its first chunks: nothing is retried, the client gets
     // the error event (the stream relay's).
-    let resp = gw
-        .client
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(ACME)
-        .header("x-mock-fault", "reset")
-        .header("x-mock-fault-on", "openai")
-        .header("x-mock-chunks", "4")
-        .json(&json!({"model": "gpt-4.1", "stream": true, "messages": [{"role": "user", "content": "s"}]}))
-        .send()
-        .await
-        .unwrap();
+    let fault = [
+        ("x-mock-fault", "reset"),
+        ("x-mock-fault-on", "openai"),
+        ("x-mock-chunks", "4"),
+    ];
+    let resp = stream(&gw, &fault).await;
     assert_eq!(resp.status(), 200);
     let mut text = String::new();
     let mut stream = resp.bytes_stream();
@@ -253,16 +269,11 @@ async fn a_reset_before_the_response_falls_back_and_one_after_it_does_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_falls_back_before_its_first_byte() {
     let gw = Gateway::start_with(options(Some((0, 1)), (1, 1))).await;
-    let resp = gw
-        .client
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(ACME)
-        .header("x-mock-fault", "429")
-        .header("x-mock-fault-on", "openai")
-        .json(&json!({"model": "gpt-4.1", "stream": true, "messages": [{"role": "user", "content": "s"}]}))
-        .send()
-        .await
-        .unwrap();
+    let resp = stream(
+        &gw,
+        &[("x-mock-fault", "429"), ("x-mock-fault-on", "openai")],
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     let text = resp.text().await.unwrap();
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
@@ -306,14 +317,9 @@ async fn an_upstream_filter_without_the_plans_never_forwards_another_account_s_k
     let mocks = Mocks::start().await;
     let dir = unique_dir();
     let edit: ConfigEdit = Box::new(|v: &mut Value| {
-        let model = v["models"]
-            .as_array_mut()
-            .unwrap()
-            .iter_mut()
-            .find(|m| m["name"] == "gpt-4.1")
-            .unwrap();
-        model["deployments"][1]["rank"] = 1.into();
-        model["deployments"][2]["rank"] = 5.into();
+        let deployments = gpt_4_1_deployments(v);
+        deployments[1]["rank"] = 1.into();
+        deployments[2]["rank"] = 5.into();
         v["tiers"]["gold"].as_object_mut().unwrap().remove("cache");
     });
     let yaml = render_demo_config(&mocks, &dir, Some(edit));
