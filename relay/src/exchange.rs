@@ -19,7 +19,7 @@
 use crate::chain::{self, ATTEMPT_HEADER};
 use crate::config::RelayConfig;
 use sluice::errors::{ApiError, ApiFlavour, ErrorKind};
-use sluice::headers::{CLUSTER_HEADER, RELAY_HEADER};
+use sluice::headers::{CLUSTER_HEADER, MAX_RETRIES_HEADER, RELAY_HEADER};
 use std::sync::Arc;
 
 pub type Header = (Vec<u8>, Vec<u8>);
@@ -229,6 +229,8 @@ impl Exchange {
                 cluster = Some(value);
             } else if name == RELAY_HEADER.as_bytes()
                 || name == ATTEMPT_HEADER.as_bytes()
+                // For Envoy's router; the relay makes its own attempts.
+                || name == MAX_RETRIES_HEADER.as_bytes()
                 || name == b"content-length"
                 || HOP_BY_HOP.contains(&name.as_slice())
             {

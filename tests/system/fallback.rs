@@ -95,6 +95,11 @@ async fn a_rate_limited_account_is_skipped_until_its_retry_after() {
     assert_eq!(auth(&b[0]), format!("Bearer {OPENAI_KEY_B}"));
     for r in a.iter().chain(&b) {
         assert!(!r.headers.iter().any(|(_, v)| v.contains(ACME)));
+        assert_eq!(
+            r.header("x-envoy-max-retries"),
+            None,
+            "consumed by the router"
+        );
         assert!(
             !r.headers.iter().any(|(n, _)| n.starts_with("x-sluice-")),
             "{:?}",
@@ -281,6 +286,10 @@ async fn a_stream_falls_back_before_its_first_byte() {
     assert_eq!(b.len(), 1);
     assert_eq!(auth(&b[0]), format!("Bearer {OPENAI_KEY_B}"));
     assert!(b[0].header("x-sluice-attempt").is_none());
+    assert!(
+        b[0].header("x-envoy-max-retries").is_none(),
+        "the router's header stays in Envoy"
+    );
     let record = last_record(&gw, 1).await;
     assert_eq!(record["provider"], "openai-b", "{record}");
     assert!(!record["estimated"].as_bool().unwrap(), "{record}");

@@ -90,6 +90,7 @@ fn request_headers() -> Vec<Header> {
         h("authorization", "Bearer sk-provider"),
         h("x-sluice-cluster", "openai"),
         h("x-sluice-relay", "openai"),
+        h("x-envoy-max-retries", "0"),
         h("content-length", "999"),
         h("connection", "keep-alive"),
     ]
@@ -156,6 +157,7 @@ fn the_provider_gets_sluices_request_without_internal_or_hop_headers() {
         "{names:?}"
     );
     assert!(!names.contains(&"connection".to_string()));
+    assert!(!names.contains(&"x-envoy-max-retries".to_string()));
     assert!(headers.contains(&h("content-length", "15")), "{headers:?}");
     assert!(headers.contains(&h("authorization", "Bearer sk-provider")));
     // The default 4-minute stall limit is armed.
