@@ -419,6 +419,9 @@ impl Plans for PlanTable<()> {
 /// prepared for.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct AttemptEdits {
+    /// The Envoy cluster the attempt must be going to: edits for one account's provider
+    /// must never go out on another's.
+    pub cluster: String,
     /// Headers to remove first: every provider's credential and configured headers, so
     /// that no account's key reaches another's provider.
     pub remove: Vec<String>,
@@ -474,6 +477,7 @@ pub fn attempt_edits(policy: &Policy, plan: &Plan, n: u32) -> Option<AttemptEdit
     let model_name = (carried != Some(deployment.upstream_name.as_str()))
         .then(|| deployment.upstream_name.clone());
     Some(AttemptEdits {
+        cluster: provider.cluster.clone(),
         remove,
         set,
         model: model_name,

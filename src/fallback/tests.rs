@@ -269,6 +269,7 @@ fn a_later_attempt_is_rewritten_for_its_deployment_alone() {
     }
     let set =
         |e: &AttemptEdits, k: &str| e.set.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    assert_eq!(b.cluster, "openai_b");
     assert_eq!(set(&b, "authorization").unwrap(), "Bearer key-of-openai_b");
     assert_eq!(set(&b, "openai-organization").unwrap(), "org-b");
     assert_eq!(set(&b, ":path").unwrap(), "/v1/chat/completions?x=1");

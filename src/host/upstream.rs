@@ -167,6 +167,24 @@ impl HttpContext for UpstreamAttempt {
         for name in &edits.remove {
             let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
         }
+        // The attempt is on the cluster its deployment names, or it goes without a key (a
+        // route whose retries do not follow the chain, e.g. without the relay filter that
+        // keeps it for the cluster specifier).
+        let cluster = hostcalls::get_property(vec!["xds", "cluster_name"])
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        if cluster != edits.cluster.as_bytes() {
+            log(
+                LogLevel::Error,
+                &format!(
+                    "sluice: attempt {n} meant for cluster {} runs on {}: sent without credentials",
+                    edits.cluster,
+                    String::from_utf8_lossy(&cluster)
+                ),
+            );
+            return Action::Continue;
+        }
         // The attempt's account takes its own limits, as admission took the first's.
         let now = now_ms();
         with_plan(&id, |plan, policy| {

@@ -349,3 +349,36 @@ async fn an_upstream_filter_without_the_plans_never_forwards_another_account_s_k
     assert_eq!(status, 401, "openai-b refused the request without a key");
     assert!(gw.log().contains("a fallback attempt without its plan"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_on_another_cluster_than_its_deployment_s_goes_without_a_key() {
+    // Misconfigured: without the relay filter, nothing keeps the chain for the router's
+    // retries, so the retry stays on openai's cluster while its plan says openai-b. The
+    // upstream filter must not put openai-b's key on a request to openai.
+    let mocks = Mocks::start().await;
+    let dir = unique_dir();
+    let edit: ConfigEdit = Box::new(|v: &mut Value| {
+        let deployments = gpt_4_1_deployments(v);
+        deployments[1]["rank"] = 1.into();
+        deployments[2]["rank"] = 5.into();
+        v["tiers"]["gold"].as_object_mut().unwrap().remove("cache");
+    });
+    let yaml = render_demo_config(&mocks, &dir, Some(edit));
+    let start = yaml.find("          - name: sluice_relay\n").unwrap();
+    let end = yaml
+        .find("          - name: envoy.filters.http.router\n")
+        .unwrap();
+    let yaml = format!("{}{}", &yaml[..start], &yaml[end..]);
+    let gw = Gateway::start_config(mocks, dir, &yaml, 1).await;
+    let fault = [("x-mock-fault", "429"), ("x-mock-fault-on", "openai")];
+    let (status, _, _) = gw.chat_with(ACME, &chat("no relay"), &fault).await;
+    assert_ne!(status, 200);
+    let a = gw.mocks.openai.requests();
+    assert_never_sent(&a, OPENAI_KEY_B);
+    assert!(gw.mocks.openai_b.requests().is_empty());
+    assert!(
+        gw.log().contains("sent without credentials"),
+        "{}",
+        gw.log()
+    );
+}
