@@ -285,6 +285,17 @@ pub struct Model {
     pub max_output_tokens: Option<u64>,
 }
 
+impl Provider {
+    /// The cluster of the request's attempts: its fallback cluster when the request has
+    /// several deployments to try.
+    pub fn cluster_for(&self, fallback: bool) -> &str {
+        match (&self.fallback_cluster, fallback) {
+            (Some(c), true) => c,
+            _ => &self.cluster,
+        }
+    }
+}
+
 /// One deployment of a model: a provider account and the model's name and price there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Deployment {
@@ -333,6 +344,8 @@ pub struct Provider {
     pub name: String,
     pub api: ApiFlavour,
     pub cluster: String,
+    /// The cluster of requests with fallback, when it is another (see the configuration).
+    pub fallback_cluster: Option<String>,
     pub path_prefix: String,
     pub authority: Option<String>,
     pub credential: Credential,

@@ -417,12 +417,15 @@ fn compile_providers(
                     format!("duplicate provider `{}`", p.name),
                 ));
             }
-            check_header_value(&format!("{at}.cluster"), &p.cluster)?;
-            require(
-                !p.cluster.is_empty(),
-                format!("{at}.cluster"),
-                "must not be empty",
-            )?;
+            for (field, cluster) in std::iter::once(("cluster", &p.cluster))
+                .chain(p.fallback_cluster.iter().map(|c| ("fallback_cluster", c)))
+            {
+                let here = format!("{at}.{field}");
+                check_header_value(&here, cluster)?;
+                require(!cluster.is_empty(), &here, "must not be empty")?;
+                // Attempts' clusters travel as one comma-separated header.
+                require(!cluster.contains(','), &here, "must not contain `,`")?;
+            }
             let prefix = &p.path_prefix;
             if !prefix.is_empty() && (!prefix.starts_with('/') || prefix.ends_with('/')) {
                 return Err(ConfigError::at(
@@ -507,6 +510,7 @@ fn compile_providers(
                 name: p.name.clone(),
                 api,
                 cluster: p.cluster.clone(),
+                fallback_cluster: p.fallback_cluster.clone(),
                 path_prefix: p.path_prefix.clone(),
                 authority: p.authority.clone(),
                 credential: Credential::new(header.clone(), value),

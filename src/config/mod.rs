@@ -282,6 +282,11 @@ pub struct RawProvider {
     pub api: RawApi,
     /// Envoy cluster that reaches this provider.
     pub cluster: String,
+    /// Envoy cluster for the attempts of requests with fallback (it carries Sluice's
+    /// upstream filter); default `cluster`. Lets requests without fallback go through a
+    /// cluster without that filter, which they would pay for.
+    #[serde(default)]
+    pub fallback_cluster: Option<String>,
     /// Prepended to the endpoint (`/chat/completions`, `/messages`, ...). `"/v1"` for OpenAI.
     #[serde(default)]
     pub path_prefix: String,

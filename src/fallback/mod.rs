@@ -477,7 +477,7 @@ pub fn attempt_edits(policy: &Policy, plan: &Plan, n: u32) -> Option<AttemptEdit
     let model_name = (carried != Some(deployment.upstream_name.as_str()))
         .then(|| deployment.upstream_name.clone());
     Some(AttemptEdits {
-        cluster: provider.cluster.clone(),
+        cluster: provider.cluster_for(true).to_string(),
         remove,
         set,
         model: model_name,

@@ -16,7 +16,8 @@ fn config() -> Value {
         "providers": [
             {"name": "openai-a", "api": "openai", "cluster": "openai_a", "path_prefix": "/v1",
              "authority": "api.openai.com", "api_key_env": "OPENAI_A"},
-            {"name": "openai-b", "api": "openai", "cluster": "openai_b", "path_prefix": "/v1",
+            {"name": "openai-b", "api": "openai", "cluster": "openai_b", "fallback_cluster": "openai_b_fb",
+             "path_prefix": "/v1",
              "authority": "api.openai.com", "api_key_env": "OPENAI_B",
              "headers": {"openai-organization": "org-b"}},
             {"name": "deepseek", "api": "openai", "cluster": "deepseek", "api_key_env": "DEEPSEEK"},
@@ -146,6 +147,10 @@ fn the_configuration_is_strict_about_deployments() {
     assert!(err(&|c| c["fallback"] = json!({"statuses": [200]})).contains("fallback.statuses[0]"));
     assert!(err(&|c| c["fallback"] = json!({"retry_on": 2})).contains("unknown field `retry_on`"));
     assert!(err(&|c| c["fallback"] = json!({"retries": 6})).contains("fallback.retries"));
+    assert!(err(&|c| c["providers"][0]["cluster"] = json!("a,b"))
+        .contains("`providers[0].cluster`: must not contain `,`"));
+    assert!(err(&|c| c["providers"][0]["fallback_cluster"] = json!(""))
+        .contains("`providers[0].fallback_cluster`: must not be empty"));
 }
 
 #[test]
@@ -269,7 +274,10 @@ fn a_later_attempt_is_rewritten_for_its_deployment_alone() {
     }
     let set =
         |e: &AttemptEdits, k: &str| e.set.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    assert_eq!(b.cluster, "openai_b");
+    assert_eq!(
+        b.cluster, "openai_b_fb",
+        "attempts of a chain use the fallback cluster"
+    );
     assert_eq!(set(&b, "authorization").unwrap(), "Bearer key-of-openai_b");
     assert_eq!(set(&b, "openai-organization").unwrap(), "org-b");
     assert_eq!(set(&b, ":path").unwrap(), "/v1/chat/completions?x=1");

@@ -277,12 +277,16 @@ pub(super) fn route(
         .iter()
         .filter_map(|&i| model.deployments.get(i))
         .filter_map(|d| policy.provider(d.provider))
-        .map(|p| p.cluster.as_str())
+        .map(|p| p.cluster_for(registered))
         .collect();
     step.set.push((CLUSTER_HEADER.into(), clusters.join(",")));
+    // The route retries nothing by itself (num_retries 0): a request with one attempt costs
+    // no header.
     let retries = clusters.len().saturating_sub(1) + policy.fallback.retries as usize;
-    step.set
-        .push((MAX_RETRIES_HEADER.into(), retries.to_string()));
+    if retries > 0 {
+        step.set
+            .push((MAX_RETRIES_HEADER.into(), retries.to_string()));
+    }
     Ok(Forwarding {
         caller,
         route: Route {

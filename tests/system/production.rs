@@ -142,7 +142,7 @@ fn production_yaml(mocks: &Mocks, dir: &Path, front_port: u16) -> String {
         );
     }
     let system_ca = "filename: /etc/ssl/certs/ca-certificates.crt";
-    assert_eq!(yaml.matches(system_ca).count(), 5);
+    assert_eq!(yaml.matches(system_ca).count(), 6);
     yaml = yaml.replace(
         system_ca,
         &format!("filename: {}", tls_dir().join("ca.pem").display()),

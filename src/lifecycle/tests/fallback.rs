@@ -20,7 +20,8 @@ fn fallback_config() -> String {
             {"name": "openai-b", "api": "openai", "cluster": "openai_b", "path_prefix": "/v1",
              "authority": "api.openai.com", "api_key_env": "OPENAI_B",
              "limits": {"requests_per_minute": 1000, "monthly_tokens": 1000000}},
-            {"name": "deepseek", "api": "openai", "cluster": "deepseek", "api_key_env": "DEEPSEEK"}
+            {"name": "deepseek", "api": "openai", "cluster": "deepseek", "fallback_cluster": "deepseek_fb",
+             "api_key_env": "DEEPSEEK"}
         ],
         "models": [
             {"name": "chat", "upstream_model": "gpt-4.1-mini", "price": {"input": 2, "output": 8},
@@ -63,7 +64,10 @@ fn a_request_carries_its_chain_and_registers_its_plan() {
     let p = fallback_policy();
     let (store, plans) = (MemoryStore::new(), PlanTable::default());
     let (_, b) = routed(&p, &store, &plans, "req-1");
-    assert_eq!(set(&b, CLUSTER_HEADER), Some("openai_a,openai_b,deepseek"));
+    assert_eq!(
+        set(&b, CLUSTER_HEADER),
+        Some("openai_a,openai_b,deepseek_fb")
+    );
     assert_eq!(set(&b, "x-envoy-max-retries"), Some("2"));
     assert_eq!(
         set(&b, "authorization"),
@@ -73,15 +77,22 @@ fn a_request_carries_its_chain_and_registers_its_plan() {
     // The same id again (a client-chosen id): one attempt only, nothing registered.
     let (_, again) = routed(&p, &store, &plans, "req-1");
     assert_eq!(set(&again, CLUSTER_HEADER), Some("openai_a"));
-    assert_eq!(set(&again, "x-envoy-max-retries"), Some("0"));
+    assert_eq!(set(&again, "x-envoy-max-retries"), None);
     assert_eq!(plans.len(), 1);
+    // A request with one attempt goes to the provider's own cluster, not its fallback one.
+    assert_eq!(p.providers[2].cluster_for(false), "deepseek");
+    assert_eq!(p.providers[2].cluster_for(true), "deepseek_fb");
     // Without a registry (or an id), no fallback either.
     let (_, _, plain) = post(
         "/v1/chat/completions",
         &[ACME],
         r#"{"model":"gpt-4.1","messages":[]}"#,
     );
-    assert_eq!(set(&plain, "x-envoy-max-retries"), Some("0"));
+    assert_eq!(
+        set(&plain, "x-envoy-max-retries"),
+        None,
+        "the route retries nothing itself"
+    );
     // `fallback.retries` adds attempts at the last deployment.
     let mut cfg: Value = serde_json::from_str(&fallback_config()).unwrap();
     cfg["fallback"] = json!({"retries": 2});
@@ -101,7 +112,7 @@ fn a_cooling_account_is_left_out_of_the_chain() {
     };
     crate::fallback::record(&store, a, limited, &p.fallback, 0).unwrap();
     let (_, b) = routed(&p, &store, &plans, "req-2");
-    assert_eq!(set(&b, CLUSTER_HEADER), Some("openai_b,deepseek"));
+    assert_eq!(set(&b, CLUSTER_HEADER), Some("openai_b,deepseek_fb"));
     assert_eq!(
         set(&b, "authorization"),
         Some("Bearer provider-key-openai_b")
@@ -125,7 +136,7 @@ fn an_account_whose_month_is_spent_is_left_out_of_the_chain() {
     };
     Limiter::new(&store).settle(&taken, 1_000_000, 0).unwrap();
     let (_, b) = routed(&p, &store, &plans, "req-6");
-    assert_eq!(set(&b, CLUSTER_HEADER), Some("openai_b,deepseek"));
+    assert_eq!(set(&b, CLUSTER_HEADER), Some("openai_b,deepseek_fb"));
 }
 
 #[test]
