@@ -190,15 +190,6 @@ impl Policy {
             .filter(move |(i, _)| ModelId::from_index(*i).is_some_and(|m| self.may_use(tenant, m)))
             .map(|(_, m)| m)
     }
-
-    /// The first provider of `model` that speaks `api`.
-    pub fn provider_for(&self, model: ModelId, api: ApiFlavour) -> Option<(ProviderId, &Provider)> {
-        self.model(model)?
-            .deployments
-            .iter()
-            .filter_map(|d| self.provider(d.provider).map(|p| (d.provider, p)))
-            .find(|(_, p)| p.api == api)
-    }
 }
 
 impl Tenant {
