@@ -318,11 +318,9 @@ async fn weights_spread_requests_across_accounts() {
     assert!(gw.mocks.deepseek.requests().is_empty(), "rank 1 waits");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upstream_filter_without_the_plans_never_forwards_another_account_s_key() {
-    // Misconfigured: the upstream filter runs in a VM of its own (another vm_id), where the
-    // downstream filter's plans are not. A fallback attempt must not carry the first
-    // account's key to the second.
+/// The demo (openai, then openai-b, DeepSeek last; no cache) with its Envoy YAML changed
+/// by `misconfigure`, on one worker.
+async fn misconfigured(misconfigure: impl FnOnce(String) -> String) -> Gateway {
     let mocks = Mocks::start().await;
     let dir = unique_dir();
     let edit: ConfigEdit = Box::new(|v: &mut Value| {
@@ -331,15 +329,26 @@ async fn an_upstream_filter_without_the_plans_never_forwards_another_account_s_k
         deployments[2]["rank"] = 5.into();
         v["tiers"]["gold"].as_object_mut().unwrap().remove("cache");
     });
-    let yaml = render_demo_config(&mocks, &dir, Some(edit));
-    let alias = "vm_config: *sluice_vm";
-    assert_eq!(yaml.matches(alias).count(), 1);
-    let own_vm = format!(
-        "vm_config: {{ vm_id: elsewhere, runtime: envoy.wasm.runtime.v8, code: {{ local: {{ filename: {} }} }}, \
-         environment_variables: {{ host_env_keys: [OPENAI_API_KEY, OPENAI_API_KEY_B, ANTHROPIC_API_KEY, DEEPSEEK_API_KEY, GEMINI_API_KEY] }} }}",
-        wasm_path().display()
-    );
-    let gw = Gateway::start_config(mocks, dir, &yaml.replace(alias, &own_vm), 1).await;
+    let yaml = misconfigure(render_demo_config(&mocks, &dir, Some(edit)));
+    Gateway::start_config(mocks, dir, &yaml, 1).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_filter_without_the_plans_never_forwards_another_account_s_key() {
+    // Misconfigured: the upstream filter runs in a VM of its own (another vm_id), where the
+    // downstream filter's plans are not. A fallback attempt must not carry the first
+    // account's key to the second.
+    let gw = misconfigured(|yaml| {
+        let alias = "vm_config: *sluice_vm";
+        assert_eq!(yaml.matches(alias).count(), 1);
+        let own_vm = format!(
+            "vm_config: {{ vm_id: elsewhere, runtime: envoy.wasm.runtime.v8, code: {{ local: {{ filename: {} }} }}, \
+             environment_variables: {{ host_env_keys: [OPENAI_API_KEY, OPENAI_API_KEY_B, ANTHROPIC_API_KEY, DEEPSEEK_API_KEY, GEMINI_API_KEY] }} }}",
+            wasm_path().display()
+        );
+        yaml.replace(alias, &own_vm)
+    })
+    .await;
     let fault = [("x-mock-fault", "429"), ("x-mock-fault-on", "openai")];
     let (status, _, _) = gw.chat_with(ACME, &chat("misconfigured"), &fault).await;
     let b = gw.mocks.openai_b.requests();
@@ -355,21 +364,14 @@ async fn an_attempt_on_another_cluster_than_its_deployment_s_goes_without_a_key(
     // Misconfigured: without the relay filter, nothing keeps the chain for the router's
     // retries, so the retry stays on openai's cluster while its plan says openai-b. The
     // upstream filter must not put openai-b's key on a request to openai.
-    let mocks = Mocks::start().await;
-    let dir = unique_dir();
-    let edit: ConfigEdit = Box::new(|v: &mut Value| {
-        let deployments = gpt_4_1_deployments(v);
-        deployments[1]["rank"] = 1.into();
-        deployments[2]["rank"] = 5.into();
-        v["tiers"]["gold"].as_object_mut().unwrap().remove("cache");
-    });
-    let yaml = render_demo_config(&mocks, &dir, Some(edit));
-    let start = yaml.find("          - name: sluice_relay\n").unwrap();
-    let end = yaml
-        .find("          - name: envoy.filters.http.router\n")
-        .unwrap();
-    let yaml = format!("{}{}", &yaml[..start], &yaml[end..]);
-    let gw = Gateway::start_config(mocks, dir, &yaml, 1).await;
+    let gw = misconfigured(|yaml| {
+        let start = yaml.find("          - name: sluice_relay\n").unwrap();
+        let end = yaml
+            .find("          - name: envoy.filters.http.router\n")
+            .unwrap();
+        format!("{}{}", &yaml[..start], &yaml[end..])
+    })
+    .await;
     let fault = [("x-mock-fault", "429"), ("x-mock-fault-on", "openai")];
     let (status, _, _) = gw.chat_with(ACME, &chat("no relay"), &fault).await;
     assert_ne!(status, 200);
