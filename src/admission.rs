@@ -439,7 +439,8 @@ pub fn settle_items(
 }
 
 /// A request admitted for one provider account was served by another (fallback): the
-/// first account's limits are given back in full. The serving account's rates and monthly
+/// first account gets back its tokens, budget and concurrency (its requests per minute keep
+/// the request: the provider saw it), as every failed attempt's account does. The serving account's rates and monthly
 /// totals are charged what was used (concurrency is not: the request has ended), unless
 /// `reserved`: its attempt took them, and they are settled with that attempt.
 /// Local limits only; returns the keys that could not be settled.
@@ -455,16 +456,11 @@ pub fn move_provider_usage(
     now_ms: u64,
 ) -> Vec<String> {
     let limiter = Limiter::new(store);
-    let mut failures = Vec::new();
     let (provider_items, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut held.items)
         .into_iter()
         .partition(|(id, _)| id.scope == LimitScope::Provider);
     held.items = kept;
-    for (_, taken) in &provider_items {
-        if let Err(e) = limiter.settle(taken, 0, now_ms) {
-            failures.push(format!("{}: {e:?}", taken.key));
-        }
-    }
+    let mut failures = settle_items(store, &provider_items, 0, 0, now_ms);
     let Some(p) = policy.provider(served).filter(|_| !reserved) else {
         return failures;
     };

@@ -295,19 +295,12 @@ impl Plan {
     /// Attempt `n` goes to another account than the first: it takes that account's own
     /// limits (once per deployment), as admission took the first's.
     pub fn reserve(&mut self, policy: &Policy, store: &dyn Store, n: u32, now_ms: u64) {
-        let Some(d) = self.deployment_for(n) else {
+        let Some((d, provider)) = self.attempt_at(policy, n) else {
             return;
         };
         if self.chain.first() == Some(&d) || self.held.iter().any(|(h, _)| *h == d) {
             return;
         }
-        let Some(provider) = policy
-            .model(self.model)
-            .and_then(|m| m.deployments.get(d))
-            .map(|d| d.provider)
-        else {
-            return;
-        };
         let items =
             crate::admission::reserve_provider(policy, store, provider, self.reservation, now_ms);
         self.held.push((d, items));
@@ -315,14 +308,7 @@ impl Plan {
 
     /// Records how attempt `n` ended (its deployment's provider, its time).
     pub fn record(&mut self, policy: &Policy, n: u32, status: u16, now_ms: u64) {
-        let Some(deployment) = self.deployment_for(n) else {
-            return;
-        };
-        let Some(provider) = policy
-            .model(self.model)
-            .and_then(|m| m.deployments.get(deployment))
-            .map(|d| d.provider)
-        else {
+        let Some((deployment, provider)) = self.attempt_at(policy, n) else {
             return;
         };
         self.attempts.push(Attempt {
@@ -339,6 +325,13 @@ impl Plan {
         self.chain
             .get(n.min(self.chain.len()).checked_sub(1)?)
             .copied()
+    }
+
+    /// Attempt `n`'s deployment (index into the model's) and its provider account.
+    pub fn attempt_at(&self, policy: &Policy, n: u32) -> Option<(usize, ProviderId)> {
+        let d = self.deployment_for(n)?;
+        let provider = policy.model(self.model)?.deployments.get(d)?.provider;
+        Some((d, provider))
     }
 
     /// The attempt that served the request: the last one with a response.

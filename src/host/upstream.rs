@@ -67,9 +67,8 @@ impl UpstreamAttempt {
         let recorded = with_plan(id, |plan, policy| {
             plan.record(policy, n, status, now);
             let provider = plan
-                .deployment_for(n)
-                .and_then(|d| policy.model(plan.model)?.deployments.get(d))
-                .and_then(|d| policy.provider(d.provider))?;
+                .attempt_at(policy, n)
+                .and_then(|(_, p)| policy.provider(p))?;
             let header = policy
                 .fallback
                 .deployment_header
